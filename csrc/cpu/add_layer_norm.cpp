@@ -1,0 +1,88 @@
+// LayerNorm(x + residual) on CPU: one pass adds and gathers Welford statistics per SIMD lane (lanes
+// merged with the welford_merge the CUDA kernel uses), a second pass normalizes. Rows run in parallel.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include "costeff/add_layer_norm.h"
+#include "costeff/op_checks.h"
+
+namespace costeff {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+void add_layer_norm_row(
+    const float* x, const float* res, const float* gamma, const float* beta, float* out, int64_t n, float eps) {
+  constexpr int64_t W = Vec::size();
+  const int64_t n_vec = n - n % W;
+  // Pass 1: sum into out, per-lane Welford (all lanes share the count, so one reciprocal per step).
+  Vec mean(0.f), m2(0.f);
+  float steps = 0.f;
+  for (int64_t i = 0; i < n_vec; i += W) {
+    const Vec v = Vec::loadu(x + i) + Vec::loadu(res + i);
+    v.store(out + i);
+    steps += 1.f;
+    const Vec delta = v - mean;
+    mean = at::vec::fmadd(delta, Vec(1.f / steps), mean);
+    m2 = at::vec::fmadd(delta, v - mean, m2);
+  }
+  WelfordState stats = welford_empty();
+  if (n_vec > 0) {
+    alignas(64) float lane_mean[W];
+    alignas(64) float lane_m2[W];
+    mean.store(lane_mean);
+    m2.store(lane_m2);
+    for (int64_t l = 0; l < W; ++l) stats = welford_merge(stats, WelfordState{lane_mean[l], lane_m2[l], steps});
+  }
+  for (int64_t i = n_vec; i < n; ++i) {
+    out[i] = x[i] + res[i];
+    stats = welford_add(stats, out[i]);
+  }
+  const float rstd = layer_norm_rstd(stats, eps);
+  // Pass 2: (v - mean) * rstd * gamma + beta  ==  v * (rstd * gamma) + (beta - mean * rstd * gamma)
+  const Vec v_mean(stats.mean), v_rstd(rstd);
+  for (int64_t i = 0; i < n_vec; i += W) {
+    const Vec scale = Vec::loadu(gamma + i) * v_rstd;
+    at::vec::fmadd(Vec::loadu(out + i) - v_mean, scale, Vec::loadu(beta + i)).store(out + i);
+  }
+  for (int64_t i = n_vec; i < n; ++i) out[i] = layer_norm_affine(out[i], stats.mean, rstd, gamma[i], beta[i]);
+}
+
+}  // namespace
+
+at::Tensor add_layer_norm_cpu(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_add_layer_norm_inputs(x, residual, weight, bias, eps);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "costeff::add_layer_norm (CPU kernel): x must be a CPU tensor");
+  const auto out_dtype = x.scalar_type();
+  const int64_t n = x.size(-1);
+  if (out_dtype == at::kDouble) {
+    // float64 (gradcheck, references) keeps full precision through an ATen composition.
+    return at::layer_norm(x + residual, {n}, weight, bias, eps);
+  }
+  const auto xf = x.to(at::kFloat).contiguous();
+  const auto rf = residual.to(at::kFloat).contiguous();
+  const auto gf = weight.to(at::kFloat).contiguous();
+  const auto bf = bias.to(at::kFloat).contiguous();
+  auto out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  const float* xp = xf.data_ptr<float>();
+  const float* rp = rf.data_ptr<float>();
+  const float* gp = gf.data_ptr<float>();
+  const float* bp = bf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / n);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) add_layer_norm_row(xp + r * n, rp + r * n, gp, bp, op + r * n, n, feps);
+  });
+  return out_dtype == at::kFloat ? out : out.to(out_dtype);
+}
+
+TORCH_LIBRARY_IMPL(costeff, CPU, m) {
+  m.impl("add_layer_norm", &add_layer_norm_cpu);
+}
+
+}  // namespace costeff

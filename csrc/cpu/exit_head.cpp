@@ -1,0 +1,143 @@
+// Fused exit head on CPU: [pooler dense] -> tanh -> classifier -> logits, softmax entropy and the
+// exit decision, one pass per row. Small heads (the usual 2-3 classes) run as vectorized dot products
+// in one parallel loop; large class counts use an ATen GEMM for the logits.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "costeff/exit_head.h"
+#include "costeff/op_checks.h"
+
+namespace costeff {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec acc0(0.f), acc1(0.f);
+  int64_t i = 0;
+  for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + i + Vec::size()), Vec::loadu(b + i + Vec::size()), acc1);
+  }
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc0 + acc1);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+inline void tanh_into(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) Vec::loadu(src + i).tanh().store(dst + i);
+  for (; i < n; ++i) dst[i] = std::tanh(src[i]);
+}
+
+// Work (multiply-adds) below which the whole head runs as one parallel loop of dot products.
+constexpr int64_t kDirectDotMaxWork = int64_t(1) << 21;
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(
+    const at::Tensor& hidden,
+    const std::optional<at::Tensor>& pooler_weight,
+    const std::optional<at::Tensor>& pooler_bias,
+    const at::Tensor& classifier_weight,
+    const at::Tensor& classifier_bias,
+    double threshold) {
+  const ExitHeadSizes sz =
+      check_exit_head_inputs(hidden, pooler_weight, pooler_bias, classifier_weight, classifier_bias, threshold);
+  TORCH_CHECK_VALUE(hidden.device().is_cpu(), "costeff::exit_head (CPU kernel): hidden must be a CPU tensor");
+  const int64_t B = sz.batch, H = sz.hidden, C = sz.classes;
+  const auto out_dtype = hidden.scalar_type();
+  auto entropy = at::empty({B}, hidden.options().dtype(at::kFloat));
+  auto exit_mask = at::empty({B}, hidden.options().dtype(at::kBool));
+  if (B == 0) {
+    return {at::empty({0, C}, hidden.options()), entropy, exit_mask};
+  }
+  if (out_dtype == at::kDouble) {
+    // float64 (gradcheck, references) keeps full precision through an ATen composition.
+    auto pre = sz.has_pooler ? at::addmm(*pooler_bias, hidden, pooler_weight->t()) : hidden;
+    auto logits64 = at::addmm(classifier_bias, at::tanh(pre), classifier_weight.t());
+    auto log_p = at::log_softmax(logits64, 1);
+    auto ent64 = (-(log_p.exp() * log_p).sum(1)).clamp_min(0);
+    auto finite = at::isfinite(logits64).all(1);
+    TORCH_CHECK_VALUE(
+        finite.all().item<bool>(), "costeff::exit_head: non-finite logits (NaN/Inf) in row ",
+        at::logical_not(finite).nonzero()[0][0].item<int64_t>(),
+        ": check hidden and the pooler/classifier weights for NaN/Inf");
+    return {logits64, ent64, at::lt(ent64, threshold)};
+  }
+  // fp32 accumulation whatever the input dtype (no copy when already fp32 and contiguous).
+  auto h = hidden.to(at::kFloat).contiguous();
+  if (sz.has_pooler) {
+    // The pooler dense is H x H: a GEMM (MKL/oneDNN) beats hand-written dots here.
+    h = at::addmm(pooler_bias->to(at::kFloat), h, pooler_weight->to(at::kFloat).t());
+  }
+  const auto w = classifier_weight.to(at::kFloat).contiguous();
+  const auto b = classifier_bias.to(at::kFloat).contiguous();
+  auto logits = at::empty({B, C}, hidden.options().dtype(at::kFloat));
+  const float* h_ptr = h.data_ptr<float>();
+  const float* w_ptr = w.data_ptr<float>();
+  const float* b_ptr = b.data_ptr<float>();
+  float* logit_ptr = logits.data_ptr<float>();
+  float* ent_ptr = entropy.data_ptr<float>();
+  bool* exit_ptr = exit_mask.data_ptr<bool>();
+  const float tau = static_cast<float>(threshold);
+  std::atomic<int64_t> first_bad_row{std::numeric_limits<int64_t>::max()};
+
+  auto finish_rows = [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      EntropyState state = entropy_state_empty();
+      bool finite = true;
+      for (int64_t c = 0; c < C; ++c) {
+        const float z = logit_ptr[r * C + c];
+        finite = finite && std::isfinite(z);
+        state = entropy_state_add(state, z);
+      }
+      if (!finite) {
+        int64_t cur = first_bad_row.load();
+        while (r < cur && !first_bad_row.compare_exchange_weak(cur, r)) {
+        }
+      }
+      ent_ptr[r] = entropy_state_finalize(state);
+      exit_ptr[r] = exit_decision(ent_ptr[r], tau);
+    }
+  };
+
+  if (B * C * H <= kDirectDotMaxWork) {
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, C * H));
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> pooled(H);
+      for (int64_t r = begin; r < end; ++r) {
+        tanh_into(h_ptr + r * H, pooled.data(), H);
+        for (int64_t c = 0; c < C; ++c) {
+          logit_ptr[r * C + c] = dot(pooled.data(), w_ptr + c * H, H) + b_ptr[c];
+        }
+      }
+      finish_rows(begin, end);
+    });
+  } else {
+    at::addmm_out(logits, b, at::tanh(h), w.t());
+    at::parallel_for(0, B, std::max<int64_t>(1, 4096 / C), finish_rows);
+  }
+  const int64_t bad = first_bad_row.load();
+  TORCH_CHECK_VALUE(
+      bad == std::numeric_limits<int64_t>::max(), "costeff::exit_head: non-finite logits (NaN/Inf) in row ", bad,
+      ": check hidden and the pooler/classifier weights for NaN/Inf");
+  return {out_dtype == at::kFloat ? logits : logits.to(out_dtype), entropy, exit_mask};
+}
+
+TORCH_LIBRARY_IMPL(costeff, CPU, m) {
+  m.impl("exit_head", &exit_head_cpu);
+}
+
+}  // namespace costeff

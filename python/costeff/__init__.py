@@ -1,0 +1,42 @@
+"""costeff: slenderized multi-exit BERT classifiers (COST-EFF) with fused CPU/CUDA/Triton kernels.
+
+Ops live in ``torch.ops.costeff`` (wrappers with docs in :mod:`costeff.ops`); ``costeff.info()``
+reports what was built.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from costeff._extension import ExtensionNotBuiltError, built_with_cuda, extension_loaded
+
+__version__ = "0.1.0"
+
+from costeff import ops  # noqa: E402  (registers fakes/autograd once the extension is loaded)
+
+
+def info() -> dict:
+    """What this install can run: compiled CPU/CUDA kernels, Triton, and the torch it was built for."""
+    triton_version = None
+    if importlib.util.find_spec("triton") is not None:
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except Exception:  # a broken triton install must not break costeff.info()
+            triton_version = None
+    return {
+        "costeff": __version__,
+        "torch": torch.__version__,
+        "cpu_kernels": extension_loaded(),
+        "cuda_kernels": built_with_cuda(),
+        "cuda_available": torch.cuda.is_available(),
+        "triton": triton_version,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "ops": sorted(ops.OP_NAMES),
+    }
+
+
+__all__ = ["ExtensionNotBuiltError", "info", "ops", "__version__"]

@@ -1,0 +1,26 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: makes (once) and activates a venv cached outside
+# the checkout, keyed by the requirement files, then builds costeff in place.
+set -euo pipefail
+COSTEFF_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV_BASE="${COSTEFF_VENV_BASE:-$HOME/.cache/costeff}"
+REQ_KEY="$(cat "$COSTEFF_ROOT"/requirements/torch.txt "$COSTEFF_ROOT"/requirements/dev.txt | sha256sum | cut -c1-12)"
+VENV="$VENV_BASE/venv-$REQ_KEY"
+export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$VENV_BASE/pip-cache}"
+if [ ! -f "$VENV/.complete" ]; then
+    echo "[costeff] creating venv $VENV"
+    rm -rf "$VENV"
+    mkdir -p "$VENV_BASE"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    # torch first and alone: a bare torch requirement elsewhere could pull a multi-GB CUDA build.
+    "$VENV/bin/pip" install -q -r "$COSTEFF_ROOT/requirements/torch.txt"
+    "$VENV/bin/pip" install -q -r "$COSTEFF_ROOT/requirements/dev.txt"
+    touch "$VENV/.complete"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+export MAX_JOBS="${MAX_JOBS:-2}"
+if [ "${COSTEFF_SKIP_BUILD:-0}" != "1" ]; then
+    echo "[costeff] building the extension (pip install --no-build-isolation -e .)"
+    (cd "$COSTEFF_ROOT" && pip install -q --no-build-isolation --no-deps -e .)
+fi
