@@ -43,7 +43,7 @@ def _want_cuda() -> bool:
 def _extension():
     with_cuda = _want_cuda()
     sources = ["csrc/registration.cpp", "csrc/op_checks.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp" if sys.platform != "darwin" else "-Xpreprocessor"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp" if sys.platform != "darwin" else "-Xpreprocessor"]
     define_macros = [("COSTEFF_WITH_CUDA", "1" if with_cuda else "0")]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if with_cuda:
@@ -56,7 +56,7 @@ def _extension():
             sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
             extra_link_args=["-fopenmp"],
         )
     return cpp_extension.CppExtension(
