@@ -3,7 +3,7 @@
 set -euo pipefail
 COSTEFF_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV_BASE="${COSTEFF_VENV_BASE:-$HOME/.cache/costeff}"
-REQ_KEY="$(cat "$COSTEFF_ROOT"/requirements/torch.txt "$COSTEFF_ROOT"/requirements/dev.txt | sha256sum | cut -c1-12)"
+REQ_KEY="$(cat "$COSTEFF_ROOT"/requirements/torch.txt "$COSTEFF_ROOT"/requirements/dev.txt "$COSTEFF_ROOT"/requirements/nodeps.txt | sha256sum | cut -c1-12)"
 VENV="$VENV_BASE/venv-$REQ_KEY"
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$VENV_BASE/pip-cache}"
 if [ ! -f "$VENV/.complete" ]; then
@@ -11,10 +11,11 @@ if [ ! -f "$VENV/.complete" ]; then
     rm -rf "$VENV"
     mkdir -p "$VENV_BASE"
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q --progress-bar off --upgrade pip
     # torch first and alone: a bare torch requirement elsewhere could pull a multi-GB CUDA build.
-    "$VENV/bin/pip" install -q -r "$COSTEFF_ROOT/requirements/torch.txt"
-    "$VENV/bin/pip" install -q -r "$COSTEFF_ROOT/requirements/dev.txt"
+    "$VENV/bin/pip" install -q --progress-bar off -r "$COSTEFF_ROOT/requirements/torch.txt"
+    "$VENV/bin/pip" install -q --progress-bar off -r "$COSTEFF_ROOT/requirements/dev.txt"
+    "$VENV/bin/pip" install -q --progress-bar off --no-deps -r "$COSTEFF_ROOT/requirements/nodeps.txt"
     touch "$VENV/.complete"
 fi
 # shellcheck disable=SC1091
