@@ -1,5 +1,5 @@
 """Data: the task registry (offline Rotten Tomatoes, local GLUE TSVs, any CSV), tokenization, loaders."""
-from costeff.data.encoding import LengthBucketSampler, make_loader, tokenize
+from costeff.data.encoding import GlobalBatchSampler, make_loader, tokenize
 from costeff.data.tasks import TASKS, DataError, TaskSpec, get_task, hash_split, load_task
 
-__all__ = ["TASKS", "DataError", "LengthBucketSampler", "TaskSpec", "get_task", "hash_split", "load_task", "make_loader", "tokenize"]
+__all__ = ["TASKS", "DataError", "GlobalBatchSampler", "TaskSpec", "get_task", "hash_split", "load_task", "make_loader", "tokenize"]

@@ -2,7 +2,6 @@
 bucketing: batches of similar lengths, shuffled as batches, so padding stays small)."""
 from __future__ import annotations
 
-import random
 from typing import Iterator, Optional
 
 import datasets
@@ -28,33 +27,42 @@ def tokenize(dd: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase, max_l
     return out.with_format(columns=[c for c in MODEL_COLUMNS if c in out["train"].column_names])
 
 
-class LengthBucketSampler(Sampler[list]):
-    """Yields batches of indices of similar length; batch order is shuffled with a seeded RNG per epoch."""
+class GlobalBatchSampler(Sampler[list]):
+    """Seeded global batches, each split across data-parallel ranks (rank r takes batch[r::world]).
 
-    def __init__(self, lengths, batch_size: int, seed: int = 0, shuffle: bool = True, bucket_factor: int = 50):
+    Every rank sees the same global batches a single process would, so data-parallel training
+    averages gradients over exactly the single-process batch. With bucket_by_length, indices are
+    grouped into batches of similar length inside chunks of 50 batches, then batches are shuffled."""
+
+    def __init__(self, lengths, batch_size: int, seed: int = 0, shuffle: bool = True, bucket_by_length: bool = False,
+                 rank: int = 0, world: int = 1, bucket_factor: int = 50):
+        if batch_size < world:
+            raise ValueError(f"batch size {batch_size} is smaller than the number of processes {world}")
         self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.bucket_factor = bucket_factor
-        self.epoch = 0
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.bucket_by_length, self.rank, self.world, self.bucket_factor = bucket_by_length, rank, world, bucket_factor
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[list]:
-        rng = random.Random(self.seed * 1000003 + self.epoch)
-        idx = list(range(len(self.lengths)))
-        if self.shuffle:
-            rng.shuffle(idx)
+    def global_batches(self) -> list:
+        n = len(self.lengths)
+        g = torch.Generator().manual_seed(self.seed)
+        idx = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        if not self.bucket_by_length:
+            return [idx[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
         chunk = self.batch_size * self.bucket_factor
         batches = []
-        for start in range(0, len(idx), chunk):
+        for start in range(0, n, chunk):
             part = sorted(idx[start:start + chunk], key=lambda i: self.lengths[i])
             batches += [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
         if self.shuffle:
-            rng.shuffle(batches)
-        return iter(batches)
+            order = torch.randperm(len(batches), generator=g).tolist()
+            batches = [batches[i] for i in order]
+        return batches
+
+    def __iter__(self) -> Iterator[list]:
+        for b in self.global_batches():
+            part = b[self.rank::self.world]
+            if part:
+                yield part
 
     def __len__(self) -> int:
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
@@ -67,14 +75,13 @@ def make_loader(
     shuffle: bool,
     seed: int = 0,
     bucket_by_length: bool = False,
-    sampler: Optional[Sampler] = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataLoader:
+    """Dynamic padding (to the longest row of each batch); the batch order is a pure function of seed."""
     if len(ds) == 0:
         raise ValueError("cannot build a data loader over an empty split")
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    if bucket_by_length and sampler is None:
-        lengths = [len(x) for x in ds["input_ids"]]
-        return DataLoader(ds, batch_sampler=LengthBucketSampler(lengths, batch_size, seed, shuffle), collate_fn=collate)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      generator=generator if shuffle and sampler is None else None, collate_fn=collate)
+    lengths = [len(x) for x in ds["input_ids"]] if bucket_by_length else [0] * len(ds)
+    sampler = GlobalBatchSampler(lengths, batch_size, seed, shuffle, bucket_by_length, rank, world)
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=collate)

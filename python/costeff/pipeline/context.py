@@ -1,0 +1,71 @@
+"""Task data prepared once per run: tokenizer, tokenized splits, seeded per-epoch loaders
+(sharded across ranks under torchrun)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import datasets
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
+from costeff.data import load_task, make_loader, tokenize
+
+
+@dataclass
+class RunData:
+    tokenizer: object
+    encoded: datasets.DatasetDict
+    num_labels: int
+    metric: str
+    label_names: tuple
+    batch_size: int
+    eval_batch_size: int
+    seed: int
+    bucket_by_length: bool = False
+
+    def _rank_world(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def train(self, epoch: int):
+        rank, world = self._rank_world()
+        return make_loader(self.encoded["train"], self.tokenizer, self.batch_size, shuffle=True,
+                           seed=self.seed * 100003 + epoch, bucket_by_length=self.bucket_by_length, rank=rank, world=world)
+
+    def split(self, name: str):
+        # evaluation runs unsharded on every rank (dev/test are small): identical metrics everywhere
+        return make_loader(self.encoded[name], self.tokenizer, self.eval_batch_size, shuffle=False)
+
+    @property
+    def dev(self):
+        return self.split("dev")
+
+    @property
+    def test(self):
+        return self.split("test")
+
+
+def prepare_data(
+    task: str,
+    tokenizer_path: str,
+    max_length: int = 128,
+    batch_size: int = 32,
+    eval_batch_size: int = 64,
+    seed: int = 0,
+    data_dir: Optional[str] = None,
+    max_train_examples: int = 0,
+    max_eval_examples: int = 0,
+    bucket_by_length: bool = False,
+    **task_kwargs,
+) -> RunData:
+    dd, num_labels, metric, names = load_task(task, data_dir=data_dir, seed=seed, **task_kwargs)
+    if max_train_examples:
+        dd["train"] = dd["train"].select(range(min(max_train_examples, len(dd["train"]))))
+    if max_eval_examples:
+        for s in ("dev", "test"):
+            dd[s] = dd[s].select(range(min(max_eval_examples, len(dd[s]))))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    enc = tokenize(dd, tokenizer, max_length)
+    return RunData(tokenizer, enc, num_labels, metric, names, batch_size, eval_batch_size, seed, bucket_by_length)

@@ -1,0 +1,25 @@
+"""Prediction and metric helpers shared by the stages."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from costeff.pipeline import metrics as M
+
+
+@torch.no_grad()
+def predict_logits(forward: Callable[[dict], torch.Tensor], loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs forward(batch) -> logits over a loader; returns (logits, labels) on CPU."""
+    outs, labels = [], []
+    for batch in loader:
+        outs.append(forward(batch).float().cpu())
+        labels.append(batch["labels"].cpu())
+    return torch.cat(outs), torch.cat(labels)
+
+
+def score_logits(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> dict:
+    res = M.compute(metric, logits.argmax(-1), labels)
+    res["score"] = res[metric]
+    return res

@@ -1,0 +1,35 @@
+"""Stage 1: fine-tune the backbone (a Hugging Face BERT) on the task: the teacher."""
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from costeff.pipeline.evaluate_utils import predict_logits, score_logits
+from costeff.pipeline.trainer import TrainConfig, load_best, train
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+def finetune_teacher(backbone: str, num_labels: int, metric: str, loaders, cfg: TrainConfig, output_dir: str, resume: bool = False):
+    """loaders: object with .train(epoch) -> DataLoader and .dev -> DataLoader. Saves the best model
+    (on dev) with save_pretrained to output_dir/model and returns (model, summary)."""
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=num_labels, attn_implementation="eager")
+
+    def loss_fn(m, batch):
+        out = m(**_model_inputs(batch), labels=batch["labels"])
+        return out.loss, {}
+
+    def eval_fn(m):
+        m.eval()
+        logits, labels = predict_logits(lambda b: m(**_model_inputs(b)).logits, loaders.dev)
+        return score_logits(logits, labels, metric)
+
+    summary = train(model, loaders.train, loss_fn, cfg, os.path.join(output_dir, "train"), eval_fn, resume, stage="teacher")
+    load_best(model, os.path.join(output_dir, "train"))
+    model.save_pretrained(os.path.join(output_dir, "model"))
+    return model, summary
