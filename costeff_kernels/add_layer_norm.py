@@ -11,6 +11,7 @@ from costeff_kernels._common import acc_dtype, rows_2d
 
 # Rows up to this width stay in registers (one read); wider rows loop over chunks (three reads).
 _MAX_SINGLE_BLOCK = 8192
+_CHUNK = 4096
 
 
 @triton.jit
@@ -73,7 +74,7 @@ def add_layer_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch
     block = triton.next_power_of_2(n)
     single = block <= _MAX_SINGLE_BLOCK
     if not single:
-        block = 4096
+        block = _CHUNK
     _add_layer_norm_kernel[(rows,)](
         x2, r2, w, b, y2, n, x2.stride(0), r2.stride(0), y2.stride(0), float(eps),
         ACC=acc_dtype(x.dtype), BLOCK=block, SINGLE=single,

@@ -63,9 +63,9 @@ def _exit_head_kernel(
         # state (s = 0, m = -inf) uses d = 0 to avoid -inf * 0.
         delta = tl.where(s > 0, m - m_new, 0.0)
         scale = tl.exp(delta)
-        shifted = zm - m_new[:, None]
-        p = tl.exp(shifted)
-        tile_t = tl.sum(tl.where(cls_ok[None, :], shifted * p, 0.0), axis=1)
+        shifted = tl.where(cls_ok[None, :], z - m_new[:, None], 0.0)
+        p = tl.where(cls_ok[None, :], tl.exp(shifted), 0.0)
+        tile_t = tl.sum(shifted * p, axis=1)
         t = scale * (t + delta * s) + tile_t
         s = scale * s + tl.sum(p, axis=1)
         m = m_new
