@@ -61,11 +61,11 @@ def _tanh(x):
 def _linear_kernel(
     a_ptr, w_ptr, bias_ptr, c_ptr,
     M, N, K,
-    stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_bias, stride_cm, stride_cn,
     ACT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # C[M, N] = act(A[M, K] @ W[N, K]^T + bias[N]), A and W with arbitrary strides (no copies for
+    # C[M, N] = act(A[M, K] @ W[N, K]^T + bias[N]), all operands with arbitrary strides (no copies for
     # transposed or sliced weights).
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -86,7 +86,7 @@ def _linear_kernel(
             a = a.to(ACC)
             w = w.to(ACC)
         acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
-    acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
+    acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(ACC)[None, :]
     if ACT == 1:
         acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
     elif ACT == 2:
@@ -112,7 +112,7 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: int =
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _linear_kernel[grid](
         a, weight, bias, out, M, N, K,
-        a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+        a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), bias.stride(0), out.stride(0), out.stride(1),
         ACT=act, ACC=acc_dtype(dtype), UPCAST=upcast_operands(dtype),
         PRECISION=dot_precision(dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )

@@ -22,7 +22,7 @@ from costeff_kernels._common import ACT_TANH, _tanh, acc_dtype, dot_precision, l
 def _exit_head_kernel(
     x_ptr, w_ptr, b_ptr, logits_ptr, ent_ptr, exit_ptr, bad_ptr,
     B, C, K, threshold,
-    stride_xb, stride_xk, stride_wc, stride_wk, stride_lb, stride_lc,
+    stride_xb, stride_xk, stride_wc, stride_wk, stride_bias, stride_lb, stride_lc,
     APPLY_TANH: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -49,7 +49,7 @@ def _exit_head_kernel(
             w = tl.load(w_ptr + cls[None, :] * stride_wc + kk[:, None] * stride_wk,
                         mask=k_ok[:, None] & cls_ok[None, :], other=0.0).to(ACC)
             z = tl.dot(x, w, z, input_precision=PRECISION, out_dtype=ACC)
-        z += tl.load(b_ptr + cls, mask=cls_ok, other=0.0).to(ACC)[None, :]
+        z += tl.load(b_ptr + cls * stride_bias, mask=cls_ok, other=0.0).to(ACC)[None, :]
         valid = row_ok[:, None] & cls_ok[None, :]
         tl.store(logits_ptr + rows[:, None] * stride_lb + cls[None, :] * stride_lc,
                  z.to(logits_ptr.dtype.element_ty), mask=valid)
@@ -106,7 +106,7 @@ def exit_head_triton(
     _exit_head_kernel[(triton.cdiv(b, block_b),)](
         x, classifier_weight, classifier_bias, logits, entropy, exit_mask, bad,
         b, c, k, float(threshold),
-        x.stride(0), x.stride(1), classifier_weight.stride(0), classifier_weight.stride(1),
+        x.stride(0), x.stride(1), classifier_weight.stride(0), classifier_weight.stride(1), classifier_bias.stride(0),
         logits.stride(0), logits.stride(1),
         APPLY_TANH=pooler_weight is None, ACC=acc_dtype(dtype), PRECISION=dot_precision(ent_dtype),
         BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k,

@@ -31,7 +31,7 @@ def _attention_kernel(
     b = bh // NH
     h = bh % NH
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_kv = tl.arange(0, BLOCK_KV)
+    offs_kv = tl.arange(0, BLOCK_KV).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q_ok = offs_q < S

@@ -8,6 +8,7 @@ sizes, head sizes 24/40 (padded to 32/64), several key/query blocks, padding and
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 from typing import Optional
@@ -20,6 +21,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from costeff import _extension  # noqa: E402
 from costeff.ops import (  # noqa: E402
     add_layer_norm_reference,
     exit_head_reference,
@@ -154,6 +156,7 @@ def test_exit_head_entropy_limits():
     torch.testing.assert_close(big[1], ref.entropy, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns about the NaNs
 @pytest.mark.parametrize("where", ["hidden", "classifier_weight"])
 def test_exit_head_non_finite_logits_name_the_row(where):
     hidden, pw, pb, cw, cb = exit_head_inputs(3, 40, 1000, torch.float32, False, torch.Generator().manual_seed(3))
@@ -492,6 +495,24 @@ def _opcheck_cases():
         ("slim_ffn", tuple(f0)),
         ("add_layer_norm", (*lx, 1e-12)),
     ]
+
+
+LAUNCHERS = {
+    "exit_head": eh_kernels.exit_head_triton,
+    "slim_attention": attn_kernels.slim_attention_triton,
+    "slim_ffn": ffn_kernels.slim_ffn_triton,
+    "add_layer_norm": aln_kernels.add_layer_norm_triton,
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHERS))
+def test_launcher_takes_the_op_schema_arguments(test_ops, name):
+    # costeff.ops._registry calls <op>_triton(*schema_args): same names, same order.
+    params = list(inspect.signature(LAUNCHERS[name]).parameters)
+    assert params == [a.name for a in test_ops[name]._opoverload._schema.arguments]
+    if _extension.extension_loaded():
+        schema = getattr(torch.ops.costeff, name).default._schema
+        assert params == [a.name for a in schema.arguments]
 
 
 @pytest.mark.parametrize("case", range(7))
