@@ -16,6 +16,14 @@ ACT_GELU = 1
 ACT_TANH = 2
 
 
+def require_triton_device(op: str, name: str, t: torch.Tensor) -> None:
+    """Compiled Triton needs GPU tensors; only the interpreter runs on CPU tensors."""
+    if not INTERPRET and t.device.type == "cpu":
+        raise ValueError(
+            f"costeff::{op} (Triton kernel): {name} must be a GPU tensor, got a CPU tensor "
+            "(use the CPU kernels, or set TRITON_INTERPRET=1 before importing costeff_kernels)")
+
+
 def acc_dtype(dtype: torch.dtype):
     """Triton accumulation dtype: float64 for float64 inputs, float32 otherwise (incl. bf16/fp16)."""
     return tl.float64 if dtype == torch.float64 else tl.float32

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from costeff.ops._checks import check_add_layer_norm
+from costeff_kernels import _common
 from costeff_kernels._common import acc_dtype, rows_2d
 
 # Rows up to this width stay in registers (one read); wider rows loop over chunks (three reads).
@@ -64,6 +65,7 @@ def add_layer_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch
                           eps: float) -> torch.Tensor:
     """LayerNorm(x + residual) over the last dimension; returns a new tensor of x's shape and dtype."""
     check_add_layer_norm(x, residual, weight, bias, eps)
+    _common.require_triton_device("add_layer_norm", "x", x)
     n = x.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rows = out.numel() // n

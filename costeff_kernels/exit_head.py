@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from costeff.ops._checks import check_exit_head
+from costeff_kernels import _common
 from costeff_kernels._common import ACT_TANH, _tanh, acc_dtype, dot_precision, linear, pow2_block
 
 
@@ -87,6 +88,7 @@ def exit_head_triton(
     """(logits [B, C] in hidden's dtype, entropy [B] float32 (float64 for float64), exit_mask [B] bool).
     Raises ValueError naming the first row whose logits are not finite."""
     c = check_exit_head(hidden, pooler_weight, pooler_bias, classifier_weight, classifier_bias, threshold)
+    _common.require_triton_device("exit_head", "hidden", hidden)
     b, k = hidden.shape
     dtype = hidden.dtype
     ent_dtype = torch.float64 if dtype == torch.float64 else torch.float32

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from costeff.ops._checks import check_slim_attention
+from costeff_kernels import _common
 from costeff_kernels._common import ACT_NONE, acc_dtype, dot_precision, linear, pow2_block, upcast_operands
 # Largest query / key blocks (sequences up to these lengths take one block).
 _MAX_BLOCK_Q = 64
@@ -84,6 +85,7 @@ def slim_attention_triton(hidden: torch.Tensor, key_padding_mask: torch.Tensor, 
                           num_heads: int) -> torch.Tensor:
     """[batch, seq, hidden] -> [batch, seq, hidden] in hidden's dtype; num_heads may be 0."""
     head_size = check_slim_attention(hidden, key_padding_mask, qkv_weight, qkv_bias, out_weight, out_bias, num_heads)
+    _common.require_triton_device("slim_attention", "hidden", hidden)
     b, s, h = hidden.shape
     if num_heads == 0 or b * s == 0:
         # A fully pruned layer contributes only its output bias (a fresh tensor, never an alias).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from costeff.ops._checks import check_slim_ffn
+from costeff_kernels import _common
 from costeff_kernels._common import ACT_GELU, ACT_NONE, linear, rows_2d
 
 
@@ -15,6 +16,7 @@ def slim_ffn_triton(hidden: torch.Tensor, in_weight: torch.Tensor, in_bias: torc
     The intermediate is stored in hidden's dtype (fp32 accumulation inside each GEMM), so on a GPU
     the second GEMM feeds 16-bit operands to the tensor cores."""
     inter = check_slim_ffn(hidden, in_weight, in_bias, out_weight, out_bias)
+    _common.require_triton_device("slim_ffn", "hidden", hidden)
     h = hidden.shape[-1]
     rows = hidden.numel() // h if h else 0
     if inter == 0 or rows == 0:

@@ -497,6 +497,16 @@ def _opcheck_cases():
     ]
 
 
+def test_launchers_refuse_cpu_tensors_when_compiled(monkeypatch):
+    # Outside the interpreter Triton needs GPU memory: a clear error instead of a pointer fault.
+    monkeypatch.setattr(importlib.import_module("costeff_kernels._common"), "INTERPRET", False)
+    x, r, w, b = (t.cpu() for t in aln_inputs((2,), 40, torch.float32, torch.Generator().manual_seed(18)))
+    with pytest.raises(ValueError, match="x must be a GPU tensor"):
+        aln_kernels.add_layer_norm_triton(x, r, w, b, 1e-12)
+    with pytest.raises(ValueError, match="hidden must be a GPU tensor"):
+        eh_kernels.exit_head_triton(x, None, None, w[None], b[:1], 0.5)
+
+
 LAUNCHERS = {
     "exit_head": eh_kernels.exit_head_triton,
     "slim_attention": attn_kernels.slim_attention_triton,
