@@ -14,6 +14,7 @@ import triton.language as tl
 from costeff.ops._checks import check_slim_attention
 from costeff_kernels import _common
 from costeff_kernels._common import ACT_NONE, acc_dtype, dot_precision, linear, pow2_block, upcast_operands
+
 # Largest query / key blocks (sequences up to these lengths take one block).
 _MAX_BLOCK_Q = 64
 _MAX_BLOCK_KV = 64
