@@ -16,6 +16,8 @@ def _per_layer(name: str, value, num_layers: int) -> list[int]:
     if isinstance(value, bool):
         raise TypeError(f"CostEffConfig: {name} must be an int or a list of ints, got a bool")
     if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"CostEffConfig: {name} must be >= 0, got {value}")
         return [value] * num_layers
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"CostEffConfig: {name} must be an int or a list of {num_layers} ints, got {type(value).__name__}")

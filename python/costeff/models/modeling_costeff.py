@@ -371,6 +371,10 @@ class CostEffPreTrainedModel(PreTrainedModel):
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
         if strict:
             bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+            if cls is CostEffModel and "unexpected_keys" in bad:
+                # the encoder alone from a classifier checkpoint: the exits are not the encoder's
+                rest = {k for k in bad["unexpected_keys"] if not k.startswith("exits.")}
+                bad = {k: v for k, v in bad.items() if k != "unexpected_keys"} | ({"unexpected_keys": rest} if rest else {})
             if bad:
                 raise ValueError(f"costeff: loading {pretrained_model_name_or_path} left {bad}")
         return (model, info) if want_info else model
