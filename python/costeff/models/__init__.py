@@ -1,0 +1,50 @@
+"""Multi-exit slenderized BERT (COST-EFF): config, models, conversion from BERT, width pruning,
+early-exit inference and FLOPs / parameter accounting. Importing this package registers the config
+and models with transformers' Auto classes (model_type ``costeff_bert``)."""
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+from costeff.models.configuration_costeff import MODEL_TYPE, CostEffConfig
+from costeff.models.convert import factorize_embedding, from_bert, slenderize
+from costeff.models.flops import (
+    count_parameters,
+    exit_macs,
+    flops_per_sample,
+    layer_macs,
+    macs_per_sample,
+    parameter_count,
+)
+from costeff.models.modeling_costeff import (
+    CostEffForSequenceClassification,
+    CostEffModel,
+    CostEffPreTrainedModel,
+    CostEffSequenceClassifierOutput,
+    EarlyExitOutput,
+    check_checkpoint,
+    gradient_rescale,
+    prepare_inputs,
+)
+
+AutoConfig.register(MODEL_TYPE, CostEffConfig, exist_ok=True)
+AutoModel.register(CostEffConfig, CostEffModel, exist_ok=True)
+AutoModelForSequenceClassification.register(CostEffConfig, CostEffForSequenceClassification, exist_ok=True)
+
+__all__ = [
+    "CostEffConfig",
+    "CostEffForSequenceClassification",
+    "CostEffModel",
+    "CostEffPreTrainedModel",
+    "CostEffSequenceClassifierOutput",
+    "EarlyExitOutput",
+    "check_checkpoint",
+    "count_parameters",
+    "exit_macs",
+    "factorize_embedding",
+    "flops_per_sample",
+    "from_bert",
+    "gradient_rescale",
+    "layer_macs",
+    "macs_per_sample",
+    "parameter_count",
+    "prepare_inputs",
+    "slenderize",
+]

@@ -1,0 +1,133 @@
+"""Configuration of a slenderized multi-exit BERT (COST-EFF).
+
+Per layer the config says how many attention heads remain (0 allowed), their size, and how many FFN
+neurons remain (0 allowed); the word embedding may be factorized to rank ``embedding_rank``
+(vocab x r times r x hidden); ``hidden_size`` is the (possibly pruned) residual width. Every size is
+the physical size of a weight, so a checkpoint can be checked against the config before loading.
+"""
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+MODEL_TYPE = "costeff_bert"
+
+
+def _per_layer(name: str, value, num_layers: int) -> list[int]:
+    if isinstance(value, bool):
+        raise TypeError(f"CostEffConfig: {name} must be an int or a list of ints, got a bool")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"CostEffConfig: {name} must be >= 0, got {value}")
+        return [value] * num_layers
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"CostEffConfig: {name} must be an int or a list of {num_layers} ints, got {type(value).__name__}")
+    out = list(value)
+    if len(out) != num_layers:
+        raise ValueError(f"CostEffConfig: {name} has {len(out)} entries but num_hidden_layers is {num_layers}")
+    for i, v in enumerate(out):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"CostEffConfig: {name}[{i}] must be an int, got {v!r}")
+        if v < 0:
+            raise ValueError(f"CostEffConfig: {name}[{i}] must be >= 0, got {v}")
+    return out
+
+
+def _positive_int(name: str, value, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"CostEffConfig: {name} must be an int, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"CostEffConfig: {name} must be {'>= 0' if allow_zero else '>= 1'}, got {value}")
+
+
+class CostEffConfig(PreTrainedConfig):
+    r"""Config of :class:`CostEffModel` / :class:`CostEffForSequenceClassification`.
+
+    Fields (sizes are physical weight sizes):
+        vocab_size, hidden_size (residual width), num_hidden_layers, max_position_embeddings,
+        type_vocab_size, layer_norm_eps, pad_token_id, initializer_range: as in BERT.
+        num_attention_heads: int or per-layer list; 0 = attention removed from that layer.
+        attention_head_size: int or per-layer list (BERT: hidden_size / heads, 64 for BERT-base).
+        intermediate_size: int or per-layer list of FFN neurons; 0 = FFN removed.
+        embedding_rank: None for a plain vocab x hidden word embedding, else r (vocab x r, r x hidden).
+        exit_start: 1-based layer of the first exit; exits follow every layer from there to the last.
+        exit_pooler_dense: intermediate exits use dense+tanh (DeeBERT) instead of tanh only (COST-EFF).
+            The last exit is always BERT's pooler (dense+tanh) + classifier.
+        gradient_equilibrium: default for the training forward (see :mod:`costeff.models`).
+        hidden_dropout_prob, attention_probs_dropout_prob, classifier_dropout: training dropout.
+    """
+
+    model_type = MODEL_TYPE
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int | list[int] = 12
+    attention_head_size: int | list[int] | None = None
+    intermediate_size: int | list[int] = 3072
+    embedding_rank: int | None = None
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    classifier_dropout: float | None = None
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    exit_start: int = 1
+    exit_pooler_dense: bool = False
+    gradient_equilibrium: bool = False
+
+    def __post_init__(self, **kwargs):
+        _positive_int("num_hidden_layers", self.num_hidden_layers)
+        _positive_int("hidden_size", self.hidden_size)
+        _positive_int("vocab_size", self.vocab_size)
+        _positive_int("max_position_embeddings", self.max_position_embeddings)
+        _positive_int("type_vocab_size", self.type_vocab_size)
+        n = self.num_hidden_layers
+        heads = _per_layer("num_attention_heads", self.num_attention_heads, n)
+        if self.attention_head_size is None:
+            # BERT's convention, from the first layer's head count (an unpruned model has one count)
+            h0 = next((h for h in heads if h > 0), 0)
+            if h0 and self.hidden_size % h0:
+                raise ValueError(
+                    f"CostEffConfig: attention_head_size not given and hidden_size {self.hidden_size} is not "
+                    f"divisible by num_attention_heads {h0}; pass attention_head_size"
+                )
+            self.attention_head_size = self.hidden_size // h0 if h0 else 64
+        head_sizes = _per_layer("attention_head_size", self.attention_head_size, n)
+        for i, (h, d) in enumerate(zip(heads, head_sizes)):
+            if h > 0 and d == 0:
+                raise ValueError(f"CostEffConfig: layer {i} keeps {h} heads but attention_head_size[{i}] is 0")
+        self.num_attention_heads = heads
+        self.attention_head_size = head_sizes
+        self.intermediate_size = _per_layer("intermediate_size", self.intermediate_size, n)
+        if self.embedding_rank is not None:
+            _positive_int("embedding_rank", self.embedding_rank)
+            if self.embedding_rank > min(self.vocab_size, self.hidden_size):
+                raise ValueError(
+                    f"CostEffConfig: embedding_rank {self.embedding_rank} exceeds min(vocab_size, hidden_size) = "
+                    f"{min(self.vocab_size, self.hidden_size)}"
+                )
+        _positive_int("exit_start", self.exit_start)
+        if self.exit_start > n:
+            raise ValueError(f"CostEffConfig: exit_start {self.exit_start} is past the last layer ({n})")
+        if self.hidden_act != "gelu":
+            raise ValueError(f"CostEffConfig: hidden_act must be 'gelu' (exact erf GELU, as the slim_ffn kernel), got {self.hidden_act!r}")
+        if not (self.layer_norm_eps > 0):
+            raise ValueError(f"CostEffConfig: layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            p = getattr(self, name)
+            if p is not None and not (0 <= p < 1):
+                raise ValueError(f"CostEffConfig: {name} must be in [0, 1), got {p}")
+        super().__post_init__(**kwargs)
+        if self.num_labels is None or self.num_labels < 1:
+            raise ValueError(f"CostEffConfig: num_labels must be >= 1, got {self.num_labels}")
+
+    @property
+    def num_exits(self) -> int:
+        return self.num_hidden_layers - self.exit_start + 1
+
+    def exit_layers(self) -> list[int]:
+        """1-based layer indices that carry an exit."""
+        return list(range(self.exit_start, self.num_hidden_layers + 1))

@@ -1,0 +1,597 @@
+"""Multi-exit slenderized BERT (COST-EFF) as transformers PreTrainedModels.
+
+One layer's math lives in :class:`CostEffLayer`: the kernel path calls costeff.ops.slim_attention /
+add_layer_norm / slim_ffn, the reference path the matching ``<op>_reference`` functions, and a training
+forward with dropout composes the reference math with dropout (the kernels have no dropout).
+Exits: :class:`CostEffExit` (costeff.ops.exit_head or exit_head_reference).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import ModelOutput
+
+from costeff._extension import extension_loaded
+from costeff.models.configuration_costeff import CostEffConfig
+from costeff.ops import (
+    add_layer_norm,
+    add_layer_norm_reference,
+    exit_head,
+    exit_head_reference,
+    slim_attention,
+    slim_attention_reference,
+    slim_ffn,
+    slim_ffn_reference,
+)
+from costeff.ops.exit_head import ExitHeadOutput
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks
+
+
+def prepare_inputs(config: CostEffConfig, input_ids, attention_mask=None, token_type_ids=None):
+    """Validates inputs and returns (input_ids, bool key mask, token_type_ids). Refuses inputs longer
+    than the position table and rows with no real token (HF would attend uniformly to padding there,
+    our attention gives such a query a zero context: the two would silently disagree)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2-D [batch, seq_len], got shape {list(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    b, s = input_ids.shape
+    if s == 0:
+        raise ValueError("input_ids has seq_len 0: every row needs at least one token ([CLS])")
+    if s > config.max_position_embeddings:
+        raise ValueError(
+            f"input_ids has seq_len {s} but the position table holds max_position_embeddings="
+            f"{config.max_position_embeddings}; truncate the input"
+        )
+    if b and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+        raise ValueError(f"input_ids must be in [0, vocab_size={config.vocab_size}), got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
+    if attention_mask is None:
+        mask = torch.ones(b, s, dtype=torch.bool, device=input_ids.device)
+    else:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            got = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must have the shape of input_ids {list(input_ids.shape)}, got {got}")
+        if attention_mask.dtype.is_floating_point:
+            if not ((attention_mask == 0) | (attention_mask == 1)).all():
+                raise ValueError("attention_mask must hold 0/1 (1 = real token); additive masks are not accepted")
+        mask = attention_mask.bool()
+        if b:
+            empty = (~mask.any(1)).nonzero().flatten()
+            if empty.numel():
+                raise ValueError(
+                    f"attention_mask rows {empty.tolist()[:8]} have no real token (all padding); remove them "
+                    "from the batch"
+                )
+    if token_type_ids is None:
+        types = torch.zeros(b, s, dtype=torch.long, device=input_ids.device)
+    else:
+        if not isinstance(token_type_ids, torch.Tensor) or token_type_ids.shape != input_ids.shape:
+            raise ValueError(f"token_type_ids must have the shape of input_ids {list(input_ids.shape)}")
+        types = token_type_ids.long()
+        if b and (int(types.min()) < 0 or int(types.max()) >= config.type_vocab_size):
+            raise ValueError(f"token_type_ids must be in [0, type_vocab_size={config.type_vocab_size})")
+    return input_ids.long(), mask, types
+
+
+def _resolve_kernels(use_kernels: Optional[bool]) -> bool:
+    if use_kernels is None:
+        return extension_loaded()
+    return bool(use_kernels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+
+class CostEffEmbeddings(nn.Module):
+    """Word (optionally factorized: vocab x r then r x hidden), position and token-type embeddings,
+    summed and layer-normalized."""
+
+    def __init__(self, config: CostEffConfig):
+        super().__init__()
+        h, r = config.hidden_size, config.embedding_rank
+        self.word_embeddings = nn.Embedding(config.vocab_size, r if r is not None else h)
+        # Linear(r, hidden) without bias: weight [hidden, r] (the r x hidden factor, transposed)
+        self.word_projection = nn.Linear(r, h, bias=False) if r is not None else None
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h)
+        self.LayerNorm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def word_matrix(self) -> torch.Tensor:
+        """The full vocab x hidden word-embedding matrix (the product when factorized)."""
+        w = self.word_embeddings.weight
+        return w if self.word_projection is None else w @ self.word_projection.weight.t()
+
+    def forward(self, input_ids, token_type_ids, use_kernels: bool, dropout: bool):
+        words = self.word_embeddings(input_ids)
+        if self.word_projection is not None:
+            words = self.word_projection(words)
+        x = words + self.token_type_embeddings(token_type_ids)
+        pos = self.position_embeddings.weight[: input_ids.shape[1]].unsqueeze(0).expand_as(x)
+        ln = add_layer_norm if use_kernels else add_layer_norm_reference
+        out = ln(x, pos.contiguous(), self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+        return self.dropout(out) if dropout else out
+
+
+class CostEffAttention(nn.Module):
+    """Weights of one slim self-attention block. ``qkv_weight`` is the kernel's fused layout
+    [3 * heads * head_size, hidden]: query rows, key rows, value rows, each head-major."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_size: int):
+        super().__init__()
+        self.num_heads, self.head_size = num_heads, head_size
+        inner = num_heads * head_size
+        self.qkv_weight = nn.Parameter(torch.empty(3 * inner, hidden_size))
+        self.qkv_bias = nn.Parameter(torch.zeros(3 * inner))
+        self.out_weight = nn.Parameter(torch.empty(hidden_size, inner))
+        self.out_bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def args(self):
+        return self.qkv_weight, self.qkv_bias, self.out_weight, self.out_bias, self.num_heads
+
+    def forward_with_dropout(self, hidden, mask, p: float):
+        """Training attention with dropout on the attention probabilities (SDPA; rows have >= 1 key)."""
+        b, s, _ = hidden.shape
+        if self.num_heads == 0:
+            return self.out_bias.expand_as(hidden) + 0 * hidden
+        qkv = F.linear(hidden, self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.view(b, s, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], dropout_p=p)
+        ctx = ctx.transpose(1, 2).reshape(b, s, self.num_heads * self.head_size)
+        return F.linear(ctx, self.out_weight, self.out_bias)
+
+
+class CostEffFFN(nn.Module):
+    """Weights of one slim FFN: in [intermediate, hidden], out [hidden, intermediate]."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.in_weight = nn.Parameter(torch.empty(intermediate_size, hidden_size))
+        self.in_bias = nn.Parameter(torch.zeros(intermediate_size))
+        self.out_weight = nn.Parameter(torch.empty(hidden_size, intermediate_size))
+        self.out_bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def args(self):
+        return self.in_weight, self.in_bias, self.out_weight, self.out_bias
+
+
+class CostEffLayer(nn.Module):
+    """attention -> add+LN -> FFN -> add+LN, on the kernels or the references."""
+
+    def __init__(self, config: CostEffConfig, index: int):
+        super().__init__()
+        h = config.hidden_size
+        self.attention = CostEffAttention(h, config.num_attention_heads[index], config.attention_head_size[index])
+        self.attention_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.ffn = CostEffFFN(h, config.intermediate_size[index])
+        self.ffn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.hidden_dropout = config.hidden_dropout_prob
+        self.attention_dropout = config.attention_probs_dropout_prob
+
+    def forward(self, hidden, mask, use_kernels: bool, dropout: bool = False):
+        an, fn = self.attention_norm, self.ffn_norm
+        if dropout and (self.hidden_dropout > 0 or self.attention_dropout > 0):
+            a = self.attention.forward_with_dropout(hidden, mask, self.attention_dropout)
+            h1 = add_layer_norm_reference(F.dropout(a, self.hidden_dropout), hidden, an.weight, an.bias, an.eps)
+            f = F.dropout(slim_ffn_reference(h1, *self.ffn.args()), self.hidden_dropout)
+            return add_layer_norm_reference(f, h1, fn.weight, fn.bias, fn.eps)
+        if use_kernels:
+            attn, ln, ffn = slim_attention, add_layer_norm, slim_ffn
+        else:
+            attn, ln, ffn = slim_attention_reference, add_layer_norm_reference, slim_ffn_reference
+        h1 = ln(attn(hidden, mask, *self.attention.args()), hidden, an.weight, an.bias, an.eps)
+        return ln(ffn(h1, *self.ffn.args()), h1, fn.weight, fn.bias, fn.eps)
+
+
+class CostEffExit(nn.Module):
+    """Exit on the CLS state: [dense] -> tanh -> dropout -> classifier."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dense: bool, dropout: float):
+        super().__init__()
+        self.pooler = nn.Linear(hidden_size, hidden_size) if dense else None
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, cls_state, use_kernels: bool, threshold: float = 0.0, dropout: bool = False) -> ExitHeadOutput:
+        pw = self.pooler.weight if self.pooler is not None else None
+        pb = self.pooler.bias if self.pooler is not None else None
+        cw, cb = self.classifier.weight, self.classifier.bias
+        if dropout and self.dropout.p > 0:
+            x = cls_state if self.pooler is None else self.pooler(cls_state)
+            logits = self.classifier(self.dropout(torch.tanh(x)))
+            log_p = torch.log_softmax(logits.float(), -1)
+            entropy = -(log_p.exp() * log_p).sum(-1)
+            return ExitHeadOutput(logits, entropy, entropy < threshold)
+        fn = exit_head if use_kernels else exit_head_reference
+        return fn(cls_state, cw, cb, threshold, pw, pb)
+
+
+class _GradRescale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def gradient_rescale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity forward, gradient multiplied by ``scale`` (COST-EFF's gradient equilibrium)."""
+    return _GradRescale.apply(x, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+
+@dataclass
+class CostEffSequenceClassifierOutput(ModelOutput):
+    """Training forward output. ``logits`` is the last exit's; ``exit_logits`` holds every exit's
+    logits in layer order (layers ``exit_layers``); ``hidden_states`` = embeddings + every layer."""
+
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    exit_logits: Optional[tuple] = None
+    hidden_states: Optional[tuple] = None
+    exit_layers: Optional[tuple] = None
+
+
+@dataclass
+class EarlyExitOutput(ModelOutput):
+    """Per input row in the original order: the logits of the exit it took, that exit's entropy
+    (nats) and its 1-based layer index."""
+
+    logits: Optional[torch.Tensor] = None
+    exit_layer: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint checks (run before transformers loads anything)
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / s for s in shards]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"costeff checkpoint {path}: shard {f.name} listed in {index.name} is missing")
+        return files
+    pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+    hint = f" (found {pickles}: pickled weights are never loaded)" if pickles else ""
+    raise FileNotFoundError(f"costeff checkpoint {path}: no model.safetensors (or sharded index) found{hint}")
+
+
+def check_checkpoint(path, model_class) -> CostEffConfig:
+    """Checks that ``path`` holds config.json + safetensors whose tensor names and shapes are exactly
+    those the config implies; raises FileNotFoundError / ValueError naming the problem."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"costeff checkpoint directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"costeff checkpoint {path}: config.json is missing")
+    config = CostEffConfig.from_pretrained(path)
+    with torch.device("meta"):
+        expected_model = model_class(config)
+    expected = {k: tuple(v.shape) for k, v in expected_model.state_dict().items()}
+    found: dict[str, tuple] = {}
+    for f in _checkpoint_files(path):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                found[k] = tuple(fh.get_slice(k).get_shape())
+    prefix = model_class.base_model_prefix + "."
+    if not any(k.startswith(prefix) for k in expected) and any(k.startswith(prefix) for k in found):
+        # loading the encoder alone from a classifier checkpoint: only the encoder's tensors matter
+        found = {k[len(prefix):]: v for k, v in found.items() if k.startswith(prefix)}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [f"{k}: checkpoint {list(found[k])} vs config {list(expected[k])}" for k in sorted(expected) if k in found and found[k] != expected[k]]
+    problems = []
+    if mismatched:
+        problems.append("shape mismatch: " + "; ".join(mismatched[:6]) + (" ..." if len(mismatched) > 6 else ""))
+    if missing:
+        problems.append(f"missing tensors: {missing[:6]}" + (" ..." if len(missing) > 6 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors: {unexpected[:6]}" + (" ..." if len(unexpected) > 6 else ""))
+    if problems:
+        raise ValueError(f"costeff checkpoint {path} does not match its config.json: " + " | ".join(problems))
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# PreTrainedModels
+
+
+class CostEffPreTrainedModel(PreTrainedModel):
+    config_class = CostEffConfig
+    base_model_prefix = "costeff"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["CostEffLayer", "CostEffEmbeddings"]
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, CostEffAttention):
+            init.normal_(module.qkv_weight, mean=0.0, std=std)
+            init.zeros_(module.qkv_bias)
+            init.normal_(module.out_weight, mean=0.0, std=std)
+            init.zeros_(module.out_bias)
+        elif isinstance(module, CostEffFFN):
+            init.normal_(module.in_weight, mean=0.0, std=std)
+            init.zeros_(module.in_bias)
+            init.normal_(module.out_weight, mean=0.0, std=std)
+            init.zeros_(module.out_bias)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
+        """transformers' from_pretrained, safetensors only, after checking that every tensor in the
+        checkpoint matches the config (``strict=False`` skips that check and the missing/unexpected
+        key errors)."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("costeff models load safetensors only (no pickle); do not pass use_safetensors=False")
+        kwargs["use_safetensors"] = True
+        path = Path(os.fspath(pretrained_model_name_or_path))
+        local = path.exists() or str(pretrained_model_name_or_path).startswith((".", "/", "~"))
+        if local and strict:
+            check_checkpoint(path, cls)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        if strict:
+            bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+            if cls is CostEffModel and "unexpected_keys" in bad:
+                # the encoder alone from a classifier checkpoint: the exits are not the encoder's
+                rest = {k for k in bad["unexpected_keys"] if not k.startswith("exits.")}
+                bad = {k: v for k, v in bad.items() if k != "unexpected_keys"} | ({"unexpected_keys": rest} if rest else {})
+            if bad:
+                raise ValueError(f"costeff: loading {pretrained_model_name_or_path} left {bad}")
+        return (model, info) if want_info else model
+
+
+class CostEffModel(CostEffPreTrainedModel):
+    """The slenderized encoder: embeddings + layers."""
+
+    def __init__(self, config: CostEffConfig):
+        super().__init__(config)
+        self.embeddings = CostEffEmbeddings(config)
+        self.layers = nn.ModuleList(CostEffLayer(config, i) for i in range(config.num_hidden_layers))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        output_hidden_states: bool = False,
+        use_kernels: Optional[bool] = None,
+        return_dict: bool = True,
+        **kwargs,
+    ):
+        ids, mask, types = prepare_inputs(self.config, input_ids, attention_mask, token_type_ids)
+        k = _resolve_kernels(use_kernels)
+        h = self.embeddings(ids, types, k, self.training)
+        states = [h]
+        for layer in self.layers:
+            h = layer(h, mask, k, self.training)
+            states.append(h)
+        hidden_states = tuple(states) if output_hidden_states else None
+        if not return_dict:
+            return (h, hidden_states) if output_hidden_states else (h,)
+        return BaseModelOutput(last_hidden_state=h, hidden_states=hidden_states)
+
+
+class CostEffForSequenceClassification(CostEffPreTrainedModel):
+    """Encoder + an exit after every layer from ``config.exit_start``; the last exit is BERT's pooler
+    (dense + tanh) + classifier.
+
+    ``forward`` is the training forward (every exit's logits, differentiable); ``early_exit`` is the
+    inference forward with per-row entropy exits and batch compaction."""
+
+    def __init__(self, config: CostEffConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.costeff = CostEffModel(config)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        n = config.num_exits
+        self.exits = nn.ModuleList(
+            CostEffExit(config.hidden_size, config.num_labels, dense=(i == n - 1) or config.exit_pooler_dense, dropout=p)
+            for i in range(n)
+        )
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.costeff.embeddings.word_embeddings
+
+    def exit_for_layer(self, layer: int) -> Optional[CostEffExit]:
+        """The exit after 1-based ``layer`` (None when that layer has none)."""
+        i = layer - self.config.exit_start
+        return self.exits[i] if 0 <= i < len(self.exits) else None
+
+    def _task_loss(self, logits, labels):
+        if self.config.problem_type == "regression" or self.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
+        if self.config.problem_type == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        return F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        labels=None,
+        output_hidden_states: bool = False,
+        gradient_equilibrium: Optional[bool] = None,
+        use_kernels: Optional[bool] = None,
+        return_dict: bool = True,
+        **kwargs,
+    ):
+        """Every exit's logits (and the hidden states when asked). ``loss`` (with ``labels``) is the
+        unweighted sum of the exits' task losses. With gradient equilibrium, after layer i (0-based,
+        L layers) the state's gradient is scaled by 1/(L-i) before the exit reads it and by
+        max(1, L-i-1) on the way to layer i+1 (the trunk thus gets (L-i-1)/(L-i) of its gradient)."""
+        cfg = self.config
+        ids, mask, types = prepare_inputs(cfg, input_ids, attention_mask, token_type_ids)
+        k = _resolve_kernels(use_kernels)
+        ge = cfg.gradient_equilibrium if gradient_equilibrium is None else gradient_equilibrium
+        ge = ge and torch.is_grad_enabled()
+        L = cfg.num_hidden_layers
+        h = self.costeff.embeddings(ids, types, k, self.training)
+        states = [h]
+        exit_logits = []
+        for i, layer in enumerate(self.costeff.layers):
+            h = layer(h, mask, k, self.training)
+            states.append(h)
+            ex = self.exit_for_layer(i + 1)
+            if ex is None:
+                continue
+            read = gradient_rescale(h, 1.0 / (L - i)) if ge else h
+            exit_logits.append(ex(read[:, 0], k, dropout=self.training).logits)
+            if ge:
+                h = gradient_rescale(read, float(max(1, L - i - 1)))
+        loss = None
+        if labels is not None:
+            loss = sum(self._task_loss(lg, labels) for lg in exit_logits)
+        out = CostEffSequenceClassifierOutput(
+            loss=loss,
+            logits=exit_logits[-1],
+            exit_logits=tuple(exit_logits),
+            hidden_states=tuple(states) if output_hidden_states else None,
+            exit_layers=tuple(cfg.exit_layers()),
+        )
+        return out if return_dict else out.to_tuple()
+
+    @torch.no_grad()
+    def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, threshold: float = 0.0, use_kernels: Optional[bool] = None) -> EarlyExitOutput:
+        """Entropy early exit: a row leaves at the first exit whose entropy < ``threshold``; the rest
+        are gathered and go on (trailing all-padding columns are trimmed as rows leave). Threshold 0
+        runs every row to the last layer; a huge threshold exits at layer ``exit_start``. Dropout is
+        never applied here."""
+        cfg = self.config
+        threshold = float(threshold)
+        if threshold != threshold:
+            raise ValueError("early_exit: threshold must not be NaN")
+        ids, mask, types = prepare_inputs(cfg, input_ids, attention_mask, token_type_ids)
+        k = _resolve_kernels(use_kernels)
+        b = ids.shape[0]
+        dtype = self.exits[-1].classifier.weight.dtype
+        logits_out = torch.zeros(b, cfg.num_labels, dtype=dtype, device=ids.device)
+        entropy_out = torch.zeros(b, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=ids.device)
+        layer_out = torch.zeros(b, dtype=torch.long, device=ids.device)
+        if b == 0:
+            return EarlyExitOutput(logits=logits_out, exit_layer=layer_out, entropy=entropy_out)
+        ids, mask, types = _trim(ids, mask, types)
+        active = torch.arange(b, device=ids.device)
+        h = self.costeff.embeddings(ids, types, k, False)
+        L = cfg.num_hidden_layers
+        for i, layer in enumerate(self.costeff.layers):
+            h = layer(h, mask, k, False)
+            ex = self.exit_for_layer(i + 1)
+            if ex is None:
+                continue
+            last = i == L - 1
+            res = ex(h[:, 0].contiguous(), k, float("inf") if last else threshold)
+            leave = res.exit_mask
+            if last or bool(leave.all()):
+                logits_out[active] = res.logits
+                entropy_out[active] = res.entropy.to(entropy_out.dtype)
+                layer_out[active] = i + 1
+                break
+            if bool(leave.any()):
+                rows = active[leave]
+                logits_out[rows] = res.logits[leave]
+                entropy_out[rows] = res.entropy[leave].to(entropy_out.dtype)
+                layer_out[rows] = i + 1
+                stay = ~leave
+                active, h, mask = active[stay], h[stay], mask[stay]
+                cols = _real_columns(mask)
+                if cols < h.shape[1]:
+                    h, mask = h[:, :cols].contiguous(), mask[:, :cols].contiguous()
+        return EarlyExitOutput(logits=logits_out, exit_layer=layer_out, entropy=entropy_out)
+
+    def average_flops(
+        self,
+        batches: Iterable[dict],
+        threshold: float,
+        seq_len: Optional[int] = None,
+        use_kernels: Optional[bool] = None,
+    ) -> dict:
+        """Runs early exit over ``batches`` (dicts with input_ids and optionally attention_mask /
+        token_type_ids) and returns the average analytic FLOPs per sample, the average exit layer and
+        the full-depth FLOPs. A sample's length is its real-token count unless ``seq_len`` is given
+        (e.g. 128 for inputs padded to 128, as COST-EFF reports)."""
+        from costeff.models.flops import flops_per_sample
+
+        total = full = 0
+        layers_sum = n = 0
+        for batch in batches:
+            ids = batch["input_ids"]
+            am = batch.get("attention_mask")
+            out = self.early_exit(ids, am, batch.get("token_type_ids"), threshold=threshold, use_kernels=use_kernels)
+            lengths = am.bool().sum(1).tolist() if am is not None else [ids.shape[1]] * ids.shape[0]
+            for length, layer in zip(lengths, out.exit_layer.tolist()):
+                s = seq_len if seq_len is not None else int(length)
+                total += flops_per_sample(self.config, s, exit_layer=layer)
+                full += flops_per_sample(self.config, s)
+                layers_sum += layer
+                n += 1
+        if n == 0:
+            raise ValueError("average_flops: the dataset is empty")
+        return {
+            "samples": n,
+            "avg_flops": total / n,
+            "avg_full_flops": full / n,
+            "avg_exit_layer": layers_sum / n,
+            "flops_reduction": full / total,
+        }
+
+
+def _real_columns(mask: torch.Tensor) -> int:
+    """1 + the last column holding a real token in any row."""
+    cols = mask.any(0).nonzero()
+    return int(cols[-1, 0]) + 1
+
+
+def _trim(ids, mask, types):
+    cols = _real_columns(mask)
+    if cols < ids.shape[1]:
+        return ids[:, :cols], mask[:, :cols], types[:, :cols]
+    return ids, mask, types
