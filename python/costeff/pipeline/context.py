@@ -36,7 +36,8 @@ class RunData:
 
     def split(self, name: str):
         # evaluation runs unsharded on every rank (dev/test are small): identical metrics everywhere
-        return make_loader(self.encoded[name], self.tokenizer, self.eval_batch_size, shuffle=False)
+        # batches of similar length (order is irrelevant to the metrics; padding costs time)
+        return make_loader(self.encoded[name], self.tokenizer, self.eval_batch_size, shuffle=False, bucket_by_length=True)
 
     @property
     def dev(self):

@@ -35,6 +35,7 @@ class PipelineConfig:
     eval_batch_size: int = 64
     max_train_examples: int = 0
     max_eval_examples: int = 0
+    bucket_by_length: bool = False
     # teacher
     teacher_epochs: int = 3
     teacher_lr: float = 5e-5
@@ -77,12 +78,12 @@ PRESETS = {
     # Fits in ~20 minutes on a 2-core CPU: a 4000-sentence subset, short sequences, one or two
     # epochs per stage, the TA initialised from the teacher (converges in one epoch; the official
     # code starts it from the pretrained encoder, which needs several).
-    "demo": dict(max_length=48, max_train_examples=4000, batch_size=32, teacher_epochs=2, teacher_lr=1e-4, ta_init="teacher",
+    "demo": dict(max_length=48, max_train_examples=4000, batch_size=32, bucket_by_length=True, teacher_epochs=2, teacher_lr=1e-4, ta_init="teacher",
                  ta_repr_epochs=0, ta_pred_epochs=1, ta_lr=5e-5, prune_steps_per_event=12, prune_score_batches=3,
                  prune_lr=1e-4, student_repr_epochs=1, student_pred_epochs=2, student_repr_lr=2e-4, student_pred_lr=1e-4,
                  thresholds=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5), latency_examples=64, save_every=0),
     # The real settings (the official run.sh scaled to MiniLM-L6 and Rotten Tomatoes).
-    "full": dict(max_length=128, teacher_epochs=3, teacher_lr=5e-5, ta_init="pretrained", ta_repr_epochs=2, ta_pred_epochs=4,
+    "full": dict(max_length=128, bucket_by_length=True, teacher_epochs=3, teacher_lr=5e-5, ta_init="pretrained", ta_repr_epochs=2, ta_pred_epochs=4,
                  prune_steps_per_event=160, prune_score_batches=32, student_repr_epochs=8, student_pred_epochs=4),
     # For tests: a handful of steps per stage.
     "tiny": dict(max_length=24, max_train_examples=96, max_eval_examples=48, batch_size=16, teacher_epochs=1, ta_init="teacher",
