@@ -9,9 +9,11 @@ The slim models run with kernels at 3 entropy thresholds: 0 (no early exit) and 
 picked on the benchmark inputs so that rows leave at about layer 3.5 and 2 on average (random
 weights have no meaningful confidence, so thresholds are calibrated, not fixed).
 
-Batch 1 times a loop over 8 different single rows (divided by 8) so the exit layers vary as in a
-dataset; batch 32 times one call. Median latency by torch.utils.benchmark; analytic FLOPs per sample
-from costeff.models.flops (matmuls, 2 FLOPs per MAC). speed-up is vs the faster HF variant;
+Cases are timed in interleaved rounds (median over rounds) so that load from other processes hits
+them alike; cpu_ms is the process CPU time per call. Batch 1 times a loop over 8 different single
+rows (divided by 8) so the exit layers vary as in a dataset; batch 32 times one call. Median latency
+by torch.utils.benchmark; analytic FLOPs per sample from costeff.models.flops (matmuls, 2 FLOPs per
+MAC). speed-up is vs the faster HF variant;
 "realized" = speed-up / FLOPs reduction (1.0 = the FLOPs cut shows up fully as wall-clock).
 
     PYTHONPATH=python:. python benchmarks/bench_model.py [--quick] [--threads 2]
@@ -22,7 +24,9 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -84,22 +88,38 @@ def calibrate(model, ids, target_layer: float) -> float:
     return best
 
 
-def time_fn(fn, min_run_time: float, threads: int) -> float:
-    t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    return t.blocked_autorange(min_run_time=min_run_time).median
+def measure_interleaved(fns, rounds: int, min_run: float, threads: int):
+    """Median over ``rounds`` of each fn's per-call wall time (torch.utils.benchmark) and process CPU
+    time; every round times each fn once for about ``min_run / rounds`` seconds."""
+    numbers = []
+    for fn in fns:
+        fn()  # warm-up
+        t0 = time.perf_counter()
+        fn()
+        numbers.append(max(1, int(min_run / rounds / max(time.perf_counter() - t0, 1e-6))))
+    walls = [[] for _ in fns]
+    cpus = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            c0 = time.process_time()
+            m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).timeit(numbers[i])
+            cpus[i].append((time.process_time() - c0) / numbers[i])
+            walls[i].append(m.median)
+    return [statistics.median(w) for w in walls], [statistics.median(c) for c in cpus]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="batch 1 and 32 at seq 64 only, shorter timing")
-    ap.add_argument("--min-run-time", type=float, default=None)
+    ap.add_argument("--min-run-time", type=float, default=None, help="seconds per case, over all rounds")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_model.json"))
     args = ap.parse_args(argv)
     if not costeff.info()["cpu_kernels"]:
         sys.exit("bench_model: costeff._C is not built (MAX_JOBS=1 python setup.py build_ext --inplace)")
     torch.set_num_threads(args.threads)
-    min_run = args.min_run_time or (0.5 if args.quick else 1.5)
+    min_run = args.min_run_time or (1.0 if args.quick else 2.5)
     seqs = [64] if args.quick else [64, 128]
     hf_eager, hf_sdpa, full, slim384, slim256 = build_models()
     hf_cfg = CostEffConfig.from_dict({**full.config.to_dict(), "exit_start": full.config.num_hidden_layers})
@@ -136,7 +156,7 @@ def main(argv=None):
                 m = slim384 if name == "slim384" else slim256
                 for tau in taus[name]:
                     cases.append((name, m, tau, True))
-            results = {}
+            prepared = []
             for name, model, tau, kern in cases:
                 if tau is None:
                     fn = run_hf(model)
@@ -147,39 +167,42 @@ def main(argv=None):
 
                     flops, avg_layer = hf_flops, float(model.config.num_hidden_layers)
                 else:
-                    fn = run_costeff(model, tau, kern)
-                    timed = fn
+                    timed = run_costeff(model, tau, kern)
                     layers = exit_layers_for(model, sample_ids, tau)
                     flops = sum(flops_per_sample(model.config, seq, exit_layer=int(l)) for l in layers) / len(layers)
                     avg_layer = layers.double().mean().item()
-                sec = time_fn(timed, min_run, args.threads)
-                if batch == 1:
-                    sec /= N_ROWS_B1
+                prepared.append((name, model, tau, kern, timed, flops, avg_layer))
+            # rounds interleave the cases so that load from other processes hits them alike
+            wall, cpu = measure_interleaved([p[4] for p in prepared], args.rounds, min_run, args.threads)
+            per = N_ROWS_B1 if batch == 1 else 1
+            results = {}
+            for (name, model, tau, kern, _, flops, avg_layer), sec, cpu_sec in zip(prepared, wall, cpu):
+                sec, cpu_sec = sec / per, cpu_sec / per
                 results[(name, tau)] = sec
                 rows.append(dict(
                     model=name, path="hf" if tau is None else ("kernel" if kern else "reference"),
-                    threshold=tau, batch=batch, seq=seq, latency_ms=sec * 1e3, flops_per_sample=flops,
-                    avg_exit_layer=avg_layer,
+                    threshold=tau, batch=batch, seq=seq, latency_ms=sec * 1e3, cpu_ms=cpu_sec * 1e3,
+                    flops_per_sample=flops, avg_exit_layer=avg_layer,
                     params=parameter_count(model.config) if tau is not None else sum(p.numel() for p in model.parameters()),
                 ))
-                print(f"  {name:11s} T={'-' if tau is None else f'{tau:.2e}':>8s} batch {batch:2d} seq {seq:3d}: {sec * 1e3:9.2f} ms", flush=True)
+                print(f"  {name:11s} T={'-' if tau is None else f'{tau:.2e}':>8s} batch {batch:2d} seq {seq:3d}: {sec * 1e3:9.2f} ms (cpu {cpu_sec * 1e3:9.2f} ms)", flush=True)
             hf_best = min(results[("hf-eager", None)], results[("hf-sdpa", None)])
             for r in rows:
                 if r["batch"] == batch and r["seq"] == seq and "speedup_vs_hf" not in r:
                     r["speedup_vs_hf"] = hf_best * (N_ROWS_B1 if batch == 1 else 1) / (r["latency_ms"] / 1e3 * (N_ROWS_B1 if batch == 1 else 1))
                     r["flops_reduction"] = hf_flops / r["flops_per_sample"]
                     r["realized"] = r["speedup_vs_hf"] / r["flops_reduction"]
-    header = f"{'model':11s} {'path':9s} {'T':>8s} {'batch':>5s} {'seq':>4s} {'exit@':>5s} {'ms':>9s} {'GFLOPs':>7s} {'speedup':>7s} {'FLOPs/':>7s} {'realized':>8s}"
+    header = f"{'model':11s} {'path':9s} {'T':>8s} {'batch':>5s} {'seq':>4s} {'exit@':>5s} {'ms':>9s} {'cpu ms':>9s} {'GFLOPs':>7s} {'speedup':>7s} {'FLOPs/':>7s} {'realized':>8s}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         t = "-" if r["threshold"] is None else f"{r['threshold']:.2e}"
-        print(f"{r['model']:11s} {r['path']:9s} {t:>8s} {r['batch']:5d} {r['seq']:4d} {r['avg_exit_layer']:5.2f} {r['latency_ms']:9.2f} "
+        print(f"{r['model']:11s} {r['path']:9s} {t:>8s} {r['batch']:5d} {r['seq']:4d} {r['avg_exit_layer']:5.2f} {r['latency_ms']:9.2f} {r['cpu_ms']:9.2f} "
               f"{r['flops_per_sample'] / 1e9:7.3f} {r['speedup_vs_hf']:7.2f} {r['flops_reduction']:7.2f} {r['realized']:8.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(torch=torch.__version__, threads=args.threads, machine=platform.machine(), cpu_count=os.cpu_count(),
-                load_avg=os.getloadavg(), quick=args.quick, min_run_time=min_run,
-                note="random weights; thresholds calibrated per model and seq; batch-1 latency averaged over 8 rows")
+                load_avg=os.getloadavg(), quick=args.quick, min_run_time=min_run, rounds=args.rounds,
+                note="random weights; thresholds calibrated per model and seq; batch-1 latency averaged over 8 rows; latency = median over interleaved rounds (wall), cpu_ms = process CPU time per call (all threads)")
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"\nsaved {out}")
 
