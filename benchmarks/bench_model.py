@@ -108,19 +108,31 @@ def measure_interleaved(fns, rounds: int, min_run: float, threads: int):
     return [statistics.median(w) for w in walls], [statistics.median(c) for c in cpus]
 
 
+def save(path, rows, args, min_run) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(torch=torch.__version__, threads=args.threads, machine=platform.machine(), cpu_count=os.cpu_count(),
+                load_avg=os.getloadavg(), quick=args.quick, min_run_time=min_run, rounds=args.rounds,
+                note="random weights; thresholds calibrated per model and seq; batch-1 latency averaged over 8 rows; "
+                "latency = median over interleaved rounds (wall), cpu_ms = process CPU time per call (all threads)")
+    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="batch 1 and 32 at seq 64 only, shorter timing")
     ap.add_argument("--min-run-time", type=float, default=None, help="seconds per case, over all rounds")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seqs", type=int, nargs="+", default=None)
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_model.json"))
     args = ap.parse_args(argv)
     if not costeff.info()["cpu_kernels"]:
         sys.exit("bench_model: costeff._C is not built (MAX_JOBS=1 python setup.py build_ext --inplace)")
     torch.set_num_threads(args.threads)
     min_run = args.min_run_time or (1.0 if args.quick else 2.5)
-    seqs = [64] if args.quick else [64, 128]
+    seqs = args.seqs or ([64] if args.quick else [64, 128])
     hf_eager, hf_sdpa, full, slim384, slim256 = build_models()
     hf_cfg = CostEffConfig.from_dict({**full.config.to_dict(), "exit_start": full.config.num_hidden_layers})
     rows = []
@@ -192,18 +204,14 @@ def main(argv=None):
                     r["speedup_vs_hf"] = hf_best * (N_ROWS_B1 if batch == 1 else 1) / (r["latency_ms"] / 1e3 * (N_ROWS_B1 if batch == 1 else 1))
                     r["flops_reduction"] = hf_flops / r["flops_per_sample"]
                     r["realized"] = r["speedup_vs_hf"] / r["flops_reduction"]
+            save(args.out, rows, args, min_run)
     header = f"{'model':11s} {'path':9s} {'T':>8s} {'batch':>5s} {'seq':>4s} {'exit@':>5s} {'ms':>9s} {'cpu ms':>9s} {'GFLOPs':>7s} {'speedup':>7s} {'FLOPs/':>7s} {'realized':>8s}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         t = "-" if r["threshold"] is None else f"{r['threshold']:.2e}"
         print(f"{r['model']:11s} {r['path']:9s} {t:>8s} {r['batch']:5d} {r['seq']:4d} {r['avg_exit_layer']:5.2f} {r['latency_ms']:9.2f} {r['cpu_ms']:9.2f} "
               f"{r['flops_per_sample'] / 1e9:7.3f} {r['speedup_vs_hf']:7.2f} {r['flops_reduction']:7.2f} {r['realized']:8.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(torch=torch.__version__, threads=args.threads, machine=platform.machine(), cpu_count=os.cpu_count(),
-                load_avg=os.getloadavg(), quick=args.quick, min_run_time=min_run, rounds=args.rounds,
-                note="random weights; thresholds calibrated per model and seq; batch-1 latency averaged over 8 rows; latency = median over interleaved rounds (wall), cpu_ms = process CPU time per call (all threads)")
-    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    out = save(args.out, rows, args, min_run)
     print(f"\nsaved {out}")
 
 
