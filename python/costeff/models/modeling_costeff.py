@@ -122,10 +122,10 @@ class CostEffEmbeddings(nn.Module):
         words = self.word_embeddings(input_ids)
         if self.word_projection is not None:
             words = self.word_projection(words)
-        x = words + self.token_type_embeddings(token_type_ids)
-        pos = self.position_embeddings.weight[: input_ids.shape[1]].unsqueeze(0).expand_as(x)
+        # the broadcast position add materializes [batch, seq, hidden] once; token types are the residual
+        x = words + self.position_embeddings.weight[: input_ids.shape[1]]
         ln = add_layer_norm if use_kernels else add_layer_norm_reference
-        out = ln(x, pos.contiguous(), self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+        out = ln(x, self.token_type_embeddings(token_type_ids), self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
         return self.dropout(out) if dropout else out
 
 
