@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Full CUDA build of the Python extension (csrc/cuda/*.cu with the torch binding) against the CUDA
+# torch wheel, in a separate venv cached outside the checkout. No GPU needed: it proves the .cu files
+# compile and link for sm_80/sm_90 and register CUDA kernels; it cannot run them.
+# Built out of tree (build/cuda-ext) so the CPU build's python/costeff/_C*.so is left alone.
+# COSTEFF_CUDA_VENV_ONLY=1 stops after preparing the venv (a cacheable CI step).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TORCH_SPEC="torch==2.14.1"
+PY="${COSTEFF_CUDA_PYTHON:-python3}"
+# Don't inherit another venv (e.g. the CPU one) when choosing the base interpreter.
+if [ -n "${VIRTUAL_ENV:-}" ]; then PATH="${PATH//$VIRTUAL_ENV\/bin:/}"; unset VIRTUAL_ENV; fi
+PY_VER="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+KEY="$(printf '%s\n' "$TORCH_SPEC" "python$PY_VER" ninja setuptools wheel numpy | sha256sum | cut -c1-12)"
+VENV="${COSTEFF_VENV_BASE:-$HOME/.cache/costeff}/venv-cuda-$KEY"
+BUILD="${COSTEFF_CUDA_BUILD_DIR:-$ROOT/build/cuda-ext}"
+export PIP_CACHE_DIR="${PIP_CACHE_DIR:-${COSTEFF_VENV_BASE:-$HOME/.cache/costeff}/pip-cache}"
+
+if [ ! -f "$VENV/.complete" ]; then
+    echo "[check_cuda] creating $VENV ($TORCH_SPEC, ~5.5 GB)"
+    rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")"
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --progress-bar off "$TORCH_SPEC"
+    "$VENV/bin/pip" install -q --progress-bar off ninja setuptools wheel numpy
+    touch "$VENV/.complete"
+fi
+"$VENV/bin/python" -c 'import torch, sys; v = torch.version.cuda; print("[check_cuda] torch", torch.__version__, "cuda", v); sys.exit(0 if v else "torch in the CUDA venv is a CPU build")'
+[ "${COSTEFF_CUDA_VENV_ONLY:-0}" = "1" ] && exit 0
+
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export PATH="$CUDA_HOME/bin:$PATH"
+export COSTEFF_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" MAX_JOBS="${MAX_JOBS:-2}"
+cd "$ROOT"
+ls csrc/cuda/*.cu >/dev/null
+echo "[check_cuda] building into $BUILD (archs $TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
+"$VENV/bin/python" setup.py -q build_ext --build-temp "$BUILD/temp" --build-lib "$BUILD/lib"
+SO="$(ls "$BUILD"/lib/costeff/_C*.so)"
+"$VENV/bin/python" - "$SO" <<'PY'
+import sys
+import torch
+
+torch.ops.load_library(sys.argv[1])
+missing = []
+for op in ("exit_head", "add_layer_norm"):
+    for key in ("CPU", "CUDA"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"costeff::{op}", key):
+            missing.append(f"costeff::{op} [{key}]")
+if missing:
+    sys.exit("[check_cuda] no kernel registered for: " + ", ".join(missing))
+print("[check_cuda] OK: CUDA kernels registered for costeff::exit_head and costeff::add_layer_norm")
+PY
