@@ -63,7 +63,13 @@ void expect_error(const std::function<void()>& call, const std::string& needle, 
 }
 
 c10::OperatorHandle find_op(const char* name) {
-  auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  const auto schema = c10::Dispatcher::singleton().findSchema({name, ""});
+  if (!schema) {
+    throw std::runtime_error(
+        std::string(name) + " is not registered: link costeff_ops with -Wl,--no-as-needed (its ops come from static "
+        "registrations, and a linker dropping 'unused' libraries drops them all)");
+  }
+  const auto op = *schema;
   if (!op.hasKernelForDispatchKey(c10::DispatchKey::CPU)) {
     throw std::runtime_error(std::string(name) + " has no CPU kernel: were costeff_ops' registrations linked?");
   }
