@@ -31,6 +31,11 @@ fi
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export PATH="$CUDA_HOME/bin:$PATH"
 export COSTEFF_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" MAX_JOBS="${MAX_JOBS:-2}"
+# The toolkit here has no cuBLAS/cuSPARSE headers, which ATen/cuda/CUDAContext.h includes; the wheel's
+# nvidia-* dependencies ship them (nvidia/cu13/include). CPATH reaches g++ and nvcc's host preprocessing.
+NV_INCLUDE="$("$VENV/bin/python" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))')"
+[ -f "$NV_INCLUDE/cusparse.h" ] || { echo "[check_cuda] cusparse.h not found under $NV_INCLUDE" >&2; exit 1; }
+export CPATH="$NV_INCLUDE${CPATH:+:$CPATH}"
 cd "$ROOT"
 ls csrc/cuda/*.cu >/dev/null
 echo "[check_cuda] building into $BUILD (archs $TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"

@@ -24,6 +24,7 @@ __global__ void exit_head_kernel(
     float* __restrict__ entropy,
     bool* __restrict__ exit_mask,
     unsigned long long* __restrict__ first_bad_row,
+    int64_t hidden_row_stride,
     int64_t hidden_size,
     int64_t classes,
     float threshold,
@@ -31,7 +32,7 @@ __global__ void exit_head_kernel(
   extern __shared__ float pooled[];
   __shared__ EntropyState warp_state[kExitHeadMaxWarps];
   const int64_t row = blockIdx.x;
-  const HT* h = hidden + row * hidden_size;
+  const HT* h = hidden + row * hidden_row_stride;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
@@ -68,7 +69,8 @@ __global__ void exit_head_kernel(
 }
 
 // HT is the type the kernel reads the CLS states in (fp32 after the pooler dense), WT the parameter
-// and logits type (the op's dtype). first_bad_row must hold ULLONG_MAX before the launch.
+// and logits type (the op's dtype). Rows of hidden may be strided (hidden_states[:, 0] needs no copy)
+// but each row is contiguous. first_bad_row must hold ULLONG_MAX before the launch.
 template <typename HT, typename WT>
 void launch_exit_head(
     const HT* hidden,
@@ -79,6 +81,7 @@ void launch_exit_head(
     bool* exit_mask,
     unsigned long long* first_bad_row,
     int64_t rows,
+    int64_t hidden_row_stride,
     int64_t hidden_size,
     int64_t classes,
     float threshold,
@@ -88,14 +91,15 @@ void launch_exit_head(
   const bool cache_pooled = hidden_size <= kExitHeadMaxCachedHidden;
   const size_t smem = cache_pooled ? static_cast<size_t>(hidden_size) * sizeof(float) : 0;
   exit_head_kernel<HT, WT><<<static_cast<unsigned>(rows), warps * kWarpSize, smem, stream>>>(
-      hidden, weight, bias, logits, entropy, exit_mask, first_bad_row, hidden_size, classes, threshold, cache_pooled);
+      hidden, weight, bias, logits, entropy, exit_mask, first_bad_row, hidden_row_stride, hidden_size, classes, threshold,
+      cache_pooled);
 }
 
 // Explicit instantiations: every dtype pair's device code is compiled even in the kernels-only build.
 #define COSTEFF_INSTANTIATE_EXIT_HEAD(HT, WT)                                                                     \
   template void launch_exit_head<HT, WT>(                                                                       \
-      const HT*, const WT*, const WT*, WT*, float*, bool*, unsigned long long*, int64_t, int64_t, int64_t, float, \
-      cudaStream_t);
+      const HT*, const WT*, const WT*, WT*, float*, bool*, unsigned long long*, int64_t, int64_t, int64_t, int64_t, \
+      float, cudaStream_t);
 COSTEFF_INSTANTIATE_EXIT_HEAD(float, float)
 COSTEFF_INSTANTIATE_EXIT_HEAD(__half, __half)
 COSTEFF_INSTANTIATE_EXIT_HEAD(__nv_bfloat16, __nv_bfloat16)
@@ -137,15 +141,15 @@ void run_exit_head(
   const auto* w = reinterpret_cast<const WT*>(weight.data_ptr<scalar_t>());
   const auto* b = reinterpret_cast<const WT*>(bias.data_ptr<scalar_t>());
   auto* z = reinterpret_cast<WT*>(logits.data_ptr<scalar_t>());
-  const int64_t rows = h.size(0), hidden = h.size(1), classes = weight.size(0);
+  const int64_t rows = h.size(0), stride = h.stride(0), hidden = h.size(1), classes = weight.size(0);
   if (h.scalar_type() == at::kFloat) {
     cuda::launch_exit_head<float, WT>(
-        h.data_ptr<float>(), w, b, z, entropy.data_ptr<float>(), exit_mask.data_ptr<bool>(), bad, rows, hidden,
-        classes, threshold, stream);
+        h.data_ptr<float>(), w, b, z, entropy.data_ptr<float>(), exit_mask.data_ptr<bool>(), bad, rows, stride,
+        hidden, classes, threshold, stream);
   } else {
     cuda::launch_exit_head<WT, WT>(
         reinterpret_cast<const WT*>(h.data_ptr<scalar_t>()), w, b, z, entropy.data_ptr<float>(),
-        exit_mask.data_ptr<bool>(), bad, rows, hidden, classes, threshold, stream);
+        exit_mask.data_ptr<bool>(), bad, rows, stride, hidden, classes, threshold, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -187,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cuda(
   // The pooler dense runs in fp32 (as the CPU kernel and the reference do), so the kernel then reads fp32.
   const at::Tensor h = sz.has_pooler
       ? at::addmm(pooler_bias->to(at::kFloat), hidden.to(at::kFloat), pooler_weight->to(at::kFloat).t())
-      : hidden.contiguous();
+      : (hidden.stride(1) == 1 ? hidden : hidden.contiguous());
   const auto w = classifier_weight.contiguous();
   const auto b = classifier_bias.contiguous();
   // -1 reads as ULLONG_MAX in the kernel's atomicMin: "no bad row".
