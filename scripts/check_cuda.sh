@@ -3,7 +3,9 @@
 # torch wheel, in a separate venv cached outside the checkout. No GPU needed: it proves the .cu files
 # compile and link for sm_80/sm_90 and register CUDA kernels; it cannot run them.
 # Built out of tree (build/cuda-ext) so the CPU build's python/costeff/_C*.so is left alone.
-# COSTEFF_CUDA_VENV_ONLY=1 stops after preparing the venv (a cacheable CI step).
+# Then the same with CMake (COSTEFF_WITH_CUDA=ON, libtorch of that venv) + ctest, in build/cmake-cuda.
+# COSTEFF_CUDA_VENV_ONLY=1 stops after preparing the venv (a cacheable CI step);
+# COSTEFF_CUDA_CMAKE=0 skips the CMake build.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TORCH_SPEC="torch==2.14.1"
@@ -14,6 +16,7 @@ PY_VER="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 KEY="$(printf '%s\n' "$TORCH_SPEC" "python$PY_VER" ninja setuptools wheel numpy | sha256sum | cut -c1-12)"
 VENV="${COSTEFF_VENV_BASE:-$HOME/.cache/costeff}/venv-cuda-$KEY"
 BUILD="${COSTEFF_CUDA_BUILD_DIR:-$ROOT/build/cuda-ext}"
+CMAKE_BUILD="${COSTEFF_CUDA_CMAKE_BUILD_DIR:-$ROOT/build/cmake-cuda}"
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-${COSTEFF_VENV_BASE:-$HOME/.cache/costeff}/pip-cache}"
 
 if [ ! -f "$VENV/.complete" ]; then
@@ -55,3 +58,16 @@ if missing:
     sys.exit("[check_cuda] no kernel registered for: " + ", ".join(missing))
 print("[check_cuda] OK: CUDA kernels registered for costeff::exit_head and costeff::add_layer_norm")
 PY
+
+[ "${COSTEFF_CUDA_CMAKE:-1}" = "1" ] || exit 0
+# libtorch + CMake with the CUDA kernels. The wheel's CUDA libraries have no unversioned names and the
+# local toolkit has no nvrtc, so torch's CMake config is pointed at them explicitly.
+NV_LIB="$(dirname "$NV_INCLUDE")/lib"
+echo "[check_cuda] CMake build (COSTEFF_WITH_CUDA=ON) + ctest in $CMAKE_BUILD"
+cmake -S "$ROOT" -B "$CMAKE_BUILD" -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_PREFIX_PATH="$("$VENV/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+    -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME" \
+    -DCUDA_nvrtc_LIBRARY="$NV_LIB/libnvrtc.so.13" -DCOSTEFF_WITH_CUDA=ON -DCOSTEFF_BUILD_TESTS=ON
+cmake --build "$CMAKE_BUILD" --parallel "$MAX_JOBS"
+ctest --test-dir "$CMAKE_BUILD" --output-on-failure
+echo "[check_cuda] OK: CMake CUDA build and ctest passed"

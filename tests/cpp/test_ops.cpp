@@ -272,6 +272,12 @@ void test_slim_attention(at::Device dev) {
 
 int main() {
   at::manual_seed(0);
+#if COSTEFF_TEST_EXPECT_CUDA
+  for (const char* name : {"costeff::exit_head", "costeff::add_layer_norm"}) {
+    const auto op = c10::Dispatcher::singleton().findSchema({name, ""});
+    expect(op && op->hasKernelForDispatchKey(c10::DispatchKey::CUDA), std::string(name) + " has a CUDA kernel");
+  }
+#endif
   std::vector<at::Device> devices = {at::Device(at::kCPU)};
   if (at::hasCUDA()) {
     const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("costeff::exit_head", "");
