@@ -11,9 +11,14 @@
 #include <functional>
 #include <iostream>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <tuple>
 #include <vector>
+
+#ifndef COSTEFF_TEST_EXPECT_CUDA
+#define COSTEFF_TEST_EXPECT_CUDA 0
+#endif
 
 namespace {
 
