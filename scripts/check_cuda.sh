@@ -13,7 +13,9 @@ PY="${COSTEFF_CUDA_PYTHON:-python3}"
 # Don't inherit another venv (e.g. the CPU one) when choosing the base interpreter.
 if [ -n "${VIRTUAL_ENV:-}" ]; then PATH="${PATH//$VIRTUAL_ENV\/bin:/}"; unset VIRTUAL_ENV; fi
 PY_VER="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-KEY="$(printf '%s\n' "$TORCH_SPEC" "python$PY_VER" ninja setuptools wheel numpy | sha256sum | cut -c1-12)"
+# cmake: the system's 3.25 cannot pass C++20 to nvcc 13 (CMakeLists.txt checks this).
+EXTRA_PKGS=(ninja setuptools wheel numpy cmake==3.31.6)
+KEY="$(printf '%s\n' "$TORCH_SPEC" "python$PY_VER" "${EXTRA_PKGS[@]}" | sha256sum | cut -c1-12)"
 VENV="${COSTEFF_VENV_BASE:-$HOME/.cache/costeff}/venv-cuda-$KEY"
 BUILD="${COSTEFF_CUDA_BUILD_DIR:-$ROOT/build/cuda-ext}"
 CMAKE_BUILD="${COSTEFF_CUDA_CMAKE_BUILD_DIR:-$ROOT/build/cmake-cuda}"
@@ -25,7 +27,7 @@ if [ ! -f "$VENV/.complete" ]; then
     mkdir -p "$(dirname "$VENV")"
     "$PY" -m venv "$VENV"
     "$VENV/bin/pip" install -q --progress-bar off "$TORCH_SPEC"
-    "$VENV/bin/pip" install -q --progress-bar off ninja setuptools wheel numpy
+    "$VENV/bin/pip" install -q --progress-bar off "${EXTRA_PKGS[@]}"
     touch "$VENV/.complete"
 fi
 "$VENV/bin/python" -c 'import torch, sys; v = torch.version.cuda; print("[check_cuda] torch", torch.__version__, "cuda", v); sys.exit(0 if v else "torch in the CUDA venv is a CPU build")'
@@ -64,10 +66,10 @@ PY
 # local toolkit has no nvrtc, so torch's CMake config is pointed at them explicitly.
 NV_LIB="$(dirname "$NV_INCLUDE")/lib"
 echo "[check_cuda] CMake build (COSTEFF_WITH_CUDA=ON) + ctest in $CMAKE_BUILD"
-cmake -S "$ROOT" -B "$CMAKE_BUILD" -DCMAKE_BUILD_TYPE=Release \
+"$VENV/bin/cmake" -S "$ROOT" -B "$CMAKE_BUILD" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_PREFIX_PATH="$("$VENV/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
     -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME" \
     -DCUDA_nvrtc_LIBRARY="$NV_LIB/libnvrtc.so.13" -DCOSTEFF_WITH_CUDA=ON -DCOSTEFF_BUILD_TESTS=ON
-cmake --build "$CMAKE_BUILD" --parallel "$MAX_JOBS"
-ctest --test-dir "$CMAKE_BUILD" --output-on-failure
+"$VENV/bin/cmake" --build "$CMAKE_BUILD" --parallel "$MAX_JOBS"
+"$VENV/bin/ctest" --test-dir "$CMAKE_BUILD" --output-on-failure
 echo "[check_cuda] OK: CMake CUDA build and ctest passed"
