@@ -40,6 +40,21 @@ def _want_cuda() -> bool:
     return has_cuda_torch
 
 
+def _pip_cuda_include_dirs() -> list:
+    """cuBLAS/cuSPARSE headers shipped by the CUDA torch wheel's nvidia-* packages: a bare toolkit
+    (nvcc only) lacks them and ATen/cuda/CUDAContext.h includes them."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for base in getattr(nvidia, "__path__", []):
+        for inc in sorted(glob.glob(os.path.join(base, "cu*", "include"))) + sorted(glob.glob(os.path.join(base, "*", "include"))):
+            if os.path.exists(os.path.join(inc, "cusparse.h")) or os.path.exists(os.path.join(inc, "cublas_v2.h")):
+                found.append(inc)
+    return found
+
+
 def _extension():
     with_cuda = _want_cuda()
     sources = ["csrc/registration.cpp", "csrc/op_checks.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -48,6 +63,7 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        include_dirs += _pip_cuda_include_dirs()
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # cpp_extension crashes when it has neither a GPU to query nor an arch list (pytorch#137261)
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
