@@ -51,6 +51,9 @@ class CostEffConfig(PreTrainedConfig):
         embedding_rank: None for a plain vocab x hidden word embedding, else r (vocab x r, r x hidden).
         exit_start: 1-based layer of the first exit; exits follow every layer from there to the last.
         exit_pooler_dense: intermediate exits use dense+tanh (DeeBERT) instead of tanh only (COST-EFF).
+        exit_pooling: what intermediate exits read: "cls" (the CLS state, COST-EFF's default) or "mean"
+            (the average of the real tokens' states, COST-EFF's token-average option; suits backbones
+            trained with mean pooling such as all-MiniLM-L6-v2). The last exit always reads CLS.
             The last exit is always BERT's pooler (dense+tanh) + classifier.
         gradient_equilibrium: default for the training forward (see :mod:`costeff.models`).
         hidden_dropout_prob, attention_probs_dropout_prob, classifier_dropout: training dropout.
@@ -76,6 +79,7 @@ class CostEffConfig(PreTrainedConfig):
     pad_token_id: int | None = 0
     exit_start: int = 1
     exit_pooler_dense: bool = False
+    exit_pooling: str = "cls"
     gradient_equilibrium: bool = False
 
     def __post_init__(self, **kwargs):
@@ -112,6 +116,8 @@ class CostEffConfig(PreTrainedConfig):
         _positive_int("exit_start", self.exit_start)
         if self.exit_start > n:
             raise ValueError(f"CostEffConfig: exit_start {self.exit_start} is past the last layer ({n})")
+        if self.exit_pooling not in ("cls", "mean"):
+            raise ValueError(f"CostEffConfig: exit_pooling must be 'cls' or 'mean', got {self.exit_pooling!r}")
         if self.hidden_act != "gelu":
             raise ValueError(f"CostEffConfig: hidden_act must be 'gelu' (exact erf GELU, as the slim_ffn kernel), got {self.hidden_act!r}")
         if not (self.layer_norm_eps > 0):

@@ -484,7 +484,7 @@ class CostEffForSequenceClassification(CostEffPreTrainedModel):
             if ex is None:
                 continue
             read = gradient_rescale(h, 1.0 / (L - i)) if ge else h
-            exit_logits.append(ex(read[:, 0], k, dropout=self.training).logits)
+            exit_logits.append(ex(_exit_input(read, mask, cfg, i + 1 == L), k, dropout=self.training).logits)
             if ge:
                 h = gradient_rescale(read, float(max(1, L - i - 1)))
         loss = None
@@ -528,7 +528,7 @@ class CostEffForSequenceClassification(CostEffPreTrainedModel):
             if ex is None:
                 continue
             last = i == L - 1
-            res = ex(h[:, 0].contiguous(), k, float("inf") if last else threshold)
+            res = ex(_exit_input(h, mask, cfg, last).contiguous(), k, float("inf") if last else threshold)
             leave = res.exit_mask
             if last or bool(leave.all()):
                 logits_out[active] = res.logits
@@ -582,6 +582,15 @@ class CostEffForSequenceClassification(CostEffPreTrainedModel):
             "avg_exit_layer": layers_sum / n,
             "flops_reduction": full / total,
         }
+
+
+def _exit_input(h: torch.Tensor, mask: torch.Tensor, config: CostEffConfig, last: bool) -> torch.Tensor:
+    """The state an exit reads: CLS, or for intermediate exits with exit_pooling="mean" the average
+    of the real tokens."""
+    if last or config.exit_pooling == "cls":
+        return h[:, 0]
+    m = mask.to(h.dtype).unsqueeze(-1)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1)
 
 
 def _real_columns(mask: torch.Tensor) -> int:

@@ -38,6 +38,7 @@ class TrainConfig:
     log_every: int = 50
     progress: bool = True
     max_steps_per_epoch: int = 0  # 0: full epochs (a cap is for quick presets and tests)
+    exit_lr_multiplier: float = 1.0  # learning-rate factor for the intermediate exits' parameters
     extra: dict = field(default_factory=dict)
 
 
@@ -64,12 +65,28 @@ def _no_decay(name: str) -> bool:
     return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or "norm." in name
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+def _intermediate_exit_prefixes(model: torch.nn.Module) -> tuple:
+    """Name prefixes of every exit but the last (freshly initialised heads that may learn faster)."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "exits" and isinstance(module, torch.nn.ModuleList):
+            return tuple(f"{name}.{i}." for i in range(len(module) - 1))
+    return ()
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, exit_lr_multiplier: float = 1.0) -> torch.optim.AdamW:
+    groups = {}
+    fast_prefixes = _intermediate_exit_prefixes(model) if exit_lr_multiplier != 1.0 else ()
     for n, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if _no_decay(n) else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        if not p.requires_grad:
+            continue
+        fast = n.startswith(fast_prefixes) if fast_prefixes else False
+        key = (_no_decay(n), fast)
+        groups.setdefault(key, []).append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "weight_decay": 0.0 if nd else weight_decay, "lr": lr * (exit_lr_multiplier if fast else 1.0)}
+         for (nd, fast), ps in sorted(groups.items())],
+        lr=lr,
+    )
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -104,7 +121,7 @@ def train(
     if steps_per_epoch == 0:
         raise ValueError(f"{stage}: the training split gives no batches")
     total_steps = steps_per_epoch * cfg.epochs
-    optimizer = make_optimizer(owner, cfg.lr, cfg.weight_decay)
+    optimizer = make_optimizer(owner, cfg.lr, cfg.weight_decay, cfg.exit_lr_multiplier)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_score": -math.inf, "best_metrics": None, "history": []}
     if resume and os.path.exists(os.path.join(last_dir, "state.json")):
