@@ -57,12 +57,15 @@ def parse_args(description: str, argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing")
     ap.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/<bench>.json)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidate")
+    ap.add_argument("--threads", type=int, default=NUM_THREADS, help=f"intra-op threads (default {NUM_THREADS})")
     return ap.parse_args(argv)
 
 
-def setup() -> None:
+def setup(threads: int = NUM_THREADS) -> None:
+    global NUM_THREADS
+    NUM_THREADS = threads
     torch.manual_seed(0)
-    torch.set_num_threads(NUM_THREADS)
+    torch.set_num_threads(threads)
 
 
 def compiled(fn: Callable) -> Callable:
@@ -198,7 +201,7 @@ def _cpu_model() -> str:
 
 def main_for(bench: str, description: str, make_cases: Callable[[bool], list[Case]], argv=None) -> list[dict]:
     args = parse_args(description, argv)
-    setup()
+    setup(args.threads)
     print(f"== {bench} (torch {torch.__version__}, {NUM_THREADS} threads{', quick' if args.quick else ''})")
     print(format_header())
     return run_cases(bench, make_cases(args.quick), args.quick, args.out, args.no_compile)

@@ -25,6 +25,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None, help="directory for the JSON files")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", default=None, help="bench names to run (default all)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -32,6 +33,7 @@ def main(argv=None):
         if args.only and mod.BENCH not in args.only:
             continue
         sub = ["--quick"] if args.quick else []
+        sub += ["--threads", str(args.threads)]
         if args.no_compile:
             sub.append("--no-compile")
         if args.out:

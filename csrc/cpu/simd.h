@@ -41,10 +41,10 @@ COSTEFF_AVX2 inline float hmax(__m256 v) {
 }
 
 // exp(x), Cephes-style: x = n ln2 + r, degree-6 polynomial for e^r (about 2 ulp on [-87, 88]);
-// inputs below -87.3 give 0 (softmax weights that small do not matter).
+// inputs below -87.3 give 0 (softmax weights that small do not matter). NaN stays NaN.
 COSTEFF_AVX2 inline __m256 exp_ps(__m256 x) {
   const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
-  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  x = _mm256_max_ps(lo, _mm256_min_ps(hi, x));  // min/max return the second operand on NaN
   __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
