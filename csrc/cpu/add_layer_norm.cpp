@@ -53,31 +53,49 @@ void add_layer_norm_row(
 }
 
 #if COSTEFF_HAVE_AVX2_PATH
-// The same two passes as add_layer_norm_row with 8 AVX2 lanes.
+// out[i:i+8] = x + res, folded into one 8-lane Welford chain.
+COSTEFF_AVX2 inline void welford_step_avx2(
+    const float* x, const float* res, float* out, int64_t i, __m256& mean, __m256& m2, __m256 inv_steps) {
+  const __m256 v = _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(res + i));
+  _mm256_storeu_ps(out + i, v);
+  const __m256 delta = _mm256_sub_ps(v, mean);
+  mean = _mm256_fmadd_ps(delta, inv_steps, mean);
+  m2 = _mm256_fmadd_ps(delta, _mm256_sub_ps(v, mean), m2);
+}
+
+// The same two passes as add_layer_norm_row with 4 x 8 AVX2 lanes: four independent Welford chains,
+// since one chain is bound by its add/FMA latency, not by throughput.
 COSTEFF_AVX2 void add_layer_norm_row_avx2(
     const float* x, const float* res, const float* gamma, const float* beta, float* out, int64_t n, float eps) {
+  constexpr int kChains = 4;
   const int64_t n_vec = n - n % 8;
-  __m256 mean = _mm256_setzero_ps(), m2 = _mm256_setzero_ps();
-  float steps = 0.f;
-  for (int64_t i = 0; i < n_vec; i += 8) {
-    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(res + i));
-    _mm256_storeu_ps(out + i, v);
-    steps += 1.f;
-    const __m256 delta = _mm256_sub_ps(v, mean);
-    mean = _mm256_fmadd_ps(delta, _mm256_set1_ps(1.f / steps), mean);
-    m2 = _mm256_fmadd_ps(delta, _mm256_sub_ps(v, mean), m2);
+  __m256 mean[kChains], m2[kChains];
+  float steps[kChains] = {0.f, 0.f, 0.f, 0.f};
+  for (int k = 0; k < kChains; ++k) mean[k] = m2[k] = _mm256_setzero_ps();
+  int64_t i = 0;
+  float full_steps = 0.f;  // all chains step together here: one reciprocal per 32 elements
+  for (; i + 8 * kChains <= n_vec; i += 8 * kChains) {
+    full_steps += 1.f;
+    const __m256 inv = _mm256_set1_ps(1.f / full_steps);
+    for (int k = 0; k < kChains; ++k) welford_step_avx2(x, res, out, i + 8 * k, mean[k], m2[k], inv);
+  }
+  for (int k = 0; k < kChains; ++k) steps[k] = full_steps;
+  for (int k = 0; i < n_vec; i += 8, ++k) {
+    steps[k] += 1.f;
+    welford_step_avx2(x, res, out, i, mean[k], m2[k], _mm256_set1_ps(1.f / steps[k]));
   }
   WelfordState stats = welford_empty();
-  if (n_vec > 0) {
-    alignas(32) float lane_mean[8];
-    alignas(32) float lane_m2[8];
-    _mm256_store_ps(lane_mean, mean);
-    _mm256_store_ps(lane_m2, m2);
-    for (int l = 0; l < 8; ++l) stats = welford_merge(stats, WelfordState{lane_mean[l], lane_m2[l], steps});
+  alignas(32) float lane_mean[8];
+  alignas(32) float lane_m2[8];
+  for (int k = 0; k < kChains; ++k) {
+    if (steps[k] == 0.f) continue;
+    _mm256_store_ps(lane_mean, mean[k]);
+    _mm256_store_ps(lane_m2, m2[k]);
+    for (int l = 0; l < 8; ++l) stats = welford_merge(stats, WelfordState{lane_mean[l], lane_m2[l], steps[k]});
   }
-  for (int64_t i = n_vec; i < n; ++i) {
-    out[i] = x[i] + res[i];
-    stats = welford_add(stats, out[i]);
+  for (int64_t j = n_vec; j < n; ++j) {
+    out[j] = x[j] + res[j];
+    stats = welford_add(stats, out[j]);
   }
   const float rstd = layer_norm_rstd(stats, eps);
   const __m256 v_mean = _mm256_set1_ps(stats.mean), v_rstd = _mm256_set1_ps(rstd);
