@@ -148,11 +148,12 @@ COSTEFF_AVX2 void rows_kernel(
   context_block<R>(s, v, n, np, dp, d, inv, out, out_stride);
 }
 
-// qkv: [B*S, 3*inner] fp32; ctx: [B*S, inner]; keys/n_keys: the real key positions of each batch row.
+// Queries: row b*S+i of q (row stride q_stride); keys/values: row key_rows[b*S+t] (t < n_keys[b]) of
+// k and v (row stride kv_stride); head h at column h*d of each. ctx: [B*S, inner].
 void attention_core(
-    const float* qkv, float* ctx, const int64_t* keys, const int64_t* n_keys, int64_t B, int64_t S, int64_t nh,
-    int64_t d) {
-  const int64_t inner = nh * d, row_stride = 3 * inner;
+    const float* q_base, int64_t q_stride, const float* k_base, const float* v_base, int64_t kv_stride,
+    const int64_t* key_rows, const int64_t* n_keys, float* ctx, int64_t B, int64_t S, int64_t nh, int64_t d) {
+  const int64_t inner = nh * d;
   const int64_t dp = (d + 7) / 8 * 8, np_max = (S + 7) / 8 * 8;
   const int64_t threads = at::get_num_threads();
   // Enough (batch, head, query block) tasks to keep every thread busy; big blocks otherwise, since
@@ -176,16 +177,15 @@ void attention_core(
       const int64_t cur_bh = task / q_blocks, blk = task % q_blocks;
       const int64_t b = cur_bh / nh, h = cur_bh % nh;
       const int64_t i0 = blk * qb, i1 = std::min(S, i0 + qb);
-      const float* base = qkv + b * S * row_stride;
       if (cur_bh != packed_bh) {
         packed_bh = cur_bh;
         n = n_keys[b];
         np = (n + 7) / 8 * 8;
-        const int64_t* kb = keys + b * S;
+        const int64_t* kb = key_rows + b * S;
         std::fill(kt.begin(), kt.begin() + dp * np, 0.f);
         for (int64_t t = 0; t < n; ++t) {
-          const float* k = base + kb[t] * row_stride + inner + h * d;
-          const float* vs = base + kb[t] * row_stride + 2 * inner + h * d;
+          const float* k = k_base + kb[t] * kv_stride + h * d;
+          const float* vs = v_base + kb[t] * kv_stride + h * d;
           for (int64_t c = 0; c < d; ++c) kt[c * np + t] = k[c];
           std::copy(vs, vs + d, vv.data() + t * dp);
           std::fill(vv.data() + t * dp + d, vv.data() + (t + 1) * dp, 0.f);
@@ -198,7 +198,7 @@ void attention_core(
       for (int64_t i = i0; i < i1; i += kRows) {
         const int64_t rows = std::min(kRows, i1 - i);
         for (int64_t r = 0; r < rows; ++r) {
-          const float* q = base + (i + r) * row_stride + h * d;
+          const float* q = q_base + (b * S + i + r) * q_stride + h * d;
           std::copy(q, q + d, qq.data() + r * dp);
           std::fill(qq.data() + r * dp + d, qq.data() + (r + 1) * dp, 0.f);
         }
@@ -240,23 +240,53 @@ at::Tensor slim_attention_cpu(
   const bool is_double = dtype == at::kDouble;
   const auto compute_dtype = is_double ? at::kDouble : at::kFloat;
   const auto x = hidden.reshape({B * S, H}).to(compute_dtype);
-  const auto qkv = at::addmm(qkv_bias.to(compute_dtype), x, qkv_weight.to(compute_dtype).t());  // [B*S, 3*inner]
-  auto context = at::empty({B * S, inner}, qkv.options());
   const auto mask = key_padding_mask.to(at::kBool).contiguous();
   const bool* mask_ptr = mask.data_ptr<bool>();
   const int64_t row_stride = 3 * inner;
 #if COSTEFF_HAVE_AVX2_PATH
   if (!is_double && simd::cpu_has_avx2_fma()) {
-    std::vector<int64_t> keys(B * S), n_keys(B, 0);
-    for (int64_t b = 0; b < B; ++b)
+    std::vector<int64_t> key_pos(B * S), n_keys(B, 0);
+    int64_t n_real = 0;
+    for (int64_t b = 0; b < B; ++b) {
       for (int64_t j = 0; j < S; ++j)
-        if (mask_ptr[b * S + j]) keys[b * S + n_keys[b]++] = j;
-    avx2::attention_core(
-        qkv.data_ptr<float>(), context.data_ptr<float>(), keys.data(), n_keys.data(), B, S, nh, d);
-  } else
+        if (mask_ptr[b * S + j]) key_pos[b * S + n_keys[b]++] = j;
+      n_real += n_keys[b];
+    }
+    const auto w = qkv_weight.to(at::kFloat);
+    const auto bias = qkv_bias.to(at::kFloat);
+    auto context = at::empty({B * S, inner}, x.options());
+    std::vector<int64_t> key_rows(B * S);
+    if (n_real * 8 <= B * S * 7) {
+      // >= 1/8 padding: keys and values only for real tokens (a padded key is never read), queries
+      // for every token (padded positions still get an output, as in the reference).
+      const auto q = at::addmm(bias.narrow(0, 0, inner), x, w.narrow(0, 0, inner).t());
+      auto real_idx = at::empty({n_real}, mask.options().dtype(at::kLong));
+      int64_t* idx = real_idx.data_ptr<int64_t>();
+      for (int64_t b = 0, r = 0; b < B; ++b)
+        for (int64_t t = 0; t < n_keys[b]; ++t, ++r) {
+          idx[r] = b * S + key_pos[b * S + t];
+          key_rows[b * S + t] = r;
+        }
+      const auto kv = at::addmm(bias.narrow(0, inner, 2 * inner), x.index_select(0, real_idx),
+                                w.narrow(0, inner, 2 * inner).t());  // [n_real, 2*inner]
+      const float* kv_ptr = kv.data_ptr<float>();
+      avx2::attention_core(q.data_ptr<float>(), inner, kv_ptr, kv_ptr + inner, 2 * inner, key_rows.data(),
+                           n_keys.data(), context.data_ptr<float>(), B, S, nh, d);
+    } else {
+      const auto qkv = at::addmm(bias, x, w.t());  // [B*S, 3*inner]
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < n_keys[b]; ++t) key_rows[b * S + t] = b * S + key_pos[b * S + t];
+      const float* p = qkv.data_ptr<float>();
+      avx2::attention_core(p, row_stride, p + inner, p + 2 * inner, row_stride, key_rows.data(), n_keys.data(),
+                           context.data_ptr<float>(), B, S, nh, d);
+    }
+    auto out = at::addmm(out_bias.to(at::kFloat), context, out_weight.to(at::kFloat).t()).view({B, S, H});
+    return out.scalar_type() == dtype ? out : out.to(dtype);
+  }
 #endif
+  const auto qkv = at::addmm(qkv_bias.to(compute_dtype), x, qkv_weight.to(compute_dtype).t());  // [B*S, 3*inner]
+  auto context = at::empty({B * S, inner}, qkv.options());
   {
-
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "slim_attention_cpu", [&] {
     const scalar_t* qkv_ptr = qkv.data_ptr<scalar_t>();
     scalar_t* ctx_ptr = context.data_ptr<scalar_t>();
