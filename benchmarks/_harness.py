@@ -95,28 +95,35 @@ def _block_size(fn: Callable, args: tuple, target_s: float) -> int:
     return max(1, int(target_s / max(per_call, 1e-7)))
 
 
-def time_interleaved(fns: dict, args: tuple, rounds: int, block_s: float) -> dict:
+def time_interleaved(fns: dict, args: tuple, rounds: int, block_s: float, budget_s: float) -> dict:
     """Median (and min / quartiles) of per-call time in us over `rounds` short blocks per candidate.
 
     The candidates take turns block by block, so load from other processes on this shared machine
     hits all of them alike; the median over many short blocks ignores the blocks that lost the CPU."""
     timers, numbers, samples = {}, {}, {}
+    round_s = 0.0
     for name, fn in fns.items():
         timers[name] = benchmark.Timer(stmt="fn(*args)", globals={"fn": fn, "args": args}, num_threads=NUM_THREADS)
         numbers[name] = _block_size(fn, args, block_s)
+        round_s += max(block_s, timers[name].timeit(1).mean * numbers[name])
         samples[name] = []
+    # Big shapes get fewer rounds (at least 7) so that a full run stays within a few minutes.
+    rounds = max(7, min(rounds, int(budget_s / max(round_s, 1e-9))))
     for _ in range(rounds):
         for name in fns:
             samples[name].append(timers[name].timeit(numbers[name]).mean * 1e6)
     out = {}
     for name, xs in samples.items():
         q = torch.tensor(xs, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-        out[name] = {"median": float(q[1]), "q25": float(q[0]), "q75": float(q[2]), "min": min(xs), "calls": numbers[name]}
+        out[name] = {
+            "median": float(q[1]), "q25": float(q[0]), "q75": float(q[2]), "min": min(xs),
+            "calls_per_block": numbers[name], "blocks": len(xs),
+        }
     return out
 
 
 def run_cases(bench: str, cases: list[Case], quick: bool, out_path: str | None, no_compile: bool = False) -> list[dict]:
-    rounds, block_s = (15, 0.0005) if quick else (41, 0.0005)
+    rounds, block_s, budget_s = (11, 0.0005, 0.3) if quick else (31, 0.0005, 1.5)
     rows = []
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -132,12 +139,13 @@ def run_cases(bench: str, cases: list[Case], quick: bool, out_path: str | None, 
                 for _ in range(3):
                     fn(*case.args)
                 fns[name] = fn
-            stats = time_interleaved(fns, case.args, rounds, block_s)
+            stats = time_interleaved(fns, case.args, rounds, block_s, budget_s)
             case.results = {k: v["median"] for k, v in stats.items()}
             row = {"bench": bench, "label": case.label, **case.shape}
             row.update({f"{k}_us": v for k, v in case.results.items()})
             row.update({f"{k}_min_us": v["min"] for k, v in stats.items()})
             row.update({f"{k}_iqr_us": [v["q25"], v["q75"]] for k, v in stats.items()})
+            row["blocks"] = {k: v["blocks"] for k, v in stats.items()}
             c = case.results.get("costeff")
             for other in ("eager", "compile"):
                 if c and other in case.results:

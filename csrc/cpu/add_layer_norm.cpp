@@ -84,15 +84,22 @@ COSTEFF_AVX2 void add_layer_norm_row_avx2(
     steps[k] += 1.f;
     welford_step_avx2(x, res, out, i, mean[k], m2[k], _mm256_set1_ps(1.f / steps[k]));
   }
-  WelfordState stats = welford_empty();
-  alignas(32) float lane_mean[8];
-  alignas(32) float lane_m2[8];
+  // Tree merge of the 32 lane states: independent welford_merge calls overlap, where a linear chain
+  // of 32 dependent merges (each with a division) cost more than the row's vector work at hidden 256.
+  alignas(32) float lane_mean[kChains * 8];
+  alignas(32) float lane_m2[kChains * 8];
+  WelfordState lanes[kChains * 8];
   for (int k = 0; k < kChains; ++k) {
-    if (steps[k] == 0.f) continue;
-    _mm256_store_ps(lane_mean, mean[k]);
-    _mm256_store_ps(lane_m2, m2[k]);
-    for (int l = 0; l < 8; ++l) stats = welford_merge(stats, WelfordState{lane_mean[l], lane_m2[l], steps[k]});
+    _mm256_store_ps(lane_mean + 8 * k, mean[k]);
+    _mm256_store_ps(lane_m2 + 8 * k, m2[k]);
   }
+  for (int l = 0; l < kChains * 8; ++l) {
+    const float cnt = steps[l / 8];
+    lanes[l] = cnt > 0.f ? WelfordState{lane_mean[l], lane_m2[l], cnt} : welford_empty();
+  }
+  for (int width = kChains * 4; width >= 1; width /= 2)
+    for (int l = 0; l < width; ++l) lanes[l] = welford_merge(lanes[l], lanes[l + width]);
+  WelfordState stats = lanes[0];
   for (int64_t j = n_vec; j < n; ++j) {
     out[j] = x[j] + res[j];
     stats = welford_add(stats, out[j]);
