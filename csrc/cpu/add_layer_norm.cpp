@@ -84,20 +84,28 @@ COSTEFF_AVX2 void add_layer_norm_row_avx2(
     steps[k] += 1.f;
     welford_step_avx2(x, res, out, i, mean[k], m2[k], _mm256_set1_ps(1.f / steps[k]));
   }
-  // Tree merge of the 32 lane states: independent welford_merge calls overlap, where a linear chain
-  // of 32 dependent merges (each with a division) cost more than the row's vector work at hidden 256.
-  alignas(32) float lane_mean[kChains * 8];
-  alignas(32) float lane_m2[kChains * 8];
-  WelfordState lanes[kChains * 8];
-  for (int k = 0; k < kChains; ++k) {
-    _mm256_store_ps(lane_mean + 8 * k, mean[k]);
-    _mm256_store_ps(lane_m2 + 8 * k, m2[k]);
+  // Merge the 4 chains lane-wise (welford_merge's formula on 8 lanes; a chain's lanes share one
+  // count), then the 8 lanes with welford_merge as a tree: 32 scalar merges with a division each cost
+  // more than the vector work of a hidden-256 row.
+  for (int width = kChains / 2; width >= 1; width /= 2) {
+    for (int k = 0; k < width; ++k) {
+      const float ca = steps[k], cb = steps[k + width], total = ca + cb;
+      if (cb == 0.f) continue;
+      const __m256 share = _mm256_set1_ps(cb / total);
+      const __m256 delta = _mm256_sub_ps(mean[k + width], mean[k]);
+      mean[k] = _mm256_fmadd_ps(delta, share, mean[k]);
+      m2[k] = _mm256_add_ps(_mm256_add_ps(m2[k], m2[k + width]),
+                            _mm256_mul_ps(_mm256_mul_ps(delta, delta), _mm256_mul_ps(_mm256_set1_ps(ca), share)));
+      steps[k] = total;
+    }
   }
-  for (int l = 0; l < kChains * 8; ++l) {
-    const float cnt = steps[l / 8];
-    lanes[l] = cnt > 0.f ? WelfordState{lane_mean[l], lane_m2[l], cnt} : welford_empty();
-  }
-  for (int width = kChains * 4; width >= 1; width /= 2)
+  alignas(32) float lane_mean[8];
+  alignas(32) float lane_m2[8];
+  _mm256_store_ps(lane_mean, mean[0]);
+  _mm256_store_ps(lane_m2, m2[0]);
+  WelfordState lanes[8];
+  for (int l = 0; l < 8; ++l) lanes[l] = steps[0] > 0.f ? WelfordState{lane_mean[l], lane_m2[l], steps[0]} : welford_empty();
+  for (int width = 4; width >= 1; width /= 2)
     for (int l = 0; l < width; ++l) lanes[l] = welford_merge(lanes[l], lanes[l + width]);
   WelfordState stats = lanes[0];
   for (int64_t j = n_vec; j < n; ++j) {
