@@ -1,6 +1,8 @@
 // Fused exit head on CPU: [pooler dense] -> tanh -> classifier -> logits, softmax entropy and the
 // exit decision, one pass per row. Small heads (the usual 2-3 classes) run as vectorized dot products
-// in one parallel loop; large class counts use an ATen GEMM for the logits.
+// in one loop (parallel only when the work pays for a fork/join); large class counts use an ATen GEMM
+// for the logits. AVX2+FMA tanh/dots when the CPU has them (see simd.h); at batch 1 the pooler is a
+// hand-written GEMV too, since a GEMM call costs more than the work.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -14,6 +16,7 @@
 
 #include "costeff/exit_head.h"
 #include "costeff/op_checks.h"
+#include "simd.h"
 
 namespace costeff {
 namespace {
@@ -43,6 +46,33 @@ inline void tanh_into(const float* src, float* dst, int64_t n) {
 
 // Work (multiply-adds) below which the whole head runs as one parallel loop of dot products.
 constexpr int64_t kDirectDotMaxWork = int64_t(1) << 21;
+// Pooler work (multiply-adds) up to which the pooler runs as serial dot products instead of a GEMM.
+constexpr int64_t kPoolerGemvMaxWork = int64_t(1) << 18;
+
+#if COSTEFF_HAVE_AVX2_PATH
+COSTEFF_AVX2 void tanh_into_avx2(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, simd::tanh_ps(_mm256_loadu_ps(src + i)));
+  if (i < n) {
+    const __m256i m = simd::tail_mask(n - i);
+    _mm256_maskstore_ps(dst + i, m, simd::tanh_ps(_mm256_maskload_ps(src + i, m)));
+  }
+}
+#endif
+
+inline float dot_any(const float* a, const float* b, int64_t n, bool avx2) {
+#if COSTEFF_HAVE_AVX2_PATH
+  if (avx2) return simd::dot(a, b, n);
+#endif
+  return dot(a, b, n);
+}
+
+inline void tanh_any(const float* src, float* dst, int64_t n, bool avx2) {
+#if COSTEFF_HAVE_AVX2_PATH
+  if (avx2) return tanh_into_avx2(src, dst, n);
+#endif
+  tanh_into(src, dst, n);
+}
 
 }  // namespace
 
@@ -76,14 +106,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(
         ": check hidden and the pooler/classifier weights for NaN/Inf");
     return {logits64, ent64, at::lt(ent64, threshold)};
   }
-  // fp32 accumulation whatever the input dtype (no copy when already fp32 and contiguous).
-  auto h = hidden.to(at::kFloat).contiguous();
+  // fp32 accumulation whatever the input dtype (no copy, and no dispatcher call for .to(), when
+  // already fp32 and contiguous).
+  auto as_float = [](const at::Tensor& t) { return (t.scalar_type() == at::kFloat ? t : t.to(at::kFloat)).contiguous(); };
+  const bool avx2 = simd::cpu_has_avx2_fma();
+  auto h = as_float(hidden);
   if (sz.has_pooler) {
-    // The pooler dense is H x H: a GEMM (MKL/oneDNN) beats hand-written dots here.
-    h = at::addmm(pooler_bias->to(at::kFloat), h, pooler_weight->to(at::kFloat).t());
+    if (avx2 && B * H * H <= kPoolerGemvMaxWork) {
+      const auto pw = as_float(*pooler_weight);
+      const auto pb = as_float(*pooler_bias);
+      auto pre = at::empty({B, H}, h.options());
+      const float *hp = h.data_ptr<float>(), *pwp = pw.data_ptr<float>(), *pbp = pb.data_ptr<float>();
+      float* prep = pre.data_ptr<float>();
+      for (int64_t r = 0; r < B; ++r)
+        for (int64_t j = 0; j < H; ++j) prep[r * H + j] = dot_any(pwp + j * H, hp + r * H, H, true) + pbp[j];
+      h = pre;
+    } else {
+      // A bigger pooler dense is a real GEMM: MKL/oneDNN beats hand-written dots.
+      h = at::addmm(as_float(*pooler_bias), h, as_float(*pooler_weight).t());
+    }
   }
-  const auto w = classifier_weight.to(at::kFloat).contiguous();
-  const auto b = classifier_bias.to(at::kFloat).contiguous();
+  const auto w = as_float(classifier_weight);
+  const auto b = as_float(classifier_bias);
   auto logits = at::empty({B, C}, hidden.options().dtype(at::kFloat));
   const float* h_ptr = h.data_ptr<float>();
   const float* w_ptr = w.data_ptr<float>();
@@ -114,13 +158,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(
   };
 
   if (B * C * H <= kDirectDotMaxWork) {
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, C * H));
+    // tanh costs about as much as 8 multiply-adds per element; ~128k of that per task.
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, H * (C + 8)));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> pooled(H);
+      // Stack scratch for the usual hidden sizes: a heap allocation is a visible share of a 3 us call.
+      alignas(64) float stack_buf[1024];
+      std::vector<float> heap_buf(H > 1024 ? H : 0);
+      float* pooled = H > 1024 ? heap_buf.data() : stack_buf;
       for (int64_t r = begin; r < end; ++r) {
-        tanh_into(h_ptr + r * H, pooled.data(), H);
+        tanh_any(h_ptr + r * H, pooled, H, avx2);
         for (int64_t c = 0; c < C; ++c) {
-          logit_ptr[r * C + c] = dot(pooled.data(), w_ptr + c * H, H) + b_ptr[c];
+          logit_ptr[r * C + c] = dot_any(pooled, w_ptr + c * H, H, avx2) + b_ptr[c];
         }
       }
       finish_rows(begin, end);

@@ -1,17 +1,22 @@
-// Slim attention on CPU for pruned layers: one GEMM for the fused QKV projection, then per
-// (batch, head) in parallel: scores over real keys only, masked softmax, weighted sum of values,
-// written straight into the [tokens, heads * head_size] context; one GEMM for the output projection.
-// Any head count (0 returns out_bias broadcast) and any head size.
+// Slim attention on CPU for pruned layers: one GEMM for the fused QKV projection, then tasks of
+// (batch, head, query block) in parallel: the real keys of the batch row are packed (K transposed,
+// V row-major, head size padded to 8) straight from the [tokens, 3 * inner] QKV rows, so there is no
+// permute copy and padded keys cost nothing; scores, softmax and P.V run as AVX2 register-blocked
+// micro-kernels and the context is written into [tokens, heads * head_size]; one GEMM for the output
+// projection. Any head count (0 returns out_bias broadcast) and any head size. float64 and CPUs
+// without AVX2 take the generic per-row loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <algorithm>
 #include <limits>
 #include <vector>
 
 #include "costeff/op_checks.h"
+#include "simd.h"
 
 namespace costeff {
 namespace {
@@ -36,6 +41,182 @@ inline void axpy(T alpha, const T* x, T* y, int64_t n) {
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
+
+#if COSTEFF_HAVE_AVX2_PATH
+namespace avx2 {
+
+constexpr int64_t kRows = 4;  // query rows per micro-kernel call
+
+// s[r][t] = q[r] . kt[:, t] for R rows; q is [R, dp], kt [dp, np] (np a multiple of 8).
+template <int R>
+COSTEFF_AVX2 void scores_block(const float* q, const float* kt, int64_t dp, int64_t np, float* s) {
+  int64_t t = 0;
+  for (; t + 16 <= np; t += 16) {
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < dp; ++c) {
+      const __m256 k0 = _mm256_loadu_ps(kt + c * np + t), k1 = _mm256_loadu_ps(kt + c * np + t + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 qv = _mm256_broadcast_ss(q + r * dp + c);
+        acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(s + r * np + t, acc[r][0]);
+      _mm256_storeu_ps(s + r * np + t + 8, acc[r][1]);
+    }
+  }
+  for (; t < np; t += 8) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < dp; ++c) {
+      const __m256 k0 = _mm256_loadu_ps(kt + c * np + t);
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + r * dp + c), k0, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(s + r * np + t, acc[r]);
+  }
+}
+
+// In place: s[0, n) <- exp((s - max) * scale), s[n, np) <- 0; returns 1 / sum.
+COSTEFF_AVX2 float softmax_row(float* s, int64_t n, int64_t np, float scale) {
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + t));
+  float m = simd::hmax(mx);
+  for (int64_t u = t; u < n; ++u) m = std::max(m, s[u]);
+  const __m256 vscale = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(-m * scale);
+  __m256 sum = _mm256_setzero_ps();
+  for (t = 0; t < np; t += 8) {
+    __m256 p = simd::exp_ps(_mm256_fmadd_ps(_mm256_loadu_ps(s + t), vscale, vshift));
+    if (t + 8 > n) p = _mm256_and_ps(p, _mm256_castsi256_ps(simd::tail_mask(n - t)));
+    sum = _mm256_add_ps(sum, p);
+    _mm256_storeu_ps(s + t, p);
+  }
+  return 1.f / simd::hsum(sum);
+}
+
+// out[r][c] = inv[r] * sum_t p[r][t] v[t][c] for R rows, c < d; p is [R, np], v [n, dp].
+template <int R>
+COSTEFF_AVX2 void context_block(
+    const float* p, const float* v, int64_t n, int64_t np, int64_t dp, int64_t d, const float* inv, float* out,
+    int64_t out_stride) {
+  alignas(32) float tmp[16];
+  for (int64_t c0 = 0; c0 < dp; c0 += 16) {
+    const bool two = c0 + 16 <= dp;
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    if (two) {
+      for (int64_t t = 0; t < n; ++t) {
+        const __m256 v0 = _mm256_loadu_ps(v + t * dp + c0), v1 = _mm256_loadu_ps(v + t * dp + c0 + 8);
+        for (int r = 0; r < R; ++r) {
+          const __m256 pv = _mm256_broadcast_ss(p + r * np + t);
+          acc[r][0] = _mm256_fmadd_ps(pv, v0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(pv, v1, acc[r][1]);
+        }
+      }
+    } else {
+      for (int64_t t = 0; t < n; ++t) {
+        const __m256 v0 = _mm256_loadu_ps(v + t * dp + c0);
+        for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + r * np + t), v0, acc[r][0]);
+      }
+    }
+    const int64_t width = std::min<int64_t>(two ? 16 : 8, d - c0);
+    if (width <= 0) break;
+    for (int r = 0; r < R; ++r) {
+      const __m256 sc = _mm256_set1_ps(inv[r]);
+      float* dst = out + r * out_stride + c0;
+      if (width == 16) {
+        _mm256_storeu_ps(dst, _mm256_mul_ps(acc[r][0], sc));
+        _mm256_storeu_ps(dst + 8, _mm256_mul_ps(acc[r][1], sc));
+      } else {
+        _mm256_store_ps(tmp, _mm256_mul_ps(acc[r][0], sc));
+        _mm256_store_ps(tmp + 8, _mm256_mul_ps(acc[r][1], sc));
+        std::copy(tmp, tmp + width, dst);
+      }
+    }
+  }
+}
+
+template <int R>
+COSTEFF_AVX2 void rows_kernel(
+    const float* q, const float* kt, const float* v, float* s, int64_t n, int64_t np, int64_t dp, int64_t d,
+    float scale, float* out, int64_t out_stride) {
+  scores_block<R>(q, kt, dp, np, s);
+  float inv[R];
+  for (int r = 0; r < R; ++r) inv[r] = softmax_row(s + r * np, n, np, scale);
+  context_block<R>(s, v, n, np, dp, d, inv, out, out_stride);
+}
+
+// Queries: row b*S+i of q (row stride q_stride); keys/values: row key_rows[b*S+t] (t < n_keys[b]) of
+// k and v (row stride kv_stride); head h at column h*d of each. ctx: [B*S, inner].
+void attention_core(
+    const float* q_base, int64_t q_stride, const float* k_base, const float* v_base, int64_t kv_stride,
+    const int64_t* key_rows, const int64_t* n_keys, float* ctx, int64_t B, int64_t S, int64_t nh, int64_t d) {
+  const int64_t inner = nh * d;
+  const int64_t dp = (d + 7) / 8 * 8, np_max = (S + 7) / 8 * 8;
+  const int64_t threads = at::get_num_threads();
+  // Enough (batch, head, query block) tasks to keep every thread busy; big blocks otherwise, since
+  // each task repacks the keys and values of its (batch, head).
+  const int64_t bh = B * nh;
+  int64_t q_blocks = bh >= 4 * threads ? 1 : (4 * threads + bh - 1) / bh;
+  q_blocks = std::max<int64_t>(1, std::min(q_blocks, (S + 15) / 16));
+  const int64_t qb = (S + q_blocks - 1) / q_blocks;
+  q_blocks = (S + qb - 1) / qb;
+  const int64_t tasks = bh * q_blocks;
+  // Below ~256k multiply-adds the fork/join of a parallel region costs more than it saves.
+  const int64_t work_per_task = std::max<int64_t>(1, 2 * qb * S * dp);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work_per_task);
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> kt(dp * np_max), vv(np_max * dp), qq(kRows * dp), ss(kRows * np_max);
+    int64_t packed_bh = -1;
+    int64_t n = 0, np = 0;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t cur_bh = task / q_blocks, blk = task % q_blocks;
+      const int64_t b = cur_bh / nh, h = cur_bh % nh;
+      const int64_t i0 = blk * qb, i1 = std::min(S, i0 + qb);
+      if (cur_bh != packed_bh) {
+        packed_bh = cur_bh;
+        n = n_keys[b];
+        np = (n + 7) / 8 * 8;
+        const int64_t* kb = key_rows + b * S;
+        std::fill(kt.begin(), kt.begin() + dp * np, 0.f);
+        for (int64_t t = 0; t < n; ++t) {
+          const float* k = k_base + kb[t] * kv_stride + h * d;
+          const float* vs = v_base + kb[t] * kv_stride + h * d;
+          for (int64_t c = 0; c < d; ++c) kt[c * np + t] = k[c];
+          std::copy(vs, vs + d, vv.data() + t * dp);
+          std::fill(vv.data() + t * dp + d, vv.data() + (t + 1) * dp, 0.f);
+        }
+      }
+      if (n == 0) {  // no real key: the context is zero
+        for (int64_t i = i0; i < i1; ++i) std::fill_n(ctx + (b * S + i) * inner + h * d, d, 0.f);
+        continue;
+      }
+      for (int64_t i = i0; i < i1; i += kRows) {
+        const int64_t rows = std::min(kRows, i1 - i);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* q = q_base + (b * S + i + r) * q_stride + h * d;
+          std::copy(q, q + d, qq.data() + r * dp);
+          std::fill(qq.data() + r * dp + d, qq.data() + (r + 1) * dp, 0.f);
+        }
+        float* out = ctx + (b * S + i) * inner + h * d;
+        switch (rows) {
+          case 4: rows_kernel<4>(qq.data(), kt.data(), vv.data(), ss.data(), n, np, dp, d, scale, out, inner); break;
+          case 3: rows_kernel<3>(qq.data(), kt.data(), vv.data(), ss.data(), n, np, dp, d, scale, out, inner); break;
+          case 2: rows_kernel<2>(qq.data(), kt.data(), vv.data(), ss.data(), n, np, dp, d, scale, out, inner); break;
+          default: rows_kernel<1>(qq.data(), kt.data(), vv.data(), ss.data(), n, np, dp, d, scale, out, inner); break;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace avx2
+#endif  // COSTEFF_HAVE_AVX2_PATH
+
 }  // namespace
 
 at::Tensor slim_attention_cpu(
@@ -59,12 +240,53 @@ at::Tensor slim_attention_cpu(
   const bool is_double = dtype == at::kDouble;
   const auto compute_dtype = is_double ? at::kDouble : at::kFloat;
   const auto x = hidden.reshape({B * S, H}).to(compute_dtype);
-  const auto qkv = at::addmm(qkv_bias.to(compute_dtype), x, qkv_weight.to(compute_dtype).t());  // [B*S, 3*inner]
-  auto context = at::empty({B * S, inner}, qkv.options());
   const auto mask = key_padding_mask.to(at::kBool).contiguous();
   const bool* mask_ptr = mask.data_ptr<bool>();
   const int64_t row_stride = 3 * inner;
-
+#if COSTEFF_HAVE_AVX2_PATH
+  if (!is_double && simd::cpu_has_avx2_fma()) {
+    std::vector<int64_t> key_pos(B * S), n_keys(B, 0);
+    int64_t n_real = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t j = 0; j < S; ++j)
+        if (mask_ptr[b * S + j]) key_pos[b * S + n_keys[b]++] = j;
+      n_real += n_keys[b];
+    }
+    const auto w = qkv_weight.to(at::kFloat);
+    const auto bias = qkv_bias.to(at::kFloat);
+    auto context = at::empty({B * S, inner}, x.options());
+    std::vector<int64_t> key_rows(B * S);
+    if (n_real * 8 <= B * S * 7) {
+      // >= 1/8 padding: keys and values only for real tokens (a padded key is never read), queries
+      // for every token (padded positions still get an output, as in the reference).
+      const auto q = at::addmm(bias.narrow(0, 0, inner), x, w.narrow(0, 0, inner).t());
+      auto real_idx = at::empty({n_real}, mask.options().dtype(at::kLong));
+      int64_t* idx = real_idx.data_ptr<int64_t>();
+      for (int64_t b = 0, r = 0; b < B; ++b)
+        for (int64_t t = 0; t < n_keys[b]; ++t, ++r) {
+          idx[r] = b * S + key_pos[b * S + t];
+          key_rows[b * S + t] = r;
+        }
+      const auto kv = at::addmm(bias.narrow(0, inner, 2 * inner), x.index_select(0, real_idx),
+                                w.narrow(0, inner, 2 * inner).t());  // [n_real, 2*inner]
+      const float* kv_ptr = kv.data_ptr<float>();
+      avx2::attention_core(q.data_ptr<float>(), inner, kv_ptr, kv_ptr + inner, 2 * inner, key_rows.data(),
+                           n_keys.data(), context.data_ptr<float>(), B, S, nh, d);
+    } else {
+      const auto qkv = at::addmm(bias, x, w.t());  // [B*S, 3*inner]
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < n_keys[b]; ++t) key_rows[b * S + t] = b * S + key_pos[b * S + t];
+      const float* p = qkv.data_ptr<float>();
+      avx2::attention_core(p, row_stride, p + inner, p + 2 * inner, row_stride, key_rows.data(), n_keys.data(),
+                           context.data_ptr<float>(), B, S, nh, d);
+    }
+    auto out = at::addmm(out_bias.to(at::kFloat), context, out_weight.to(at::kFloat).t()).view({B, S, H});
+    return out.scalar_type() == dtype ? out : out.to(dtype);
+  }
+#endif
+  const auto qkv = at::addmm(qkv_bias.to(compute_dtype), x, qkv_weight.to(compute_dtype).t());  // [B*S, 3*inner]
+  auto context = at::empty({B * S, inner}, qkv.options());
+  {
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "slim_attention_cpu", [&] {
     const scalar_t* qkv_ptr = qkv.data_ptr<scalar_t>();
     scalar_t* ctx_ptr = context.data_ptr<scalar_t>();
@@ -104,6 +326,7 @@ at::Tensor slim_attention_cpu(
       }
     });
   });
+  }
   auto out = at::addmm(out_bias.to(compute_dtype), context, out_weight.to(compute_dtype).t()).view({B, S, H});
   return out.scalar_type() == dtype ? out : out.to(dtype);
 }
