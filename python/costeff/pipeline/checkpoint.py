@@ -50,6 +50,23 @@ def atomic_write_json(path: str, obj: Any) -> None:
         raise
 
 
+def replace_dir(tmp: str, directory: str) -> None:
+    """Puts the finished directory `tmp` (a sibling of `directory`) in place of `directory`: the old
+    one is renamed aside, the new one renamed in, then the old one removed. Readers see the old
+    checkpoint or the new one, never a mix."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    _fsync_dir(tmp)
+    old = None
+    if os.path.exists(directory):
+        old = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(directory)}-")
+        os.rmdir(old)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _flatten_optimizer(opt_state: dict) -> tuple[dict, dict]:
     tensors, meta = {}, {"param_groups": opt_state["param_groups"], "state": {}}
     for pid, st in opt_state["state"].items():
@@ -116,16 +133,7 @@ def save_checkpoint(
             json.dump(state, f, indent=2, sort_keys=True, default=float)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if os.path.exists(directory):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(directory)}-")
-            os.rmdir(old)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        _fsync_dir(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

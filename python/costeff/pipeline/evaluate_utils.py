@@ -1,4 +1,4 @@
-"""Prediction and metric helpers shared by the stages."""
+"""Batch, prediction and metric helpers shared by the stages."""
 from __future__ import annotations
 
 from typing import Callable
@@ -7,6 +7,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from costeff.pipeline import metrics as M
+
+
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The model's keyword inputs from a collated batch (drops labels)."""
+    return {k: batch[k] for k in INPUT_KEYS if k in batch}
 
 
 @torch.no_grad()

@@ -14,6 +14,14 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return -(target * torch.log_softmax(student_logits / t, dim=-1)).sum(-1).mean()
 
 
+def exitwise_soft_cross_entropy(student_exits: Sequence[torch.Tensor], teacher_exits: Sequence[torch.Tensor],
+                                temperature: float = 1.0) -> torch.Tensor:
+    """Sum over exits of soft_cross_entropy(student exit i, teacher exit i)."""
+    if len(student_exits) != len(teacher_exits):
+        raise ValueError(f"the student has {len(student_exits)} exits but the teacher {len(teacher_exits)}; use the same exit_start")
+    return sum(soft_cross_entropy(s, t, temperature) for s, t in zip(student_exits, teacher_exits))
+
+
 def hidden_mse(
     student_hidden: Sequence[torch.Tensor],
     teacher_hidden: Sequence[torch.Tensor],

@@ -10,23 +10,14 @@ Gradient equilibrium (the model config's flag) is on for both, as in the officia
 from __future__ import annotations
 
 import os
-from dataclasses import replace
-from typing import Optional
 
 import torch
 from torch import nn
 
 from costeff.models import CostEffForSequenceClassification
-from costeff.pipeline.evaluate_utils import predict_logits, score_logits
-from costeff.pipeline.losses import hidden_mse, soft_cross_entropy
+from costeff.pipeline.evaluate_utils import model_inputs, score_logits
+from costeff.pipeline.losses import exitwise_soft_cross_entropy, hidden_mse, soft_cross_entropy
 from costeff.pipeline.trainer import TrainConfig, load_best, train, unwrap
-
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in INPUT_KEYS if k in batch}
-
 
 @torch.no_grad()
 def teacher_outputs(teacher: nn.Module, batch: dict):
@@ -117,9 +108,7 @@ def distill(
         if mode == "ta":
             soft = sum(soft_cross_entropy(lg, t_exits[-1], temperature) for lg in s.exit_logits)
             return (soft + s.loss) / 2, {}
-        if len(t_exits) != len(s.exit_logits):
-            raise ValueError(f"{stage}: the student has {len(s.exit_logits)} exits but the teacher {len(t_exits)}; use the same exit_start")
-        soft = sum(soft_cross_entropy(lg, t, temperature) for lg, t in zip(s.exit_logits, t_exits))
+        soft = exitwise_soft_cross_entropy(s.exit_logits, t_exits, temperature)
         return soft + _repr_loss(m, s.hidden_states, t_states, batch["attention_mask"]), {}
 
     if repr_cfg.epochs > 0:
@@ -138,7 +127,3 @@ def distill(
 
         save_file({k: v.contiguous() for k, v in wrapper.projections.state_dict().items()}, os.path.join(output_dir, "projections.safetensors"))
     return student, summaries
-
-
-def phase_configs(cfg: TrainConfig, repr_epochs: int, pred_epochs: int, repr_lr: Optional[float] = None, pred_lr: Optional[float] = None):
-    return replace(cfg, epochs=repr_epochs, lr=repr_lr or cfg.lr), replace(cfg, epochs=pred_epochs, lr=pred_lr or cfg.lr)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Optional
@@ -28,9 +27,10 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from costeff.models import CostEffForSequenceClassification, slenderize
-from costeff.pipeline.checkpoint import atomic_write_json
-from costeff.pipeline.losses import hard_cross_entropy, hidden_mse, soft_cross_entropy
-from costeff.pipeline.multi_exit import model_inputs, teacher_outputs
+from costeff.pipeline.checkpoint import atomic_write_json, replace_dir
+from costeff.pipeline.losses import exitwise_soft_cross_entropy, hard_cross_entropy, hidden_mse, soft_cross_entropy
+from costeff.pipeline.evaluate_utils import model_inputs
+from costeff.pipeline.multi_exit import teacher_outputs
 from costeff.pipeline.trainer import is_main_process, make_optimizer
 
 log = logging.getLogger("costeff")
@@ -48,7 +48,7 @@ def importance_loss(student, teacher, batch, exit_aware: bool = True, temperatur
     s = student(**model_inputs(batch), output_hidden_states=True)
     labels = batch["labels"]
     if exit_aware:
-        soft = sum(soft_cross_entropy(lg, t, temperature) for lg, t in zip(s.exit_logits, t_exits))
+        soft = exitwise_soft_cross_entropy(s.exit_logits, t_exits, temperature)
         hard = sum(hard_cross_entropy(lg, labels) for lg in s.exit_logits)
         rep = hidden_mse(s.hidden_states, t_states, batch["attention_mask"])
     else:
@@ -175,7 +175,7 @@ def iterative_prune(
             s = student(**model_inputs(batch), output_hidden_states=True)
             loss = hidden_mse(s.hidden_states, t_states, batch["attention_mask"])
             if step >= repr_share * steps_per_event:
-                loss = loss + sum(soft_cross_entropy(lg, t, temperature) for lg, t in zip(s.exit_logits, t_exits))
+                loss = loss + exitwise_soft_cross_entropy(s.exit_logits, t_exits, temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -189,14 +189,7 @@ def iterative_prune(
             tmp = tempfile.mkdtemp(dir=output_dir, prefix=".tmp-current-")
             student.save_pretrained(tmp)
             atomic_write_json(os.path.join(tmp, "prune_state.json"), {"events_done": e + 1, "events": len(events), "history": history})
-            old = None
-            if os.path.exists(cur):
-                old = tempfile.mkdtemp(dir=output_dir, prefix=".old-current-")
-                os.rmdir(old)
-                os.replace(cur, old)
-            os.replace(tmp, cur)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, cur)
             log.info("prune event %d/%d: heads %d, ffn %d, embedding rank %s, %d params, loss %.4f",
                      e + 1, len(events), record["heads"], record["ffn"], record["embedding_rank"], record["params"], record["train_loss"])
         bar.update(1)

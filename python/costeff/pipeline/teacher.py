@@ -6,12 +6,8 @@ import os
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from costeff.pipeline.evaluate_utils import predict_logits, score_logits
+from costeff.pipeline.evaluate_utils import model_inputs, predict_logits, score_logits
 from costeff.pipeline.trainer import TrainConfig, load_best, train
-
-
-def _model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
 
 def finetune_teacher(backbone: str, num_labels: int, metric: str, loaders, cfg: TrainConfig, output_dir: str, resume: bool = False):
@@ -21,12 +17,12 @@ def finetune_teacher(backbone: str, num_labels: int, metric: str, loaders, cfg: 
     model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=num_labels, attn_implementation="eager")
 
     def loss_fn(m, batch):
-        out = m(**_model_inputs(batch), labels=batch["labels"])
+        out = m(**model_inputs(batch), labels=batch["labels"])
         return out.loss, {}
 
     def eval_fn(m):
         m.eval()
-        logits, labels = predict_logits(lambda b: m(**_model_inputs(b)).logits, loaders.dev)
+        logits, labels = predict_logits(lambda b: m(**model_inputs(b)).logits, loaders.dev)
         return score_logits(logits, labels, metric)
 
     summary = train(model, loaders.train, loss_fn, cfg, os.path.join(output_dir, "train"), eval_fn, resume, stage="teacher")
