@@ -6,39 +6,45 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from costeff.data import make_loader
-from costeff.models import CostEffForSequenceClassification, flops_per_sample, from_bert
+from costeff.models import CostEffConfig, CostEffForSequenceClassification, flops_per_sample
 from costeff.pipeline import metrics as M
-from costeff.pipeline.multi_exit import model_inputs
+from costeff.pipeline.evaluate_utils import model_inputs
 
 DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 
 
-def _latency_ms_per_sample(run: Callable[[dict], object], loader, warmup: int = 1) -> float:
-    batches = list(loader)
-    for b in batches[:warmup]:
-        run(b)
-    n = sum(b["input_ids"].shape[0] for b in batches)
-    t0 = time.perf_counter()  # CPU execution is synchronous: wall-clock around the calls is exact
-    for b in batches:
-        run(b)
-    return (time.perf_counter() - t0) * 1000 / n
+def latency_batches(data, split: str, examples: int, batch_sizes=(1, 32)) -> dict[int, list]:
+    """The first `examples` rows of the split, collated once per batch size, in dataset order."""
+    ds = data.encoded[split]
+    sub = ds.select(range(min(examples, len(ds))))
+    return {bs: list(make_loader(sub, data.tokenizer, bs, shuffle=False)) for bs in batch_sizes}
+
+
+def _add_latency(row: dict, run: Callable[[dict], object], batches_by_size: dict[int, list], warmup: int = 1) -> None:
+    """row["latency_ms_b<bs>"] = wall-clock ms per sample over the batches (after a warm-up batch)."""
+    for bs, batches in batches_by_size.items():
+        for b in batches[:warmup]:
+            run(b)
+        n = sum(b["input_ids"].shape[0] for b in batches)
+        t0 = time.perf_counter()  # CPU execution is synchronous: wall-clock around the calls is exact
+        for b in batches:
+            run(b)
+        row[f"latency_ms_b{bs}"] = (time.perf_counter() - t0) * 1000 / n
 
 
 @torch.no_grad()
 def sweep_costeff(model: CostEffForSequenceClassification, data, split: str, thresholds: Sequence[float], name: str,
-                  latency_examples: int = 128, latency_batch_sizes=(1, 32), use_kernels: bool = True) -> list[dict]:
+                  timed: dict[int, list], use_kernels: bool = True) -> list[dict]:
+    """One row per threshold; `timed` (from latency_batches) holds the batches the latency is measured on."""
     model.eval()
     loader = data.split(split)
-    ds = data.encoded[split]
-    lat_ds = ds.select(range(min(latency_examples, len(ds))))
     rows = []
     for t in thresholds:
         preds, labels, flops, layers = [], [], [], []
@@ -52,29 +58,24 @@ def sweep_costeff(model: CostEffForSequenceClassification, data, split: str, thr
                 layers.append(layer)
         res = M.compute(data.metric, torch.cat(preds), torch.cat(labels))
         row = {"model": name, "threshold": t, **res, "avg_exit_layer": sum(layers) / len(layers), "avg_gflops": sum(flops) / len(flops) / 1e9}
-        for bs in latency_batch_sizes:
-            lat_loader = make_loader(lat_ds, data.tokenizer, bs, shuffle=False)
-            row[f"latency_ms_b{bs}"] = _latency_ms_per_sample(lambda b: model.early_exit(**model_inputs(b), threshold=t, use_kernels=use_kernels), lat_loader)
+        _add_latency(row, lambda b: model.early_exit(**model_inputs(b), threshold=t, use_kernels=use_kernels), timed)
         rows.append(row)
     return rows
 
 
 @torch.no_grad()
-def evaluate_hf_teacher(teacher, data, split: str, name: str = "teacher", latency_examples: int = 128, latency_batch_sizes=(1, 32)) -> dict:
-    """The fine-tuned Hugging Face model as it ships (no exits); FLOPs from its full-width config."""
+def evaluate_hf_teacher(teacher, config: CostEffConfig, data, split: str, name: str, timed: dict[int, list]) -> dict:
+    """The fine-tuned Hugging Face model as it ships (no exits); FLOPs from `config`, its full-width
+    costeff config (from_bert(teacher, exit_start=num_layers).config)."""
     teacher.eval()
     preds, labels, flops = [], [], []
-    cfg = from_bert(teacher, exit_start=teacher.config.num_hidden_layers).config
     for batch in data.split(split):
         preds.append(teacher(**model_inputs(batch)).logits.argmax(-1))
         labels.append(batch["labels"])
-        flops += [flops_per_sample(cfg, int(n)) for n in batch["attention_mask"].sum(1).tolist()]
+        flops += [flops_per_sample(config, int(n)) for n in batch["attention_mask"].sum(1).tolist()]
     res = M.compute(data.metric, torch.cat(preds), torch.cat(labels))
-    row = {"model": name, "threshold": None, **res, "avg_exit_layer": float(cfg.num_hidden_layers), "avg_gflops": sum(flops) / len(flops) / 1e9}
-    ds = data.encoded[split]
-    lat_ds = ds.select(range(min(latency_examples, len(ds))))
-    for bs in latency_batch_sizes:
-        row[f"latency_ms_b{bs}"] = _latency_ms_per_sample(lambda b: teacher(**model_inputs(b)), make_loader(lat_ds, data.tokenizer, bs, shuffle=False))
+    row = {"model": name, "threshold": None, **res, "avg_exit_layer": float(config.num_hidden_layers), "avg_gflops": sum(flops) / len(flops) / 1e9}
+    _add_latency(row, lambda b: teacher(**model_inputs(b)), timed)
     return row
 
 

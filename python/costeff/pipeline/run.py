@@ -17,7 +17,14 @@ from transformers import AutoModelForSequenceClassification
 
 from costeff.models import CostEffForSequenceClassification, count_parameters, from_bert, parameter_count
 from costeff.pipeline.checkpoint import atomic_write_json
-from costeff.pipeline.evaluate import DEFAULT_THRESHOLDS, add_ratios, evaluate_hf_teacher, format_table, sweep_costeff, write_results
+from costeff.pipeline.evaluate import (
+    DEFAULT_THRESHOLDS,
+    add_ratios,
+    evaluate_hf_teacher,
+    latency_batches,
+    sweep_costeff,
+    write_results,
+)
 from costeff.pipeline.multi_exit import distill
 from costeff.pipeline.prune import PruneTarget, iterative_prune
 from costeff.pipeline.teacher import finetune_teacher
@@ -165,12 +172,13 @@ def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> di
     ta = load_costeff(out, "ta")
     student = load_costeff(out, "student")
     thresholds = tuple(c.thresholds)
-    rows = [evaluate_hf_teacher(teacher, data, split, "teacher (HF)", c.latency_examples)]
-    rows += sweep_costeff(from_bert(teacher, exit_start=teacher.config.num_hidden_layers).eval(), data, split, (0.0,),
-                          "teacher (costeff kernels)", c.latency_examples)
-    rows += sweep_costeff(ta, data, split, thresholds, "TA early exit (DeeBERT)", c.latency_examples)
-    rows += sweep_costeff(student, data, split, (0.0,), "slim static", c.latency_examples)
-    rows += sweep_costeff(student, data, split, [t for t in thresholds if t > 0], "COST-EFF slim", c.latency_examples)
+    teacher_costeff = from_bert(teacher, exit_start=teacher.config.num_hidden_layers).eval()
+    timed = latency_batches(data, split, c.latency_examples)  # the same batches time every model
+    rows = [evaluate_hf_teacher(teacher, teacher_costeff.config, data, split, "teacher (HF)", timed)]
+    rows += sweep_costeff(teacher_costeff, data, split, (0.0,), "teacher (costeff kernels)", timed)
+    rows += sweep_costeff(ta, data, split, thresholds, "TA early exit (DeeBERT)", timed)
+    rows += sweep_costeff(student, data, split, (0.0,), "slim static", timed)
+    rows += sweep_costeff(student, data, split, [t for t in thresholds if t > 0], "COST-EFF slim", timed)
     add_ratios(rows, rows[0])
     paths = write_results(rows, data.metric, os.path.join(out, "eval"), f"{data.metric} vs cost on {split}")
     sizes = {
