@@ -5,20 +5,20 @@ import torch
 from costeff import ops
 
 
-def encoder_layer(x, mask, qkv_w, qkv_b, o_w, o_b, ln1_w, ln1_b, f_w1, f_b1, f_w2, f_b2, ln2_w, ln2_b, c_w, c_b):
-    a = ops.slim_attention(x, mask, qkv_w, qkv_b, o_w, o_b, 3)
-    x = ops.add_layer_norm(a, x, ln1_w, ln1_b, 1e-12)
-    x = ops.add_layer_norm(ops.slim_ffn(x, f_w1, f_b1, f_w2, f_b2), x, ln2_w, ln2_b, 1e-12)
-    head = ops.exit_head(x[:, 0], c_w, c_b, 0.4)
-    return x, head.logits, head.entropy, head.exit_mask
+def _layer(attention, add_ln, ffn, head, x, mask, qkv_w, qkv_b, o_w, o_b, ln1_w, ln1_b, f_w1, f_b1, f_w2, f_b2, ln2_w, ln2_b, c_w, c_b):
+    a = attention(x, mask, qkv_w, qkv_b, o_w, o_b, 3)
+    x = add_ln(a, x, ln1_w, ln1_b, 1e-12)
+    x = add_ln(ffn(x, f_w1, f_b1, f_w2, f_b2), x, ln2_w, ln2_b, 1e-12)
+    out = head(x[:, 0], c_w, c_b, 0.4)
+    return x, out.logits, out.entropy, out.exit_mask
 
 
-def reference_layer(x, mask, qkv_w, qkv_b, o_w, o_b, ln1_w, ln1_b, f_w1, f_b1, f_w2, f_b2, ln2_w, ln2_b, c_w, c_b):
-    a = ops.slim_attention_reference(x, mask, qkv_w, qkv_b, o_w, o_b, 3)
-    x = ops.add_layer_norm_reference(a, x, ln1_w, ln1_b, 1e-12)
-    x = ops.add_layer_norm_reference(ops.slim_ffn_reference(x, f_w1, f_b1, f_w2, f_b2), x, ln2_w, ln2_b, 1e-12)
-    head = ops.exit_head_reference(x[:, 0], c_w, c_b, 0.4)
-    return x, head.logits, head.entropy, head.exit_mask
+def encoder_layer(*args):
+    return _layer(ops.slim_attention, ops.add_layer_norm, ops.slim_ffn, ops.exit_head, *args)
+
+
+def reference_layer(*args):
+    return _layer(ops.slim_attention_reference, ops.add_layer_norm_reference, ops.slim_ffn_reference, ops.exit_head_reference, *args)
 
 
 def make_layer_inputs(batch=3, seq=7, hidden=40, heads=3, head_size=24, ffn=50, classes=2):

@@ -1,5 +1,3 @@
-import os
-
 import pytest
 
 from costeff.data import DataError, get_task, hash_split, load_task, make_loader, tokenize

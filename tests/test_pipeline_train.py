@@ -3,7 +3,6 @@ SIGKILL mid-epoch + --resume equals an uninterrupted run; torchrun with 2 CPU pr
 single process."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -2,7 +2,7 @@
 bucketing: batches of similar lengths, shuffled as batches, so padding stays small)."""
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator
 
 import datasets
 import torch

@@ -11,7 +11,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -39,7 +39,6 @@ class TrainConfig:
     progress: bool = True
     max_steps_per_epoch: int = 0  # 0: full epochs (a cap is for quick presets and tests)
     exit_lr_multiplier: float = 1.0  # learning-rate factor for the intermediate exits' parameters
-    extra: dict = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
