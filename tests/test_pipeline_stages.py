@@ -109,3 +109,16 @@ def test_clear_errors(tiny_backbone, tmp_path):
     assert res.returncode == 2 and "unknown task 'nope'" in res.stderr
     res = cli("ta", "--backbone", tiny_backbone, "--output", str(tmp_path / "y"), *COMMON, check=False)
     assert res.returncode == 2 and "no fine-tuned teacher" in res.stderr
+
+
+def test_cli_overrides_reach_the_config():
+    from costeff.cli import _pipeline_config, build_parser
+    from costeff.pipeline.run import PRESETS
+
+    args = build_parser().parse_args(["prune", "--output", "x", "--preset", "full", "--prune-lr", "1e-4", "--student-pred-lr", "2e-5",
+                                      "--heads", "3", "--embedding-rank", "0", "--thresholds", "0,0.25"])
+    c = _pipeline_config(args)
+    assert (c.prune_lr, c.student_pred_lr, c.heads, c.embedding_rank, c.thresholds) == (1e-4, 2e-5, 3, None, (0.0, 0.25))
+    # everything not given on the command line keeps the preset's value
+    assert c.student_repr_lr == PRESETS["full"].get("student_repr_lr", type(c)().student_repr_lr)
+    assert c.max_length == PRESETS["full"]["max_length"] and c.ta_init == PRESETS["full"]["ta_init"]

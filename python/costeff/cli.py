@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -67,14 +68,18 @@ def cmd_info(args) -> int:
     return 0
 
 
+LEARNING_RATES = ("teacher_lr", "ta_lr", "prune_lr", "student_repr_lr", "student_pred_lr")
+
+
 def _pipeline_config(args):
     from costeff.pipeline.run import preset
 
     over = {k: getattr(args, k, None) for k in (
         "max_length", "batch_size", "eval_batch_size", "max_train_examples", "max_eval_examples", "seed",
         "heads", "ffn", "exit_start", "max_steps_per_epoch", "save_every", "temperature", "latency_examples")}
-    if getattr(args, "embedding_rank", None) is not None:
-        over["embedding_rank"] = None if args.embedding_rank == 0 else args.embedding_rank
+    rank = getattr(args, "embedding_rank", None)
+    if rank:
+        over["embedding_rank"] = rank
     if getattr(args, "thresholds", None):
         over["thresholds"] = tuple(float(t) for t in args.thresholds.split(","))
     if getattr(args, "last_exit_importance", False):
@@ -83,11 +88,15 @@ def _pipeline_config(args):
         over["bucket_by_length"] = True
     if getattr(args, "no_progress", False):
         over["progress"] = False
-    for name in ("teacher_epochs", "ta_pred_epochs", "ta_repr_epochs", "student_repr_epochs", "student_pred_epochs", "prune_steps_per_event"):
+    for name in ("teacher_epochs", "ta_pred_epochs", "ta_repr_epochs", "student_repr_epochs", "student_pred_epochs", "prune_steps_per_event",
+                 *LEARNING_RATES):
         over[name] = getattr(args, name, None)
     if getattr(args, "ta_init", None):
         over["ta_init"] = args.ta_init
-    return preset(args.preset, **over)
+    c = preset(args.preset, **over)
+    if rank == 0:  # no factorization; preset() skips None overrides, so set it here
+        c = dataclasses.replace(c, embedding_rank=None)
+    return c
 
 
 def _data_for(args, c):
@@ -176,6 +185,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--latency-examples", type=int, help="test examples timed per latency measurement")
     for name in ("teacher-epochs", "ta-repr-epochs", "ta-pred-epochs", "student-repr-epochs", "student-pred-epochs", "prune-steps-per-event"):
         g.add_argument(f"--{name}", type=int)
+    for name in LEARNING_RATES:
+        g.add_argument(f"--{name.replace('_', '-')}", type=float, help="peak learning rate of that stage (AdamW)")
 
 
 def build_parser() -> argparse.ArgumentParser:
