@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from costeff.pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from costeff.pipeline.checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,22 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
     os.remove(os.path.join(d, "state.json"))
     with pytest.raises(CheckpointError, match="missing state.json"):
         load_checkpoint(d)
+
+
+def test_atomic_writes_keep_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        d, j = str(tmp_path / "ck"), str(tmp_path / "summary.json")
+        save_checkpoint(d, torch.nn.Linear(2, 2).state_dict(), {"epoch": 0})
+        atomic_write_json(j, {"a": 1})
+        os.mkdir(tmp_path / "plain")
+        with open(tmp_path / "plain.json", "w") as f:
+            f.write("{}")
+    finally:
+        os.umask(old)
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    assert mode(d) == mode(tmp_path / "plain") == 0o755  # not mkdtemp's 0700
+    assert mode(j) == mode(tmp_path / "plain.json") == 0o644  # not mkstemp's 0600
 
 
 def test_teacher_trains_and_sigkill_resume_matches_uninterrupted(tiny_backbone, tmp_path):

@@ -34,11 +34,26 @@ def _fsync_dir(path: str) -> None:
         pass
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_dir(parent: str, name: str) -> str:
+    """A fresh sibling directory to build `name` in, with the permissions a plain mkdir would give
+    (mkdtemp's 0700 would otherwise survive the rename and hide checkpoints from other users)."""
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def atomic_write_json(path: str, obj: Any) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # as open(path, "w") would create it, not mkstemp's 0600
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True, default=str)
             f.flush()
@@ -115,7 +130,7 @@ def save_checkpoint(
     """Writes directory/{model,optimizer}.safetensors + state.json atomically (rename of a temp dir)."""
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(directory)}-")
+    tmp = temp_dir(parent, os.path.basename(directory))
     try:
         # safetensors refuses shared storage: clone views (e.g. tied embeddings) apart.
         save_file({k: v.detach().contiguous().cpu().clone() for k, v in model_state.items()}, os.path.join(tmp, MODEL_FILE))

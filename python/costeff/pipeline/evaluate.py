@@ -122,6 +122,7 @@ def plot_pareto(rows: list[dict], metric: str, path: str, title: str = "") -> No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -134,6 +135,10 @@ def plot_pareto(rows: list[dict], metric: str, path: str, title: str = "") -> No
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o" if len(pts) > 1 else "*", markersize=6 if len(pts) > 1 else 12, label=name)
         ax.set_xscale("log")
+        # 1-2-5 ticks in plain numbers: the default minor labels (3x10^-2, 4x10^-2, ...) overlap
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
         ax.grid(True, which="both", alpha=0.3)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from costeff.models import CostEffForSequenceClassification, slenderize
-from costeff.pipeline.checkpoint import atomic_write_json, replace_dir
+from costeff.pipeline.checkpoint import atomic_write_json, replace_dir, temp_dir
 from costeff.pipeline.losses import exitwise_soft_cross_entropy, hard_cross_entropy, hidden_mse, soft_cross_entropy
 from costeff.pipeline.evaluate_utils import model_inputs
 from costeff.pipeline.multi_exit import teacher_outputs
@@ -186,7 +185,7 @@ def iterative_prune(
                   "params": sum(p.numel() for p in student.parameters()), "train_loss": total / max(steps_per_event, 1)}
         history.append(record)
         if is_main_process():
-            tmp = tempfile.mkdtemp(dir=output_dir, prefix=".tmp-current-")
+            tmp = temp_dir(output_dir, "current")
             student.save_pretrained(tmp)
             atomic_write_json(os.path.join(tmp, "prune_state.json"), {"events_done": e + 1, "events": len(events), "history": history})
             replace_dir(tmp, cur)
