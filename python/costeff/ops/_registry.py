@@ -1,7 +1,6 @@
 """Shared plumbing for the op modules: the op handle, the Triton CUDA registration."""
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 
@@ -12,7 +11,6 @@ from costeff._extension import extension_loaded, require_extension
 _IMPL_LIB = None
 
 
-@functools.cache  # a failed lookup raises and is not cached
 def op_handle(name: str):
     """torch.ops.costeff.<name>.default, with a clear error when the extension is not built."""
     require_extension()
