@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -69,17 +68,19 @@ def cmd_info(args) -> int:
 
 
 LEARNING_RATES = ("teacher_lr", "ta_lr", "prune_lr", "student_repr_lr", "student_pred_lr")
+# options copied as given into PipelineConfig fields of the same name (None: not on the command line)
+_PASS_THROUGH = ("max_length", "batch_size", "eval_batch_size", "max_train_examples", "max_eval_examples", "seed", "heads", "ffn",
+                 "exit_start", "max_steps_per_epoch", "save_every", "temperature", "latency_examples", "ta_init", "teacher_epochs",
+                 "ta_pred_epochs", "ta_repr_epochs", "student_repr_epochs", "student_pred_epochs", "prune_steps_per_event",
+                 *LEARNING_RATES)
 
 
 def _pipeline_config(args):
     from costeff.pipeline.run import preset
 
-    over = {k: getattr(args, k, None) for k in (
-        "max_length", "batch_size", "eval_batch_size", "max_train_examples", "max_eval_examples", "seed",
-        "heads", "ffn", "exit_start", "max_steps_per_epoch", "save_every", "temperature", "latency_examples")}
-    rank = getattr(args, "embedding_rank", None)
-    if rank:
-        over["embedding_rank"] = rank
+    over = {k: getattr(args, k) for k in _PASS_THROUGH if getattr(args, k, None) is not None}
+    if getattr(args, "embedding_rank", None) is not None:
+        over["embedding_rank"] = args.embedding_rank or None  # 0: no factorization
     if getattr(args, "thresholds", None):
         over["thresholds"] = tuple(float(t) for t in args.thresholds.split(","))
     if getattr(args, "last_exit_importance", False):
@@ -88,15 +89,7 @@ def _pipeline_config(args):
         over["bucket_by_length"] = True
     if getattr(args, "no_progress", False):
         over["progress"] = False
-    for name in ("teacher_epochs", "ta_pred_epochs", "ta_repr_epochs", "student_repr_epochs", "student_pred_epochs", "prune_steps_per_event",
-                 *LEARNING_RATES):
-        over[name] = getattr(args, name, None)
-    if getattr(args, "ta_init", None):
-        over["ta_init"] = args.ta_init
-    c = preset(args.preset, **over)
-    if rank == 0:  # no factorization; preset() skips None overrides, so set it here
-        c = dataclasses.replace(c, embedding_rank=None)
-    return c
+    return preset(args.preset, **over)
 
 
 def _data_for(args, c):

@@ -110,9 +110,10 @@ PRESETS = {
 
 
 def preset(name: str, **overrides) -> PipelineConfig:
+    """The preset's PipelineConfig with ``overrides`` applied as given (``embedding_rank=None``: no factorization)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-    return replace(PipelineConfig(), **{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
+    return replace(PipelineConfig(), **{**PRESETS[name], **overrides})
 
 
 def _train_cfg(c: PipelineConfig, epochs: int, lr: float, exit_lr_multiplier: float = 1.0) -> TrainConfig:
