@@ -2,6 +2,8 @@
 // csrc/cpu/<op>.cpp (CPU), csrc/cuda/<op>.cu (CUDA) and, for Triton, python/costeff/ops/<op>.py.
 #include <torch/library.h>
 
+#include "engine/engine.h"
+
 TORCH_LIBRARY(costeff, m) {
   // CLS state -> [dense] -> tanh -> classifier -> (logits, softmax entropy (fp32), entropy < threshold)
   m.def(
@@ -18,4 +20,6 @@ TORCH_LIBRARY(costeff, m) {
       "-> Tensor");
   // LayerNorm(x + residual) over the last dimension.
   m.def("add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> Tensor");
+  // The whole early-exit inference as one call (csrc/engine/): torch.classes.costeff.InferenceEngine.
+  costeff::engine::register_engine(m);
 }

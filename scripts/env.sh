@@ -3,7 +3,7 @@
 set -euo pipefail
 COSTEFF_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV_BASE="${COSTEFF_VENV_BASE:-$HOME/.cache/costeff}"
-REQ_KEY="$(cat "$COSTEFF_ROOT"/requirements/torch.txt "$COSTEFF_ROOT"/requirements/dev.txt "$COSTEFF_ROOT"/requirements/nodeps.txt | sha256sum | cut -c1-12)"
+REQ_KEY="$(cat "$COSTEFF_ROOT"/requirements/torch.txt "$COSTEFF_ROOT"/requirements/dev.txt "$COSTEFF_ROOT"/requirements/nodeps.txt "$COSTEFF_ROOT"/requirements/onnx.txt | sha256sum | cut -c1-12)"
 VENV="$VENV_BASE/venv-$REQ_KEY"
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$VENV_BASE/pip-cache}"
 if [ ! -f "$VENV/.complete" ]; then
@@ -16,6 +16,7 @@ if [ ! -f "$VENV/.complete" ]; then
     "$VENV/bin/pip" install -q --progress-bar off -r "$COSTEFF_ROOT/requirements/torch.txt"
     "$VENV/bin/pip" install -q --progress-bar off -r "$COSTEFF_ROOT/requirements/dev.txt"
     "$VENV/bin/pip" install -q --progress-bar off --no-deps -r "$COSTEFF_ROOT/requirements/nodeps.txt"
+    "$VENV/bin/pip" install -q --progress-bar off -r "$COSTEFF_ROOT/requirements/onnx.txt"
     touch "$VENV/.complete"
 fi
 # shellcheck disable=SC1091

@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "shared_rows.h"
 #include "costeff/add_layer_norm.h"
 #include "costeff/op_checks.h"
 #include "simd.h"
@@ -124,6 +125,14 @@ COSTEFF_AVX2 void add_layer_norm_row_avx2(
 #endif
 
 }  // namespace
+
+void add_layer_norm_row_cpu(const float* x, const float* res, const float* gamma, const float* beta, float* out,
+                            int64_t n, float eps, bool allow_avx2) {
+#if COSTEFF_HAVE_AVX2_PATH
+  if (allow_avx2 && simd::cpu_has_avx2_fma()) return add_layer_norm_row_avx2(x, res, gamma, beta, out, n, eps);
+#endif
+  add_layer_norm_row(x, res, gamma, beta, out, n, eps);
+}
 
 at::Tensor add_layer_norm_cpu(
     const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, const at::Tensor& bias, double eps) {

@@ -72,6 +72,30 @@ COSTEFF_AVX2 inline __m256 tanh_ps(__m256 x) {
   return _mm256_or_ps(y, _mm256_and_ps(x, sign_mask));
 }
 
+// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7, the formula ATen's vectorized
+// erf uses): erf(|x|) = 1 - poly(t) e^{-x^2}, t = 1 / (1 + p |x|), sign restored.
+COSTEFF_AVX2 inline __m256 erf_ps(__m256 x) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.f);
+  const __m256 ax = _mm256_andnot_ps(sign_mask, x);
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), ax, one));
+  __m256 y = _mm256_set1_ps(1.061405429f);
+  y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(-1.453152027f));
+  y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(1.421413741f));
+  y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(-0.284496736f));
+  y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(0.254829592f));
+  y = _mm256_mul_ps(y, t);
+  const __m256 e = exp_ps(_mm256_mul_ps(_mm256_xor_ps(ax, sign_mask), ax));
+  const __m256 r = _mm256_fnmadd_ps(y, e, one);
+  return _mm256_or_ps(r, _mm256_and_ps(x, sign_mask));
+}
+
+// Exact (erf) GELU: 0.5 x (1 + erf(x / sqrt(2))).
+COSTEFF_AVX2 inline __m256 gelu_ps(__m256 x) {
+  const __m256 e = erf_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
+  return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.5f)), _mm256_add_ps(e, _mm256_set1_ps(1.f)));
+}
+
 // Lanes [0, n) of a partial vector (n in 0..8).
 COSTEFF_AVX2 inline __m256i tail_mask(int64_t n) {
   const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);

@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "shared_rows.h"
 #include "costeff/op_checks.h"
 #include "simd.h"
 
@@ -148,11 +149,18 @@ COSTEFF_AVX2 void rows_kernel(
   context_block<R>(s, v, n, np, dp, d, inv, out, out_stride);
 }
 
-// Queries: row b*S+i of q (row stride q_stride); keys/values: row key_rows[b*S+t] (t < n_keys[b]) of
-// k and v (row stride kv_stride); head h at column h*d of each. ctx: [B*S, inner].
-void attention_core(
-    const float* q_base, int64_t q_stride, const float* k_base, const float* v_base, int64_t kv_stride,
-    const int64_t* key_rows, const int64_t* n_keys, float* ctx, int64_t B, int64_t S, int64_t nh, int64_t d) {
+}  // namespace avx2
+#endif  // COSTEFF_HAVE_AVX2_PATH
+
+}  // namespace
+
+#if COSTEFF_HAVE_AVX2_PATH
+void attention_core_avx2(const AttentionRows& rows, const float* q_base, int64_t q_stride, const float* k_base,
+                         const float* v_base, int64_t kv_stride, float* ctx, int64_t nh, int64_t d) {
+  using namespace avx2;
+  const int64_t B = rows.batch, S = rows.max_len;
+  const int64_t* key_rows = rows.key_rows;
+  const int64_t* n_keys = rows.n_keys;
   const int64_t inner = nh * d;
   const int64_t dp = (d + 7) / 8 * 8, np_max = (S + 7) / 8 * 8;
   const int64_t threads = at::get_num_threads();
@@ -191,19 +199,21 @@ void attention_core(
           std::fill(vv.data() + t * dp + d, vv.data() + (t + 1) * dp, 0.f);
         }
       }
+      const int64_t q0 = rows.q_start != nullptr ? rows.q_start[b] : b * S;
+      const int64_t i_end = std::min(i1, rows.q_len != nullptr ? rows.q_len[b] : S);
       if (n == 0) {  // no real key: the context is zero
-        for (int64_t i = i0; i < i1; ++i) std::fill_n(ctx + (b * S + i) * inner + h * d, d, 0.f);
+        for (int64_t i = i0; i < i_end; ++i) std::fill_n(ctx + (q0 + i) * inner + h * d, d, 0.f);
         continue;
       }
-      for (int64_t i = i0; i < i1; i += kRows) {
-        const int64_t rows = std::min(kRows, i1 - i);
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* q = q_base + (b * S + i + r) * q_stride + h * d;
+      for (int64_t i = i0; i < i_end; i += kRows) {
+        const int64_t count = std::min(kRows, i_end - i);
+        for (int64_t r = 0; r < count; ++r) {
+          const float* q = q_base + (q0 + i + r) * q_stride + h * d;
           std::copy(q, q + d, qq.data() + r * dp);
           std::fill(qq.data() + r * dp + d, qq.data() + (r + 1) * dp, 0.f);
         }
-        float* out = ctx + (b * S + i) * inner + h * d;
-        switch (rows) {
+        float* out = ctx + (q0 + i) * inner + h * d;
+        switch (count) {
           case 4: rows_kernel<4>(qq.data(), kt.data(), vv.data(), ss.data(), n, np, dp, d, scale, out, inner); break;
           case 3: rows_kernel<3>(qq.data(), kt.data(), vv.data(), ss.data(), n, np, dp, d, scale, out, inner); break;
           case 2: rows_kernel<2>(qq.data(), kt.data(), vv.data(), ss.data(), n, np, dp, d, scale, out, inner); break;
@@ -213,11 +223,7 @@ void attention_core(
     }
   });
 }
-
-}  // namespace avx2
 #endif  // COSTEFF_HAVE_AVX2_PATH
-
-}  // namespace
 
 at::Tensor slim_attention_cpu(
     const at::Tensor& hidden,
@@ -270,15 +276,15 @@ at::Tensor slim_attention_cpu(
       const auto kv = at::addmm(bias.narrow(0, inner, 2 * inner), x.index_select(0, real_idx),
                                 w.narrow(0, inner, 2 * inner).t());  // [n_real, 2*inner]
       const float* kv_ptr = kv.data_ptr<float>();
-      avx2::attention_core(q.data_ptr<float>(), inner, kv_ptr, kv_ptr + inner, 2 * inner, key_rows.data(),
-                           n_keys.data(), context.data_ptr<float>(), B, S, nh, d);
+      attention_core_avx2(AttentionRows{nullptr, nullptr, key_rows.data(), n_keys.data(), B, S}, q.data_ptr<float>(),
+                          inner, kv_ptr, kv_ptr + inner, 2 * inner, context.data_ptr<float>(), nh, d);
     } else {
       const auto qkv = at::addmm(bias, x, w.t());  // [B*S, 3*inner]
       for (int64_t b = 0; b < B; ++b)
         for (int64_t t = 0; t < n_keys[b]; ++t) key_rows[b * S + t] = b * S + key_pos[b * S + t];
       const float* p = qkv.data_ptr<float>();
-      avx2::attention_core(p, row_stride, p + inner, p + 2 * inner, row_stride, key_rows.data(), n_keys.data(),
-                           context.data_ptr<float>(), B, S, nh, d);
+      attention_core_avx2(AttentionRows{nullptr, nullptr, key_rows.data(), n_keys.data(), B, S}, p, row_stride,
+                          p + inner, p + 2 * inner, row_stride, context.data_ptr<float>(), nh, d);
     }
     auto out = at::addmm(out_bias.to(at::kFloat), context, out_weight.to(at::kFloat).t()).view({B, S, H});
     return out.scalar_type() == dtype ? out : out.to(dtype);

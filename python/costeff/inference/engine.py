@@ -1,0 +1,105 @@
+"""The early-exit inference engine: ``CostEffForSequenceClassification.early_exit`` as one C++ call
+(csrc/engine/) on weights packed once, in fp32, bf16 or int8.
+
+``early_exit`` stays the readable reference the engine is tested against. The engine keeps rows
+unpadded, so padding costs nothing; attention, LayerNorm, softmax and entropy run in fp32, the linear
+layers in the chosen precision, the exit classifiers in fp32. It is immutable after construction and
+may be called from several threads at once; its parallel work follows ``torch.get_num_threads()``.
+``COSTEFF_ENGINE_ISA=portable`` (read when an engine is built) forces the portable C++ kernels
+instead of AVX2+FMA.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from costeff._extension import require_extension
+from costeff.models.modeling_costeff import CostEffForSequenceClassification, EarlyExitOutput
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"InferenceEngine: precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+class InferenceEngine:
+    """Entropy early exit of a costeff classifier in one C++ call.
+
+    Build with :meth:`from_model` (a loaded ``CostEffForSequenceClassification``) or
+    :meth:`from_pretrained` (a model directory: ``config.json`` + ``model.safetensors``, read in C++).
+    Call it like ``model.early_exit``: ``engine(input_ids, attention_mask, token_type_ids, threshold=...)``
+    returns an :class:`~costeff.models.EarlyExitOutput` (logits float32, exit_layer int64 1-based,
+    entropy float32 in nats; rows in input order)."""
+
+    def __init__(self, handle, config=None):
+        self._handle = handle
+        self.config = config
+
+    @classmethod
+    def from_model(cls, model: CostEffForSequenceClassification, precision: str = "fp32") -> "InferenceEngine":
+        """Packs ``model``'s weights (copied: later changes to the model do not reach the engine)."""
+        require_extension()
+        if not isinstance(model, CostEffForSequenceClassification):
+            raise TypeError(
+                f"InferenceEngine.from_model needs a costeff CostEffForSequenceClassification, got {type(model).__name__}; "
+                "convert a BERT with costeff.models.from_bert first"
+            )
+        _check_precision(precision)
+        state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+        config_json = model.config.to_json_string(use_diff=False)
+        return cls(torch.classes.costeff.InferenceEngine(state, config_json, precision), model.config)
+
+    @classmethod
+    def from_pretrained(cls, path, precision: str = "fp32") -> "InferenceEngine":
+        """Builds from a saved model directory without instantiating the PyTorch model."""
+        require_extension()
+        _check_precision(precision)
+        path = Path(os.fspath(path))
+        if not path.is_dir():
+            raise FileNotFoundError(f"InferenceEngine.from_pretrained: {path} is not a directory")
+        from costeff.models.configuration_costeff import CostEffConfig
+
+        handle = torch.classes.costeff.InferenceEngine.from_directory(str(path), precision)
+        return cls(handle, CostEffConfig.from_pretrained(path))
+
+    @property
+    def precision(self) -> str:
+        return self._handle.precision()
+
+    @property
+    def isa(self) -> str:
+        """The instruction set the kernels use: "avx2" or "portable"."""
+        return self._handle.isa()
+
+    @property
+    def num_labels(self) -> int:
+        return self._handle.num_labels()
+
+    def __repr__(self) -> str:
+        return f"InferenceEngine(precision={self.precision!r}, isa={self.isa!r}, layers={self._handle.num_layers()}, labels={self.num_labels})"
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        threshold: float = 0.0,
+    ) -> EarlyExitOutput:
+        """A row leaves at the first exit whose softmax entropy (nats) is below ``threshold``; 0 runs
+        every row to the last layer. Inputs are CPU tensors (input_ids int64/int32 [batch, seq_len],
+        attention_mask 0/1, token_type_ids integer); bad inputs raise ValueError/TypeError."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"InferenceEngine: input_ids must be a Tensor, got {type(input_ids).__name__}")
+        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"InferenceEngine: {name} must be a Tensor or None, got {type(t).__name__}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(f"InferenceEngine: threshold must be a number (nats), got {threshold!r}")
+        logits, exit_layer, entropy = self._handle.run(input_ids, attention_mask, token_type_ids, float(threshold))
+        return EarlyExitOutput(logits=logits, exit_layer=exit_layer, entropy=entropy)

@@ -1,0 +1,305 @@
+"""The C++ early-exit engine (costeff.inference.InferenceEngine, csrc/engine/) against its readable
+reference, ``CostEffForSequenceClassification.early_exit`` on the plain-PyTorch path. Models are
+built here with random weights scaled up so that exits disagree and entropies spread."""
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import costeff
+from costeff.inference import InferenceEngine
+from costeff.models import CostEffConfig, CostEffForSequenceClassification
+
+pytestmark = pytest.mark.skipif(not costeff.info()["cpu_kernels"], reason="costeff._C not built")
+VOCAB, MAXPOS = 97, 40
+
+
+def make_model(seed=0, scale=6.0, **overrides) -> CostEffForSequenceClassification:
+    torch.manual_seed(seed)
+    kw = dict(
+        vocab_size=VOCAB, hidden_size=48, num_hidden_layers=4, num_attention_heads=[2, 0, 1, 3],
+        attention_head_size=[16, 16, 24, 8], intermediate_size=[40, 0, 17, 64], embedding_rank=12,
+        max_position_embeddings=MAXPOS, num_labels=3, type_vocab_size=2,
+    )
+    kw.update(overrides)
+    model = CostEffForSequenceClassification(CostEffConfig(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.mul_(scale)
+            elif "bias" in name:
+                p.normal_(0, 0.5)
+            else:  # LayerNorm gains
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def make_batch(b=33, s=23, seed=1, pad=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (b, s), generator=g)
+    types = torch.randint(0, 2, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    if pad:
+        lengths = torch.randint(1, s + 1, (b,), generator=g)
+        mask = (torch.arange(s)[None] < lengths[:, None]).long()
+        if b > 3:
+            mask[2] = 0  # left padding: position 0 is padding, the CLS exit still reads it
+            mask[2, 3:9] = 1
+            mask[3, :] = 1  # a full row keeps the batch at s columns
+    return ids, mask, types
+
+
+def exit_entropies(model, ids, mask, types):
+    """Entropy of every exit for every row (reference forward): [batch, exits]."""
+    with torch.no_grad():
+        out = model(ids, mask, types, use_kernels=False)
+    ents = []
+    for lg in out.exit_logits:
+        logp = torch.log_softmax(lg.double(), -1)
+        ents.append(-(logp.exp() * logp).sum(-1))
+    return torch.stack(ents, 1)
+
+
+def assert_matches_reference(model, engine, ids, mask, types, threshold, atol=1e-5):
+    ref = model.early_exit(ids, mask, types, threshold=threshold, use_kernels=False)
+    out = engine(ids, mask, types, threshold=threshold)
+    assert out.logits.dtype == torch.float32 and out.exit_layer.dtype == torch.int64 and out.entropy.dtype == torch.float32
+    ents = exit_entropies(model, ids, mask, types)
+    near = ((ents - threshold).abs() < 1e-4).any(1)  # rows whose decision is a rounding coin-flip
+    clear = ~near
+    assert clear.sum() >= 0.9 * len(clear)
+    assert torch.equal(out.exit_layer[clear], ref.exit_layer[clear])
+    torch.testing.assert_close(out.logits[clear], ref.logits[clear].float(), atol=atol, rtol=1e-5)
+    torch.testing.assert_close(out.entropy[clear], ref.entropy[clear].float(), atol=atol, rtol=1e-5)
+    return out, ref
+
+
+def spread_thresholds(model, ids, mask, types):
+    """Thresholds at which some rows leave at each of several exits: quantiles of the entropies."""
+    ents = exit_entropies(model, ids, mask, types).flatten().float()
+    return [0.0] + [float(torch.quantile(ents, q)) + 1e-3 for q in (0.2, 0.5, 0.8)] + [math.inf]
+
+
+CONFIGS = {
+    "factorized_mean": dict(exit_pooling="mean"),
+    "factorized_cls": dict(exit_pooling="cls"),
+    "plain_embedding_cls": dict(embedding_rank=None),
+    "hidden131_one_head": dict(hidden_size=131, num_attention_heads=[1, 1, 0, 2], attention_head_size=[40, 7, 5, 24],
+                               intermediate_size=[0, 1, 33, 131], embedding_rank=None, exit_pooling="mean"),
+    "dense_exits_start3": dict(exit_pooler_dense=True, exit_start=3, num_labels=5),
+    "all_pruned": dict(num_attention_heads=0, intermediate_size=0, num_labels=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("b", [1, 33])
+def test_fp32_engine_equals_early_exit(name, b):
+    model = make_model(**CONFIGS[name])
+    engine = InferenceEngine.from_model(model, "fp32")
+    ids, mask, types = make_batch(b=b)
+    layers_seen = set()
+    for thr in spread_thresholds(model, ids, mask, types):
+        out, _ = assert_matches_reference(model, engine, ids, mask, types, thr)
+        layers_seen |= set(out.exit_layer.tolist())
+    cfg = model.config
+    assert cfg.num_hidden_layers in layers_seen  # threshold 0: none leaves early
+    assert cfg.exit_start in layers_seen  # threshold inf: all leave at the first exit
+
+
+def test_no_mask_no_types_and_int32_ids():
+    model = make_model()
+    engine = InferenceEngine.from_model(model)
+    ids, _, _ = make_batch(b=5, pad=False)
+    ref = model.early_exit(ids, threshold=0.7, use_kernels=False)
+    out = engine(ids.int(), threshold=0.7)
+    assert torch.equal(out.exit_layer, ref.exit_layer)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_batch():
+    engine = InferenceEngine.from_model(make_model())
+    out = engine(torch.zeros(0, 5, dtype=torch.long), threshold=0.3)
+    assert out.logits.shape == (0, 3) and out.exit_layer.shape == (0,) and out.entropy.shape == (0,)
+
+
+def test_batched_row_equals_row_alone():
+    model = make_model(exit_pooling="mean")
+    engine = InferenceEngine.from_model(model)
+    ids, mask, types = make_batch(b=9)
+    thr = spread_thresholds(model, ids, mask, types)[2]
+    full = engine(ids, mask, types, threshold=thr)
+    for i in range(9):
+        n = int(mask[i].nonzero().max()) + 1  # also trims the row's own trailing padding
+        one = engine(ids[i:i + 1, :n], mask[i:i + 1, :n], types[i:i + 1, :n], threshold=thr)
+        assert one.exit_layer.item() == full.exit_layer[i].item()
+        torch.testing.assert_close(one.logits[0], full.logits[i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_portable_kernels_equal_fast_path(precision, monkeypatch):
+    model = make_model(hidden_size=131, embedding_rank=None, num_attention_heads=[1, 2, 0, 3],
+                       attention_head_size=[40, 24, 5, 16], intermediate_size=[33, 0, 131, 7], exit_pooling="mean")
+    fast = InferenceEngine.from_model(model, precision)
+    monkeypatch.setenv("COSTEFF_ENGINE_ISA", "portable")
+    portable = InferenceEngine.from_model(model, precision)
+    assert portable.isa == "portable"
+    if fast.isa == "portable":
+        pytest.skip("this CPU has no AVX2+FMA: only the portable kernels exist")
+    ids, mask, types = make_batch(b=17)
+    # same math in another summation order; bf16/int8 round activations again, so a one-ulp fp32
+    # difference can move a value by one bf16 ulp / int8 step
+    atol = 2e-4 if precision == "fp32" else 3e-2
+    model_layers = model.config.num_hidden_layers
+    for thr, layer in ((0.0, model_layers), (math.inf, 1)):  # every row at one exit: all comparable
+        a, b = fast(ids, mask, types, threshold=thr), portable(ids, mask, types, threshold=thr)
+        assert (a.exit_layer == layer).all() and (b.exit_layer == layer).all()
+        torch.testing.assert_close(a.logits, b.logits, atol=atol, rtol=1e-3)
+        torch.testing.assert_close(a.entropy, b.entropy, atol=atol, rtol=1e-3)
+    for thr in spread_thresholds(model, ids, mask, types)[1:4]:
+        a, b = fast(ids, mask, types, threshold=thr), portable(ids, mask, types, threshold=thr)
+        same = a.exit_layer == b.exit_layer
+        assert same.float().mean() >= (1.0 if precision == "fp32" else 0.9)
+        torch.testing.assert_close(a.logits[same], b.logits[same], atol=atol, rtol=1e-3)
+
+
+@pytest.mark.parametrize("precision,min_agree,logit_tol", [("bf16", 0.95, 0.3), ("int8", 0.95, 0.5)])
+def test_low_precision_agrees_with_fp32(precision, min_agree, logit_tol):
+    model = make_model(seed=3, scale=3.0, exit_pooling="mean", hidden_size=64, embedding_rank=16)
+    ref = InferenceEngine.from_model(model, "fp32")
+    low = InferenceEngine.from_model(model, precision)
+    assert low.precision == precision
+    ids, mask, types = make_batch(b=64, seed=5)
+    for thr in spread_thresholds(model, ids, mask, types)[1:4]:
+        a, b = ref(ids, mask, types, threshold=thr), low(ids, mask, types, threshold=thr)
+        agree = (a.exit_layer == b.exit_layer).float().mean().item()
+        assert agree >= min_agree, (precision, thr, agree)
+        same = a.exit_layer == b.exit_layer
+        assert (a.logits[same] - b.logits[same]).abs().max().item() < logit_tol
+    # int8/bf16 really quantize: full-depth logits differ from fp32, but only a little
+    a, b = ref(ids, mask, types, threshold=0.0), low(ids, mask, types, threshold=0.0)
+    assert (a.logits - b.logits).abs().max().item() > 1e-5
+
+
+def test_threads_share_one_engine():
+    model = make_model(exit_pooling="mean")
+    engine = InferenceEngine.from_model(model, "int8")
+    batches = [make_batch(b=1 + 3 * i, seed=10 + i) for i in range(8)]
+    thr = 0.6
+    serial = [engine(*bt, threshold=thr) for bt in batches]
+    results = [None] * 8
+    barrier = threading.Barrier(8)
+
+    def work(i):
+        barrier.wait()
+        for _ in range(5):
+            results[i] = engine(*batches[i], threshold=thr)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s, r in zip(serial, results):
+        assert torch.equal(s.exit_layer, r.exit_layer)
+        assert torch.equal(s.logits, r.logits)
+        assert torch.equal(s.entropy, r.entropy)
+
+
+def test_engine_copies_the_weights():
+    model = make_model()
+    engine = InferenceEngine.from_model(model)
+    ids, mask, types = make_batch(b=4)
+    before = engine(ids, mask, types, threshold=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    after = engine(ids, mask, types, threshold=0.0)
+    assert torch.equal(before.logits, after.logits)
+
+
+def test_from_pretrained_directory(tmp_path):
+    model = make_model(exit_pooling="mean")
+    model.save_pretrained(tmp_path / "m")
+    a = InferenceEngine.from_model(model, "int8")
+    b = InferenceEngine.from_pretrained(tmp_path / "m", "int8")
+    ids, mask, types = make_batch(b=11)
+    x, y = a(ids, mask, types, threshold=0.5), b(ids, mask, types, threshold=0.5)
+    assert torch.equal(x.logits, y.logits) and torch.equal(x.exit_layer, y.exit_layer)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return InferenceEngine.from_model(make_model())
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(input_ids=torch.ones(2, 3)), TypeError, "input_ids must be int64 or int32"),
+        (dict(input_ids=torch.ones(3, dtype=torch.long)), ValueError, "input_ids must be 2-D"),
+        (dict(input_ids=torch.ones(2, 3, dtype=torch.long, device="meta")), ValueError, "input_ids must be a CPU tensor"),
+        (dict(input_ids=torch.full((1, 3), VOCAB)), ValueError, r"input_ids must be in \[0, vocab_size=97\)"),
+        (dict(input_ids=torch.full((1, 3), -1)), ValueError, "input_ids must be in"),
+        (dict(input_ids=torch.ones(1, MAXPOS + 1, dtype=torch.long)), ValueError, "max_position_embeddings"),
+        (dict(input_ids=torch.ones(1, 0, dtype=torch.long)), ValueError, "seq_len 0"),
+        (dict(input_ids=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4)), ValueError, "attention_mask must have the shape"),
+        (dict(input_ids=torch.ones(1, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 2, 0]])), ValueError, "attention_mask must hold 0/1"),
+        (dict(input_ids=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0], [0, 0, 0]])), ValueError, "row 1 has no real token"),
+        (dict(input_ids=torch.ones(1, 3, dtype=torch.long), token_type_ids=torch.full((1, 3), 2)), ValueError, "token_type_ids must be in"),
+        (dict(input_ids=torch.ones(1, 3, dtype=torch.long), token_type_ids=torch.zeros(1, 3)), TypeError, "token_type_ids must be an integer"),
+        (dict(input_ids=torch.ones(1, 3, dtype=torch.long), threshold=float("nan")), ValueError, "threshold must not be NaN"),
+        (dict(input_ids=torch.ones(1, 3, dtype=torch.long), threshold="0.5"), TypeError, "threshold must be a number"),
+        (dict(input_ids=[[1, 2]]), TypeError, "input_ids must be a Tensor"),
+    ],
+)
+def test_bad_input(engine, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        engine(**kwargs)
+
+
+def test_bad_models(tmp_path):
+    model = make_model()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        InferenceEngine.from_model(model, "fp8")
+    with pytest.raises(TypeError, match="CostEffForSequenceClassification"):
+        InferenceEngine.from_model(torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        model.costeff.layers[1].ffn_norm.weight[3] = float("nan")
+    with pytest.raises(ValueError, match=r"weight 'costeff.layers.1.ffn_norm.weight' holds NaN or Inf"):
+        InferenceEngine.from_model(model)
+
+    good = make_model()
+    good.save_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        InferenceEngine.from_pretrained(tmp_path / "missing")
+    # a checkpoint whose tensors do not match its config
+    bad = tmp_path / "bad"
+    good.save_pretrained(bad)
+    state = {k: v.contiguous() for k, v in good.state_dict().items()}
+    state["costeff.layers.0.ffn.in_weight"] = torch.zeros(7, good.config.hidden_size)
+    save_file(state, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"costeff.layers.0.ffn.in_weight' has shape \[7, 48\]"):
+        InferenceEngine.from_pretrained(bad)
+    # a truncated safetensors file
+    trunc = tmp_path / "trunc"
+    good.save_pretrained(trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="past the end of the file|truncated"):
+        InferenceEngine.from_pretrained(trunc)
+    # garbage header
+    (trunc / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ValueError, match="corrupt safetensors header"):
+        InferenceEngine.from_pretrained(trunc)
+    # not a costeff config
+    (trunc / "config.json").write_text('{"model_type": "bert", "hidden_size": 8}')
+    with pytest.raises(ValueError, match="not 'costeff_bert'"):
+        InferenceEngine.from_pretrained(trunc)
