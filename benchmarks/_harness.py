@@ -3,8 +3,8 @@
 Each bench gives a list of cases; a case has a label, a shape dict and named candidates (costeff
 kernel, eager composition, torch.compile of the same composition) plus the reference. Every
 candidate's output is checked against the reference before it is timed, so a fast wrong kernel
-cannot win. Timing: torch.utils.benchmark.Timer, fixed rounds of short blocks with the candidates
-interleaved (see time_interleaved), median, 2 threads, under
+cannot win. Timing: costeff.inference.timing.time_interleaved, fixed rounds of short blocks with the
+candidates interleaved, median, 2 threads, under
 torch.inference_mode() (the early-exit inference setting; it also skips the Python autograd shim the
 custom ops register, which eager ATen ops do not pay either).
 """
@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.utils.benchmark as benchmark
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 for p in (os.path.join(ROOT, "python"), ROOT):
     if p not in sys.path:
         sys.path.insert(0, p)
+
+from costeff.inference import timing  # noqa: E402  (after the path setup above)
 
 NUM_THREADS = 2
 CANDIDATES = ("costeff", "eager", "compile")
@@ -90,36 +91,38 @@ def _assert_close(name: str, case: Case, out, ref) -> None:
 
 def _block_size(fn: Callable, args: tuple, target_s: float) -> int:
     """Calls per timing block so that one block lasts about target_s."""
-    t = benchmark.Timer(stmt="fn(*args)", globals={"fn": fn, "args": args}, num_threads=NUM_THREADS)
-    per_call = t.timeit(3).mean
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fn(*args)
+    per_call = (time.perf_counter() - t0) / 3
     return max(1, int(target_s / max(per_call, 1e-7)))
 
 
 def time_interleaved(fns: dict, args: tuple, rounds: int, block_s: float, budget_s: float) -> dict:
-    """Median (and min / quartiles) of per-call time in us over `rounds` short blocks per candidate.
+    """Median (and min / quartiles) of per-call time in us over `rounds` short blocks per candidate,
+    by costeff.inference.timing.time_interleaved (the one timing method of every number)."""
+    numbers = {name: _block_size(fn, args, block_s) for name, fn in fns.items()}
 
-    The candidates take turns block by block, so load from other processes on this shared machine
-    hits all of them alike; the median over many short blocks ignores the blocks that lost the CPU."""
-    timers, numbers, samples = {}, {}, {}
-    round_s = 0.0
-    for name, fn in fns.items():
-        timers[name] = benchmark.Timer(stmt="fn(*args)", globals={"fn": fn, "args": args}, num_threads=NUM_THREADS)
-        numbers[name] = _block_size(fn, args, block_s)
-        round_s += max(block_s, timers[name].timeit(1).mean * numbers[name])
-        samples[name] = []
+    def block(fn, n):
+        def run():
+            for _ in range(n):
+                fn(*args)
+            return n
+        return run
+
+    blocks = {name: block(fn, numbers[name]) for name, fn in fns.items()}
+    t0 = time.perf_counter()
+    for b in blocks.values():
+        b()
+    round_s = max(time.perf_counter() - t0, 1e-9)
     # Big shapes get fewer rounds (at least 7) so that a full run stays within a few minutes.
-    rounds = max(7, min(rounds, int(budget_s / max(round_s, 1e-9))))
-    for _ in range(rounds):
-        for name in fns:
-            samples[name].append(timers[name].timeit(numbers[name]).mean * 1e6)
-    out = {}
-    for name, xs in samples.items():
-        q = torch.tensor(xs, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-        out[name] = {
-            "median": float(q[1]), "q25": float(q[0]), "q75": float(q[2]), "min": min(xs),
-            "calls_per_block": numbers[name], "blocks": len(xs),
-        }
-    return out
+    rounds = max(7, min(rounds, int(budget_s / round_s)))
+    stats = timing.time_interleaved(blocks, rounds, warmup=0)
+    return {
+        name: {"median": v["median"] * 1e6, "q25": v["q25"] * 1e6, "q75": v["q75"] * 1e6, "min": v["min"] * 1e6,
+               "calls_per_block": numbers[name], "blocks": v["rounds"]}
+        for name, v in stats.items()
+    }
 
 
 def run_cases(bench: str, cases: list[Case], quick: bool, out_path: str | None, no_compile: bool = False) -> list[dict]:
@@ -186,7 +189,7 @@ def save(bench: str, rows: list[dict], out_path: str | None, quick: bool) -> str
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "processor": _cpu_model(),
-        "timer": "torch.utils.benchmark.Timer.timeit, candidates interleaved block by block, median over blocks, inference_mode",
+        "timer": "costeff.inference.timing.time_interleaved: candidates interleaved block by block, median over blocks, inference_mode",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         # the machine is shared: a high load average means 2-thread timings include waits for a core
         "loadavg_at_end": os.getloadavg(),

@@ -66,6 +66,13 @@ def test_stages_one_by_one_then_whole_pipeline_resume(tiny_backbone, tmp_path):
     assert slim[100.0]["avg_gflops"] < slim[0.0]["avg_gflops"]
     teacher = next(r for r in rows if r["model"] == "teacher (HF)")
     assert slim[0.0]["avg_gflops"] < teacher["avg_gflops"] / 2
+    # the C++ engine rows: one per precision and threshold; fp32 predicts what early_exit predicts
+    engine = {(r["model"], r["threshold"]): r for r in rows if r["model"].startswith("COST-EFF engine")}
+    assert {m for m, _ in engine} == {"COST-EFF engine fp32", "COST-EFF engine bf16", "COST-EFF engine int8"}
+    for t in (0.0, 100.0):  # every row at the last / first exit: no threshold coin-flips
+        e = engine[("COST-EFF engine fp32", t)]
+        assert e["accuracy"] == slim[t]["accuracy"] and e["avg_exit_layer"] == slim[t]["avg_exit_layer"]
+        assert e["latency_ms_b1"] > 0 and e["latency_ms_b32"] > 0
     assert os.path.getsize(os.path.join(out, "eval", "pareto.png")) > 10_000
     # the whole pipeline with --resume skips the finished stages and re-evaluates
     res = cli("pipeline", *base, "--resume")

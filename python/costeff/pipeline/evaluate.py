@@ -1,18 +1,19 @@
 """Stage 5: threshold sweep. For each model and entropy threshold: the task metric, the average exit
 layer, the average analytic FLOPs per sample (each sample at its real length) and the measured CPU
-latency per sample at batch 1 and batch 32; written as JSON and CSV, printed as a table, and drawn
-as a Pareto plot (metric vs FLOPs and vs latency)."""
+latency per sample at batch 1 and batch 32 (every system timed in the same interleaved rounds, median;
+costeff.inference.timing); written as JSON and CSV, printed as a table, and drawn as a Pareto plot
+(metric vs FLOPs and vs latency)."""
 from __future__ import annotations
 
 import csv
 import json
 import os
-import time
 from typing import Callable, Sequence
 
 import torch
 
 from costeff.data import make_loader
+from costeff.inference.timing import time_interleaved
 from costeff.models import CostEffConfig, CostEffForSequenceClassification, flops_per_sample
 from costeff.pipeline import metrics as M
 from costeff.pipeline.evaluate_utils import model_inputs
@@ -27,44 +28,61 @@ def latency_batches(data, split: str, examples: int, batch_sizes=(1, 32)) -> dic
     return {bs: list(make_loader(sub, data.tokenizer, bs, shuffle=False)) for bs in batch_sizes}
 
 
-def _add_latency(row: dict, run: Callable[[dict], object], batches_by_size: dict[int, list], warmup: int = 1) -> None:
-    """row["latency_ms_b<bs>"] = wall-clock ms per sample over the batches (after a warm-up batch)."""
-    for bs, batches in batches_by_size.items():
-        for b in batches[:warmup]:
-            run(b)
+# A measured system: its table row (metric, exit layers, FLOPs) and how to run one batch for timing.
+Measured = tuple[dict, Callable[[dict], object]]
+
+
+def add_latency(systems: Sequence[Measured], timed: dict[int, list], rounds: int = 5) -> None:
+    """row["latency_ms_b<bs>"] = ms per sample over the `timed` batches, for every system at once:
+    costeff.inference.timing.time_interleaved (systems take turns round by round, median)."""
+    for bs, batches in timed.items():
         n = sum(b["input_ids"].shape[0] for b in batches)
-        t0 = time.perf_counter()  # CPU execution is synchronous: wall-clock around the calls is exact
-        for b in batches:
-            run(b)
-        row[f"latency_ms_b{bs}"] = (time.perf_counter() - t0) * 1000 / n
+
+        def block(run):
+            def go():
+                for b in batches:
+                    run(b)
+                return n
+            return go
+
+        stats = time_interleaved({i: block(run) for i, (_, run) in enumerate(systems)}, rounds)
+        for i, (row, _) in enumerate(systems):
+            row[f"latency_ms_b{bs}"] = stats[i]["median"] * 1000
+
+
+def _exit_row(name: str, threshold, metric: str, preds, labels, layers, flops) -> dict:
+    res = M.compute(metric, torch.cat(preds), torch.cat(labels))
+    return {"model": name, "threshold": threshold, **res, "avg_exit_layer": sum(layers) / len(layers), "avg_gflops": sum(flops) / len(flops) / 1e9}
 
 
 @torch.no_grad()
 def sweep_costeff(model: CostEffForSequenceClassification, data, split: str, thresholds: Sequence[float], name: str,
-                  timed: dict[int, list], use_kernels: bool = True) -> list[dict]:
-    """One row per threshold; `timed` (from latency_batches) holds the batches the latency is measured on."""
+                  use_kernels: bool = True, engine=None) -> list[Measured]:
+    """One row per threshold: `model.early_exit` (the Python path), or `engine` (a
+    costeff.inference.InferenceEngine of `model`) when given."""
     model.eval()
     loader = data.split(split)
-    rows = []
+    measured = []
     for t in thresholds:
+        if engine is not None:
+            run = (lambda b, t=t: engine(b["input_ids"], b.get("attention_mask"), b.get("token_type_ids"), threshold=t))
+        else:
+            run = (lambda b, t=t: model.early_exit(**model_inputs(b), threshold=t, use_kernels=use_kernels))
         preds, labels, flops, layers = [], [], [], []
         for batch in loader:
-            out = model.early_exit(**model_inputs(batch), threshold=t, use_kernels=use_kernels)
+            out = run(batch)
             preds.append(out.logits.argmax(-1))
             labels.append(batch["labels"])
             lengths = batch["attention_mask"].sum(1).tolist()
             for length, layer in zip(lengths, out.exit_layer.tolist()):
                 flops.append(flops_per_sample(model.config, int(length), exit_layer=layer))
                 layers.append(layer)
-        res = M.compute(data.metric, torch.cat(preds), torch.cat(labels))
-        row = {"model": name, "threshold": t, **res, "avg_exit_layer": sum(layers) / len(layers), "avg_gflops": sum(flops) / len(flops) / 1e9}
-        _add_latency(row, lambda b: model.early_exit(**model_inputs(b), threshold=t, use_kernels=use_kernels), timed)
-        rows.append(row)
-    return rows
+        measured.append((_exit_row(name, t, data.metric, preds, labels, layers, flops), run))
+    return measured
 
 
 @torch.no_grad()
-def evaluate_hf_teacher(teacher, config: CostEffConfig, data, split: str, name: str, timed: dict[int, list]) -> dict:
+def evaluate_hf_teacher(teacher, config: CostEffConfig, data, split: str, name: str) -> Measured:
     """The fine-tuned Hugging Face model as it ships (no exits); FLOPs from `config`, its full-width
     costeff config (from_bert(teacher, exit_start=num_layers).config)."""
     teacher.eval()
@@ -75,8 +93,7 @@ def evaluate_hf_teacher(teacher, config: CostEffConfig, data, split: str, name: 
         flops += [flops_per_sample(config, int(n)) for n in batch["attention_mask"].sum(1).tolist()]
     res = M.compute(data.metric, torch.cat(preds), torch.cat(labels))
     row = {"model": name, "threshold": None, **res, "avg_exit_layer": float(config.num_hidden_layers), "avg_gflops": sum(flops) / len(flops) / 1e9}
-    _add_latency(row, lambda b: teacher(**model_inputs(b)), timed)
-    return row
+    return row, (lambda b: teacher(**model_inputs(b)))
 
 
 def add_ratios(rows: list[dict], reference: dict) -> None:

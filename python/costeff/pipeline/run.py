@@ -15,11 +15,14 @@ from typing import Optional
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from costeff._extension import extension_loaded
+from costeff.inference import InferenceEngine
 from costeff.models import CostEffForSequenceClassification, count_parameters, from_bert, parameter_count
 from costeff.pipeline.checkpoint import atomic_write_json
 from costeff.pipeline.evaluate import (
     DEFAULT_THRESHOLDS,
     add_ratios,
+    add_latency,
     evaluate_hf_teacher,
     latency_batches,
     sweep_costeff,
@@ -72,6 +75,8 @@ class PipelineConfig:
     # evaluation
     thresholds: tuple = DEFAULT_THRESHOLDS
     latency_examples: int = 256
+    latency_rounds: int = 5  # interleaved timing rounds (median)
+    engine_precisions: tuple = ("fp32", "bf16", "int8")  # C++ engine rows of the student in the sweep
     # training loop
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -105,7 +110,7 @@ PRESETS = {
     # For tests: a handful of steps per stage.
     "tiny": dict(max_length=24, max_train_examples=96, max_eval_examples=48, batch_size=16, teacher_epochs=1, ta_init="teacher",
                  ta_repr_epochs=1, ta_pred_epochs=1, prune_steps_per_event=2, prune_score_batches=1, student_repr_epochs=1,
-                 student_pred_epochs=1, thresholds=(0.0, 0.3, 10.0), latency_examples=8, save_every=0),
+                 student_pred_epochs=1, thresholds=(0.0, 0.3, 10.0), latency_examples=8, latency_rounds=2, save_every=0),
 }
 
 
@@ -128,11 +133,11 @@ def stage_teacher(c: PipelineConfig, data, backbone: str, out: str, resume: bool
     return summary
 
 
-def load_teacher(out: str):
+def load_teacher(out: str, attn_implementation: str = "eager"):
     path = os.path.join(out, "teacher", "model")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no fine-tuned teacher at {path}: run `costeff teacher --output {out}` first")
-    return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
+    return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=attn_implementation).eval()
 
 
 def load_costeff(out: str, stage: str, sub: str = "model") -> CostEffForSequenceClassification:
@@ -178,11 +183,21 @@ def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> di
     thresholds = tuple(c.thresholds)
     teacher_costeff = from_bert(teacher, exit_start=teacher.config.num_hidden_layers).eval()
     timed = latency_batches(data, split, c.latency_examples)  # the same batches time every model
-    rows = [evaluate_hf_teacher(teacher, teacher_costeff.config, data, split, "teacher (HF)", timed)]
-    rows += sweep_costeff(teacher_costeff, data, split, (0.0,), "teacher (costeff kernels)", timed)
-    rows += sweep_costeff(ta, data, split, thresholds, "TA early exit (DeeBERT)", timed)
-    rows += sweep_costeff(student, data, split, (0.0,), "slim static", timed)
-    rows += sweep_costeff(student, data, split, [t for t in thresholds if t > 0], "COST-EFF slim", timed)
+    # HF's default (sdpa) attention for the shipped teacher: what a user would run (TA training keeps eager)
+    teacher_sdpa = load_teacher(out, attn_implementation="sdpa")
+    systems = [evaluate_hf_teacher(teacher_sdpa, teacher_costeff.config, data, split, "teacher (HF)")]
+    systems += sweep_costeff(teacher_costeff, data, split, (0.0,), "teacher (costeff kernels)")
+    systems += sweep_costeff(ta, data, split, thresholds, "TA early exit (DeeBERT)")
+    systems += sweep_costeff(student, data, split, (0.0,), "slim static")
+    systems += sweep_costeff(student, data, split, [t for t in thresholds if t > 0], "COST-EFF slim")
+    if extension_loaded():
+        for precision in c.engine_precisions:
+            engine = InferenceEngine.from_model(student, precision)
+            systems += sweep_costeff(student, data, split, thresholds, f"COST-EFF engine {precision}", engine=engine)
+    else:
+        print("[costeff] evaluate: costeff._C is not built, so the engine rows are left out")
+    add_latency(systems, timed, c.latency_rounds)
+    rows = [row for row, _ in systems]
     add_ratios(rows, rows[0])
     paths = write_results(rows, data.metric, os.path.join(out, "eval"), f"{data.metric} vs cost on {split}")
     sizes = {
