@@ -371,6 +371,14 @@ void PackedLinear::prepare_rows(Isa isa, const float* x, int64_t ldx, int64_t m0
 }
 
 void PackedLinear::run(Isa isa, const PreparedInput& in, int64_t m0, int64_t m1, int64_t p0, int64_t p1, float* y, int64_t ldy, Activation act) const {
+  // Rows in chunks whose activations stay in L2 while every panel passes over them (each panel stays
+  // in L1 across the chunk's micro-kernel calls).
+  const int64_t row_bytes = precision_ == Precision::kInt8 ? quantized_stride() : k_ * 4;
+  const int64_t chunk = std::max<int64_t>(24, (int64_t(192) << 10) / std::max<int64_t>(1, row_bytes) / 24 * 24);
+  for (int64_t c0 = m0; c0 < m1; c0 += chunk) run_chunk(isa, in, c0, std::min(m1, c0 + chunk), p0, p1, y, ldy, act);
+}
+
+void PackedLinear::run_chunk(Isa isa, const PreparedInput& in, int64_t m0, int64_t m1, int64_t p0, int64_t p1, float* y, int64_t ldy, Activation act) const {
   const int64_t rows = m1 - m0;
   if (rows <= 0) return;
   for (int64_t p = p0; p < p1; ++p) {

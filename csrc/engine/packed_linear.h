@@ -61,6 +61,8 @@ class PackedLinear {
   void run(Isa isa, const PreparedInput& in, int64_t m0, int64_t m1, int64_t p0, int64_t p1, float* y, int64_t ldy, Activation act) const;
 
  private:
+  void run_chunk(Isa isa, const PreparedInput& in, int64_t m0, int64_t m1, int64_t p0, int64_t p1, float* y, int64_t ldy, Activation act) const;
+
   int64_t n_ = 0, k_ = 0;
   Precision precision_ = Precision::kFloat32;
   std::vector<float> w_f32_;
