@@ -221,6 +221,18 @@ def test_engine_copies_the_weights():
     assert torch.equal(before.logits, after.logits)
 
 
+def test_profile_names_every_stage():
+    model = make_model()
+    engine = InferenceEngine.from_model(model)
+    ids, mask, types = make_batch(b=3)
+    prof = engine.profile(ids, mask, types, threshold=0.0, repeats=2)
+    for layer in range(1, 5):
+        for stage in ("attn_out", "norm1", "ffn_out", "norm2", "exit"):
+            assert prof[f"layer{layer}.{stage}"] >= 0
+    assert "layer1.qkv" in prof and "layer2.qkv" not in prof  # layer 2 has no heads
+    assert prof["embeddings"] > 0 and sum(prof.values()) > 0
+
+
 def test_from_pretrained_directory(tmp_path):
     model = make_model(exit_pooling="mean")
     model.save_pretrained(tmp_path / "m")

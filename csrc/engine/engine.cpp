@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -153,6 +154,22 @@ void attention_portable(const AttentionRows& rows, const float* qkv, int64_t ld,
   });
 }
 
+// Accumulates seconds per stage name into a profile map; free when the map is null.
+class StageClock {
+ public:
+  explicit StageClock(std::map<std::string, double>* out) : out_(out), last_(std::chrono::steady_clock::now()) {}
+  void lap(const std::string& prefix, const char* stage = "") {
+    if (out_ == nullptr) return;
+    const auto now = std::chrono::steady_clock::now();
+    (*out_)[prefix + stage] += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+
+ private:
+  std::map<std::string, double>* out_;
+  std::chrono::steady_clock::time_point last_;
+};
+
 // One active input row: its original index, its token rows [start, start + len) in the hidden state
 // and the local indices of its real tokens (the keys, and what mean pooling averages).
 struct Row {
@@ -280,7 +297,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
     const at::Tensor& input_ids,
     const std::optional<at::Tensor>& attention_mask,
     const std::optional<at::Tensor>& token_type_ids,
-    double threshold) const {
+    double threshold,
+    std::map<std::string, double>* profile) const {
+  StageClock clock(profile);
   const EngineConfig& c = config_;
   const int64_t H = c.hidden_size, C = c.num_labels;
   // ---- input checks (the same rules as prepare_inputs in modeling_costeff.py)
@@ -330,6 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
                         "), got ", types[i], " at row ", i / S, " column ", i % S);
   }
 
+  clock.lap("checks");
   // ---- unpadded token rows: real tokens, plus position 0 (the CLS exit reads it even as padding)
   std::vector<Row> rows;
   rows.reserve(B);
@@ -367,6 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
     }
     if (static_cast<int64_t>(tmp.size()) < T * H) tmp.assign(T * H, 0.f);
   }
+  clock.lap("embeddings");
 
   const float eps = static_cast<float>(c.layer_norm_eps);
   std::vector<float> qkv, ctx, mid, pooled, logits(C);
@@ -377,11 +398,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = layers_[l];
     const int64_t inner = L.heads * L.head_size;
+    const std::string tag = profile != nullptr ? "layer" + std::to_string(l + 1) + "." : "";
     // ---- attention + add&norm
     if (inner > 0) {
       qkv.resize(T * 3 * inner);
       ctx.resize(T * inner);
       run_linear(L.qkv, isa_, h.data(), H, T, qkv.data(), 3 * inner, Activation::kNone, scratch);
+      clock.lap(tag, "qkv");
       const int64_t R = static_cast<int64_t>(rows.size());
       int64_t max_len = 0;
       for (const Row& r : rows) max_len = std::max(max_len, r.len);
@@ -404,20 +427,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
       {
         attention_portable(ar, qkv.data(), 3 * inner, ctx.data(), L.heads, L.head_size);
       }
+      clock.lap(tag, "attention");
       run_linear(L.attn_out, isa_, ctx.data(), inner, T, tmp.data(), H, Activation::kNone, scratch);
     } else {
       for (int64_t t = 0; t < T; ++t) std::copy(L.attn_out_bias.begin(), L.attn_out_bias.end(), tmp.begin() + t * H);
     }
+    clock.lap(tag, "attn_out");
     layer_norm_rows(isa_, tmp.data(), h.data(), L.norm1_weight, L.norm1_bias, h1.data(), T, H, eps);
+    clock.lap(tag, "norm1");
     // ---- FFN + add&norm
     if (L.ffn > 0) {
       mid.resize(T * L.ffn);
       run_linear(L.ffn_in, isa_, h1.data(), H, T, mid.data(), L.ffn, Activation::kGelu, scratch);
+      clock.lap(tag, "ffn_in");
       run_linear(L.ffn_out, isa_, mid.data(), L.ffn, T, tmp.data(), H, Activation::kNone, scratch);
     } else {
       for (int64_t t = 0; t < T; ++t) std::copy(L.ffn_out_bias.begin(), L.ffn_out_bias.end(), tmp.begin() + t * H);
     }
+    clock.lap(tag, "ffn_out");
     layer_norm_rows(isa_, tmp.data(), h1.data(), L.norm2_weight, L.norm2_bias, h.data(), T, H, eps);
+    clock.lap(tag, "norm2");
 
     // ---- exit
     const int64_t layer = l + 1;
@@ -475,6 +504,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
     }
     rows.swap(stay);
     T = new_T;
+    clock.lap(tag, "exit");
     if (rows.empty()) break;
   }
   return {logits_out, layer_out, entropy_out};
@@ -565,6 +595,15 @@ void register_engine(torch::Library& m) {
       .def("run", [](const c10::intrusive_ptr<InferenceEngine>& self, at::Tensor input_ids, std::optional<at::Tensor> attention_mask,
                      std::optional<at::Tensor> token_type_ids, double threshold) {
         return self->run(input_ids, attention_mask, token_type_ids, threshold);
+      })
+      // Seconds per stage summed over `repeats` runs of the same inputs (see run()).
+      .def("profile", [](const c10::intrusive_ptr<InferenceEngine>& self, at::Tensor input_ids, std::optional<at::Tensor> attention_mask,
+                         std::optional<at::Tensor> token_type_ids, double threshold, int64_t repeats) {
+        std::map<std::string, double> acc;
+        for (int64_t i = 0; i < repeats; ++i) self->run(input_ids, attention_mask, token_type_ids, threshold, &acc);
+        c10::Dict<std::string, double> out;
+        for (const auto& [k, v] : acc) out.insert(k, v);
+        return out;
       })
       .def("precision", [](const c10::intrusive_ptr<InferenceEngine>& self) { return self->precision(); })
       .def("isa", [](const c10::intrusive_ptr<InferenceEngine>& self) { return self->isa(); })

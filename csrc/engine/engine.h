@@ -14,6 +14,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/custom_class.h>
 
+#include <map>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -65,11 +66,15 @@ class InferenceEngine : public torch::CustomClassHolder {
   // Entropy early exit as `early_exit`: returns (logits [B, num_labels] fp32, exit_layer [B] int64
   // (1-based), entropy [B] fp32 (nats)), rows in input order. input_ids: int64/int32 [B, S];
   // attention_mask: optional 0/1 [B, S] (bool, integer or float); token_type_ids: optional integer [B, S].
+  // `profile`, when given, accumulates wall-clock seconds per stage ("embeddings", "layer3.qkv",
+  // "layer3.attention", "layer3.attn_out", "layer3.norm1", "layer3.ffn_in", "layer3.ffn_out",
+  // "layer3.norm2", "layer3.exit", "checks").
   std::tuple<at::Tensor, at::Tensor, at::Tensor> run(
       const at::Tensor& input_ids,
       const std::optional<at::Tensor>& attention_mask,
       const std::optional<at::Tensor>& token_type_ids,
-      double threshold) const;
+      double threshold,
+      std::map<std::string, double>* profile = nullptr) const;
 
   std::string precision() const { return precision_name(precision_); }
   std::string isa() const { return isa_name(isa_); }

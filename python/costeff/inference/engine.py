@@ -103,3 +103,13 @@ class InferenceEngine:
             raise TypeError(f"InferenceEngine: threshold must be a number (nats), got {threshold!r}")
         logits, exit_layer, entropy = self._handle.run(input_ids, attention_mask, token_type_ids, float(threshold))
         return EarlyExitOutput(logits=logits, exit_layer=exit_layer, entropy=entropy)
+
+    def profile(self, input_ids, attention_mask=None, token_type_ids=None, threshold: float = 0.0, repeats: int = 20) -> dict:
+        """Wall-clock milliseconds per call spent in each stage ("embeddings", "layer<i>.qkv",
+        ".attention", ".attn_out", ".norm1", ".ffn_in" (with GELU), ".ffn_out", ".norm2", ".exit"),
+        averaged over ``repeats`` runs of the same inputs."""
+        if repeats < 1:
+            raise ValueError(f"InferenceEngine.profile: repeats must be >= 1, got {repeats}")
+        secs = self._handle.profile(input_ids, attention_mask, token_type_ids, float(threshold), int(repeats))
+        return {k: v * 1000 / repeats for k, v in secs.items()}
+
