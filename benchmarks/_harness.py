@@ -188,7 +188,7 @@ def save(bench: str, rows: list[dict], out_path: str | None, quick: bool) -> str
         "threads": NUM_THREADS,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
-        "processor": _cpu_model(),
+        "processor": cpu_model(),
         "timer": "costeff.inference.timing.time_interleaved: candidates interleaved block by block, median over blocks, inference_mode",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         # the machine is shared: a high load average means 2-thread timings include waits for a core
@@ -199,7 +199,7 @@ def save(bench: str, rows: list[dict], out_path: str | None, quick: bool) -> str
     return path
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:

@@ -9,7 +9,7 @@ Systems (all on the same test sentences, in one interleaved run per thread count
   costeff engine <prec>      the student on the C++ engine, per precision
 Accuracy is on the whole test split; latency (ms per sample) on the first --examples test sentences,
 by costeff.inference.timing.time_interleaved (systems take turns round by round, median over rounds).
-GFLOP/s = analytic FLOPs per sample (costeff.models.flops, average over the timed sentences at their
+(through costeff.pipeline.evaluate.add_latency, as the evaluate stage). GFLOP/s = analytic FLOPs per sample (costeff.models.flops, average over the timed sentences at their
 exit layers) / latency. Needs onnxruntime and onnx (requirements/onnx.txt).
 
     python benchmarks/bench_anchors.py [--run runs/demo] [--threads 1,2] [--thresholds 0.5]
@@ -33,10 +33,11 @@ for p in (ROOT / "python", ROOT):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from _harness import cpu_model  # noqa: E402
 from costeff.inference import InferenceEngine  # noqa: E402
-from costeff.inference.timing import time_interleaved  # noqa: E402
 from costeff.models import flops_per_sample, from_bert  # noqa: E402
 from costeff.pipeline.context import prepare_data  # noqa: E402
+from costeff.pipeline.evaluate import add_latency  # noqa: E402
 from costeff.pipeline.run import load_costeff, load_teacher  # noqa: E402
 
 
@@ -89,8 +90,7 @@ def ort_runner(session):
     return run
 
 
-def accuracy_and_layers(run, loader, config=None):
-    """Accuracy over the loader; with `config`, also the per-batch (exit layers, lengths)."""
+def accuracy(run, loader) -> float:
     correct = total = 0
     for b in loader:
         out = run(b)
@@ -162,28 +162,19 @@ def main(argv=None) -> int:
         torch.set_num_threads(max(thread_counts))
         for name in systems:
             run = runner(name, max(thread_counts))
-            rows[name]["accuracy"] = accuracy_and_layers(run, test_loader)
+            rows[name]["accuracy"] = accuracy(run, test_loader)
             rows[name]["avg_gflops_timed"] = avg_gflops(run, timed[batch_sizes[0]], systems[name][1])
             print(f"  accuracy {rows[name]['accuracy']:.4f}  {name}", flush=True)
         for n in thread_counts:
             torch.set_num_threads(n)
-            for bs, batches in timed.items():
-                count = sum(len(b["input_ids"]) for b in batches)
-
-                def block(run):
-                    def go():
-                        for b in batches:
-                            run(b)
-                        return count
-                    return go
-
-                stats = time_interleaved({name: block(runner(name, n)) for name in systems}, args.rounds)
-                for name, s in stats.items():
-                    ms = s["median"] * 1000
+            measured = [({}, runner(name, n)) for name in systems]
+            add_latency(measured, timed, args.rounds)
+            for name, (lat, _) in zip(systems, measured):
+                for bs in batch_sizes:
+                    ms = lat[f"latency_ms_b{bs}"]
                     rows[name][f"ms_t{n}_b{bs}"] = ms
-                    rows[name][f"iqr_ms_t{n}_b{bs}"] = [s["q25"] * 1000, s["q75"] * 1000]
                     rows[name][f"gflops_per_s_t{n}_b{bs}"] = rows[name]["avg_gflops_timed"] / (ms / 1000)
-                print(f"  timed {n} thread(s), batch {bs}", flush=True)
+            print(f"  timed {n} thread(s)", flush=True)
     ref = rows["HF teacher (sdpa)"]
     ort_int8 = rows.get("ORT int8 teacher")
     for r in rows.values():
@@ -194,7 +185,7 @@ def main(argv=None) -> int:
     table = format_table(list(rows.values()), thread_counts, batch_sizes, ort_int8 is not None)
     print(table)
     meta = {"run": str(run_dir), "examples_timed": sum(len(b["input_ids"]) for b in timed[batch_sizes[0]]), "test_examples": sum(len(b["labels"]) for b in test_loader),
-            "rounds": args.rounds, "torch": torch.__version__, "processor": _cpu_model(), "machine": platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "rounds": args.rounds, "torch": torch.__version__, "processor": cpu_model(), "machine": platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "loadavg_at_end": os.getloadavg(), "engine_isa": next(iter(engines.values())).isa if engines else None,
             "timer": "costeff.inference.timing.time_interleaved (systems interleaved round by round, median), inference_mode"}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -218,17 +209,6 @@ def format_table(rows, thread_counts, batch_sizes, with_ort: bool) -> str:
                 line += f" |        {r['ms_' + k]:>7.3f} {r['x_hf_' + k]:>6.2f}" + (f" {r['x_ort_int8_' + k]:>6.2f}" if with_ort else "") + f" {r['gflops_per_s_' + k]:>5.1f}"
         lines.append(line)
     return "\n".join(lines)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
