@@ -233,8 +233,9 @@ def test_profile_names_every_stage():
     assert prof["embeddings"] > 0 and sum(prof.values()) > 0
 
 
-def test_from_pretrained_directory(tmp_path):
-    model = make_model(exit_pooling="mean")
+@pytest.mark.parametrize("labels", [3, 2])  # 2 default labels: save_pretrained writes neither id2label nor num_labels
+def test_from_pretrained_directory(tmp_path, labels):
+    model = make_model(exit_pooling="mean", num_labels=labels)
     model.save_pretrained(tmp_path / "m")
     a = InferenceEngine.from_model(model, "int8")
     b = InferenceEngine.from_pretrained(tmp_path / "m", "int8")

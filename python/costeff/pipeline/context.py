@@ -24,6 +24,14 @@ class RunData:
     seed: int
     bucket_by_length: bool = False
 
+    def label_maps(self) -> dict:
+        """id2label / label2id of the task's real label names, for every saved model's config."""
+        return {"id2label": dict(enumerate(self.label_names)), "label2id": {n: i for i, n in enumerate(self.label_names)}}
+
+    def save_tokenizer(self, path: str) -> None:
+        """Writes the tokenizer next to a saved model, so the model directory is self-contained."""
+        self.tokenizer.save_pretrained(path)
+
     def _rank_world(self) -> tuple[int, int]:
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()
@@ -68,5 +76,6 @@ def prepare_data(
         for s in ("dev", "test"):
             dd[s] = dd[s].select(range(min(max_eval_examples, len(dd[s]))))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer.model_max_length = max_length  # saved with every model: what `costeff predict` truncates to
     enc = tokenize(dd, tokenizer, max_length)
     return RunData(tokenizer, enc, num_labels, metric, names, batch_size, eval_batch_size, seed, bucket_by_length)

@@ -122,6 +122,8 @@ def distill(
                                   lambda m: _dev_exit_scores(m.student, data.dev, data.metric), resume, stage=f"{stage}/pred")
         load_best(wrapper, out)
     student.save_pretrained(os.path.join(output_dir, "model"))
+    if hasattr(data, "save_tokenizer"):
+        data.save_tokenizer(os.path.join(output_dir, "model"))
     if wrapper.projections is not None:
         from safetensors.torch import save_file
 

@@ -187,6 +187,8 @@ def iterative_prune(
         if is_main_process():
             tmp = temp_dir(output_dir, "current")
             student.save_pretrained(tmp)
+            if hasattr(data, "save_tokenizer"):
+                data.save_tokenizer(tmp)
             atomic_write_json(os.path.join(tmp, "prune_state.json"), {"events_done": e + 1, "events": len(events), "history": history})
             replace_dir(tmp, cur)
             log.info("prune event %d/%d: heads %d, ffn %d, embedding rank %s, %d params, loss %.4f",

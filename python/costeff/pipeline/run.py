@@ -152,6 +152,7 @@ def stage_ta(c: PipelineConfig, data, backbone: str, out: str, resume: bool = Fa
     torch.manual_seed(c.seed)
     init = teacher if c.ta_init == "teacher" else backbone
     ta = from_bert(init, num_labels=data.num_labels, exit_start=c.exit_start, gradient_equilibrium=True, exit_pooling=c.exit_pooling)
+    ta.config.id2label, ta.config.label2id = dict(teacher.config.id2label), dict(teacher.config.label2id)
     _, summary = distill(ta, teacher, data, _train_cfg(c, c.ta_repr_epochs, c.ta_lr, c.exit_lr_multiplier),
                          _train_cfg(c, c.ta_pred_epochs, c.ta_lr, c.exit_lr_multiplier),
                          os.path.join(out, "ta"), mode="ta", temperature=c.temperature, resume=resume, stage="ta")

@@ -14,7 +14,8 @@ def finetune_teacher(backbone: str, num_labels: int, metric: str, loaders, cfg: 
     """loaders: object with .train(epoch) -> DataLoader and .dev -> DataLoader. Saves the best model
     (on dev) with save_pretrained to output_dir/model and returns (model, summary)."""
     torch.manual_seed(cfg.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=num_labels, attn_implementation="eager")
+    labels = loaders.label_maps() if hasattr(loaders, "label_maps") else {}
+    model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=num_labels, attn_implementation="eager", **labels)
 
     def loss_fn(m, batch):
         out = m(**model_inputs(batch), labels=batch["labels"])
@@ -28,4 +29,6 @@ def finetune_teacher(backbone: str, num_labels: int, metric: str, loaders, cfg: 
     summary = train(model, loaders.train, loss_fn, cfg, os.path.join(output_dir, "train"), eval_fn, resume, stage="teacher")
     load_best(model, os.path.join(output_dir, "train"))
     model.save_pretrained(os.path.join(output_dir, "model"))
+    if hasattr(loaders, "save_tokenizer"):
+        loaders.save_tokenizer(os.path.join(output_dir, "model"))
     return model, summary

@@ -1,0 +1,239 @@
+"""Classify text with a saved costeff model directory: `costeff predict` and :class:`Predictor`.
+
+A model directory is what the pipeline saves (config.json + model.safetensors + the tokenizer, with the
+task's label names in the config and, once calibrated, ``inference_threshold``). Texts stream in (a line
+each, or a column of a CSV / JSON Lines file) and JSON Lines stream out, one record per input line in
+input order, so memory stays bounded whatever the corpus size. ``--num-shards N --shard-index I`` keeps
+the lines i with i % N == I, so Slurm arrays, torchrun or Ray can split a corpus without overlap.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, TextIO
+
+import torch
+
+from costeff._extension import extension_loaded
+
+_NO_TOKENIZER = (
+    "{path} has no tokenizer (tokenizer.json / tokenizer_config.json / vocab.txt): it was saved before model "
+    "directories carried one. Pass --tokenizer PATH (the backbone the model was trained from)."
+)
+
+
+def _load_config(path: Path):
+    """The CostEffConfig of a model directory, with clear errors for what is not one."""
+    from costeff.models import CostEffConfig
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a saved model directory")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_file} is not valid JSON ({exc})") from None
+    model_type = raw.get("model_type")
+    if model_type != "costeff_bert":
+        raise ValueError(
+            f"{path} holds a '{model_type}' model, not a costeff model: train one with `costeff pipeline` "
+            "(its student is in <output>/student/model), or convert a BERT with costeff.models.from_bert"
+        )
+    return CostEffConfig.from_pretrained(path)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+
+
+def check_threshold(threshold) -> float:
+    t = float(threshold)
+    if math.isnan(t) or t < 0:
+        raise ValueError(f"threshold must be a number >= 0 (nats), got {threshold!r}")
+    return t
+
+
+class Predictor:
+    """Tokenizer + early-exit classifier of a model directory. Runs on the C++ engine when the
+    extension is built (``precision`` fp32/bf16/int8), else on the model's ``early_exit``."""
+
+    def __init__(self, model_dir, precision: str = "fp32", threshold: Optional[float] = None, tokenizer=None):
+        from transformers import AutoTokenizer
+
+        path = Path(os.fspath(model_dir))
+        self.config = _load_config(path)
+        tok_path = Path(os.fspath(tokenizer)) if tokenizer is not None else path
+        if tokenizer is not None and not _has_tokenizer(tok_path):
+            raise FileNotFoundError(f"--tokenizer {tok_path} holds no tokenizer (tokenizer.json / tokenizer_config.json / vocab.txt)")
+        if tokenizer is None and not _has_tokenizer(path):
+            raise FileNotFoundError(_NO_TOKENIZER.format(path=path))
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        limit = self.tokenizer.model_max_length
+        self.max_length = min(limit if limit and limit < 10**6 else self.config.max_position_embeddings, self.config.max_position_embeddings)
+        labels = self.config.id2label or {}
+        self.labels = [str(labels.get(i, labels.get(str(i), f"LABEL_{i}"))) for i in range(self.config.num_labels)]
+        self.notice = None
+        if threshold is not None:
+            self.threshold = check_threshold(threshold)
+        elif self.config.inference_threshold is not None:
+            self.threshold = float(self.config.inference_threshold)
+        else:
+            self.threshold = 0.0
+            self.notice = f"{path}: no calibrated threshold (config inference_threshold): every input runs to the last layer (threshold 0); pass --threshold NATS to exit early"
+        if extension_loaded():
+            from costeff.inference.engine import InferenceEngine
+
+            self.engine = InferenceEngine.from_pretrained(path, precision)
+            self._run = lambda ids, mask, types: self.engine(ids, mask, types, threshold=self.threshold)
+        else:
+            from costeff.models import CostEffForSequenceClassification
+
+            model = CostEffForSequenceClassification.from_pretrained(path).eval()
+            self.engine = None
+            self._run = lambda ids, mask, types: model.early_exit(ids, mask, types, threshold=self.threshold)
+        self.truncated = 0
+
+    def __call__(self, texts: list[str], pairs: Optional[list[str]] = None, probs: bool = False) -> list[dict]:
+        """One record per text: label (name), score (its softmax probability), exit_layer [, probs]."""
+        if not texts:
+            return []
+        full = self.tokenizer(texts, pairs)
+        over = sum(len(ids) > self.max_length for ids in full["input_ids"])
+        if over:
+            self.truncated += over
+            enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        else:
+            enc = self.tokenizer.pad(full, return_tensors="pt")
+        types = enc.get("token_type_ids")
+        with torch.inference_mode():
+            out = self._run(enc["input_ids"], enc["attention_mask"], types)
+        p = torch.softmax(out.logits.float(), -1)
+        best = p.argmax(-1)
+        records = []
+        for i in range(len(texts)):
+            rec = {"label": self.labels[int(best[i])], "score": round(float(p[i, best[i]]), 6), "exit_layer": int(out.exit_layer[i])}
+            if probs:
+                rec["probs"] = {name: round(float(p[i, k]), 6) for k, name in enumerate(self.labels)}
+            records.append(rec)
+        return records
+
+
+def read_inputs(stream: TextIO, fmt: str, text_column: Optional[str], pair_column: Optional[str]) -> Iterator[tuple[str, Optional[str]]]:
+    """Yields (text, pair) per input record, streaming. fmt: lines | csv | jsonl."""
+    if fmt == "lines":
+        for line in stream:
+            yield line.rstrip("\n").rstrip("\r"), None
+        return
+    if not text_column:
+        raise ValueError(f"--text-column is required for {fmt} input")
+    if fmt == "csv":
+        reader = csv.DictReader(stream)
+        missing = [c for c in (text_column, pair_column) if c and c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"CSV input has no column {missing[0]!r} (columns: {reader.fieldnames})")
+        for row in reader:
+            yield row.get(text_column) or "", (row.get(pair_column) or "") if pair_column else None
+        return
+    for n, line in enumerate(stream):
+        if not line.strip():
+            yield "", None
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"JSON Lines input, line {n}: not valid JSON") from None
+        if not isinstance(obj, dict) or text_column not in obj:
+            raise ValueError(f"JSON Lines input, line {n}: no field {text_column!r}")
+        yield str(obj[text_column] or ""), (str(obj.get(pair_column) or "") if pair_column else None)
+
+
+def predict_stream(predictor: Predictor, records: Iterable[tuple[str, Optional[str]]], out: TextIO, batch_size: int = 32,
+                   probs: bool = False, num_shards: int = 1, shard_index: int = 0, progress=None) -> int:
+    """Classifies `records` in batches and writes a JSON line per kept record (in input order, with its
+    0-based input index as "line"); returns how many were written."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"--shard-index must be in [0, --num-shards={num_shards}), got {shard_index}")
+    written = 0
+    pending: list[tuple[int, str, Optional[str]]] = []
+
+    def flush():
+        nonlocal written
+        ok = [(i, t, p) for i, t, p in pending if t.strip()]
+        res = iter(predictor([t for _, t, _ in ok], [p or "" for _, _, p in ok] if ok and ok[0][2] is not None else None, probs))
+        done = {i: r for (i, _, _), r in zip(ok, res)}
+        for i, text, _ in pending:
+            rec = {"line": i, **done[i]} if i in done else {"line": i, "error": "empty input"}
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            written += 1
+        pending.clear()
+
+    for i, (text, pair) in enumerate(records):
+        if progress is not None:
+            progress.update(1)
+        if i % num_shards != shard_index:
+            continue
+        pending.append((i, text, pair))
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
+    out.flush()
+    return written
+
+
+def main_predict(args) -> int:
+    """`costeff predict` (arguments from costeff.cli)."""
+    if args.threshold is not None:
+        check_threshold(args.threshold)
+    predictor = Predictor(args.model, args.precision, args.threshold, args.tokenizer)
+    if predictor.notice:
+        print(f"costeff predict: {predictor.notice}", file=sys.stderr)
+    fmt = args.format
+    src = args.input
+    if fmt is None:
+        suffix = Path(src).suffix.lower() if src and src != "-" else ""
+        fmt = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(suffix, "lines")
+    if src and src != "-" and not Path(src).is_file():
+        raise FileNotFoundError(f"input file {src} does not exist")
+    stream = open(src, encoding="utf-8", newline="" if fmt == "csv" else None) if src and src != "-" else sys.stdin
+    tmp = None
+    if args.output:  # written next to the target and renamed at the end: nothing half-written on an error
+        out_dir = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(out_dir):
+            raise FileNotFoundError(f"--output directory {out_dir} does not exist")
+        tmp = args.output + ".partial"
+        out = open(tmp, "w", encoding="utf-8")
+    else:
+        out = sys.stdout
+    bar = None
+    ok = False
+    try:
+        if stream is not sys.stdin and not args.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="predict", unit=" lines", file=sys.stderr)
+        predict_stream(predictor, read_inputs(stream, fmt, args.text_column, args.text_pair_column), out, args.batch_size,
+                       args.probs, args.num_shards, args.shard_index, bar)
+        ok = True
+    finally:
+        if bar is not None:
+            bar.close()
+        if stream is not sys.stdin:
+            stream.close()
+        if tmp is not None:
+            out.close()
+            if ok:
+                os.replace(tmp, args.output)
+            else:
+                os.unlink(tmp)
+    if predictor.truncated:
+        print(f"costeff predict: {predictor.truncated} input(s) longer than {predictor.max_length} tokens were truncated", file=sys.stderr)
+    return 0
