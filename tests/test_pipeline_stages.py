@@ -80,7 +80,11 @@ def test_stages_one_by_one_then_whole_pipeline_resume(tiny_backbone, tmp_path):
     assert slim[0.0]["avg_gflops"] < teacher["avg_gflops"] / 2
     # the C++ engine rows: one per precision and threshold; fp32 predicts what early_exit predicts
     engine = {(r["model"], r["threshold"]): r for r in rows if r["model"].startswith("COST-EFF engine")}
-    assert {m for m, _ in engine} == {"COST-EFF engine fp32", "COST-EFF engine bf16", "COST-EFF engine int8"}
+    assert {m for m, _ in engine} == {f"COST-EFF engine {p}{c}" for p in ("fp32", "bf16", "int8") for c in ("", " (calibrated)")}
+    # distill calibrated the student on dev; evaluate marks the row of that threshold
+    cal = json.load(open(os.path.join(out, "student", "model", "calibration.json")))
+    assert cal["dev_metric"] >= cal["full_depth_dev_metric"] - 0.5 and cal["criterion"] == {"max_drop": 0.5}
+    assert ("COST-EFF engine int8 (calibrated)", cal["threshold"]) in engine
     for t in (0.0, 100.0):  # every row at the last / first exit: no threshold coin-flips
         e = engine[("COST-EFF engine fp32", t)]
         assert e["accuracy"] == slim[t]["accuracy"] and e["avg_exit_layer"] == slim[t]["avg_exit_layer"]

@@ -138,7 +138,10 @@ def cmd_stage(args) -> int:
         _print_result(stage, {"events": s["events"][-1:] , "model": os.path.join(args.output, "prune", "current")})
     elif stage == "distill":
         s = R.stage_distill(c, data, args.output, args.resume)
-        _print_result(stage, {"best_dev": {k: v["best"] for k, v in s.items()}, "model": os.path.join(args.output, "student", "model")})
+        out = {"best_dev": {k: v["best"] for k, v in s.items() if k != "calibration"}, "model": os.path.join(args.output, "student", "model")}
+        if "calibration" in s:
+            out["calibrated_threshold"] = s["calibration"]["threshold"]
+        _print_result(stage, out)
     elif stage == "evaluate":
         _report(R.stage_evaluate(c, data, args.output, args.split))
     R.mark_done(args.output, stage, time.time() - t0)
@@ -221,6 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", default="test", choices=["dev", "test"])
         p.set_defaults(func=cmd_pipeline if name == "pipeline" else cmd_stage)
 
+    p = sub.add_parser("calibrate", help="pick the entropy threshold of a model directory on the dev split",
+                       description="Pick the entropy threshold (nats) of a saved model directory on a task's dev split and "
+                                   "write it into its config.json (inference_threshold) and calibration.json.")
+    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model)")
+    _add_data_args(p)
+    p.add_argument("--split", default="dev", choices=["dev", "test"])
+    p.add_argument("--seed", type=int, default=0, help="the split seed the model was trained with")
+    p.add_argument("--max-drop", type=float, help="largest threshold within this many metric points of full depth (default 0.5)")
+    p.add_argument("--latency-ms", type=float, help="most accurate threshold within this latency per sample, measured here")
+    p.add_argument("--latency-batch-size", type=int, default=1, help="batch size of the latency measurement")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"], help="engine precision for the latency")
+    p.add_argument("--tokenizer", help="tokenizer directory, for model directories saved without one")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch default)")
+    p.set_defaults(func=cmd_calibrate)
+
     p = sub.add_parser("predict", help="classify text with a saved model directory (JSON Lines out)",
                        description="Classify text with a saved costeff model directory; one JSON line per input line, in order.")
     p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model)")
@@ -242,6 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_calibrate(args) -> int:
+    from costeff.inference.calibrate import calibrate_directory
+
+    if args.max_drop is not None and args.latency_ms is not None:
+        raise ValueError("give --max-drop or --latency-ms, not both")
+    max_drop = args.max_drop if args.max_drop is not None or args.latency_ms is not None else 0.5
+    kw = {}
+    if args.task == "csv":
+        kw = dict(text_column=args.text_column, label_column=args.label_column, text_pair_column=args.text_pair_column)
+    res = calibrate_directory(args.model, args.task, args.data_dir, args.seed, args.split, max_drop, args.latency_ms,
+                              args.latency_batch_size, args.precision, args.max_eval_examples or 0, tokenizer=args.tokenizer,
+                              max_length=args.max_length, **kw)
+    lat = f", {res['latency_ms']:.3f} ms/sample at batch {res['batch_size']}" if res["latency_ms"] is not None else ""
+    print(f"threshold {res['threshold']:.4f} nats: dev {res['metric']} {res['dev_metric']:.2f} (full depth "
+          f"{res['full_depth_dev_metric']:.2f}), average exit layer {res['avg_exit_layer']:.2f}{lat}; written to {args.model}/config.json")
+    return 0
+
+
 def cmd_predict(args) -> int:
     from costeff.inference.predict import main_predict
 
@@ -257,7 +293,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    if args.command == "predict":  # stdout carries the JSON Lines; --output is a file, not a run directory
+    if args.command in ("predict", "calibrate"):  # predict's stdout carries the JSON Lines; no run directory
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)
     else:
         _setup_logging(getattr(args, "output", None))

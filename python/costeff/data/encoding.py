@@ -16,15 +16,16 @@ def tokenize(dd: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase, max_l
     """Adds input_ids/attention_mask/token_type_ids (truncated to max_length, unpadded) and labels."""
     if max_length < 4:
         raise ValueError(f"max_length must be at least 4 tokens, got {max_length}")
-    has_pair = "text_pair" in dd["train"].column_names
+    first = next(iter(dd.values()))  # every split has the same columns
+    has_pair = "text_pair" in first.column_names
 
     def encode(batch):
         enc = tokenizer(batch["text"], batch["text_pair"] if has_pair else None, truncation=True, max_length=max_length)
         enc["labels"] = batch["label"]
         return enc
 
-    out = dd.map(encode, batched=True, remove_columns=dd["train"].column_names, desc="tokenizing", load_from_cache_file=False)
-    return out.with_format(columns=[c for c in MODEL_COLUMNS if c in out["train"].column_names])
+    out = dd.map(encode, batched=True, remove_columns=first.column_names, desc="tokenizing", load_from_cache_file=False)
+    return out.with_format(columns=[c for c in MODEL_COLUMNS if c in next(iter(out.values())).column_names])
 
 
 class GlobalBatchSampler(Sampler[list]):

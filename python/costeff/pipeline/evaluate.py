@@ -15,7 +15,7 @@ import torch
 from costeff.data import make_loader
 from costeff.inference.timing import time_interleaved
 from costeff.models import CostEffConfig, CostEffForSequenceClassification, flops_per_sample
-from costeff.pipeline import metrics as M
+from costeff.data import metrics as M
 from costeff.pipeline.evaluate_utils import model_inputs
 
 DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)

@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from costeff.pipeline import metrics as M
+from costeff.data import metrics as M
 
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")

@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification
 
 from costeff._extension import extension_loaded
 from costeff.inference import InferenceEngine
+from costeff.inference.calibrate import calibrate_on_batches
 from costeff.models import CostEffForSequenceClassification, count_parameters, from_bert, parameter_count
 from costeff.pipeline.checkpoint import atomic_write_json
 from costeff.pipeline.evaluate import (
@@ -77,6 +78,7 @@ class PipelineConfig:
     latency_examples: int = 256
     latency_rounds: int = 5  # interleaved timing rounds (median)
     engine_precisions: tuple = ("fp32", "bf16", "int8")  # C++ engine rows of the student in the sweep
+    calibrate_max_drop: Optional[float] = 0.5  # after distill: the student's default threshold (None: skip)
     # training loop
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -174,6 +176,12 @@ def stage_distill(c: PipelineConfig, data, out: str, resume: bool = False) -> di
     _, summary = distill(student, ta, data, _train_cfg(c, c.student_repr_epochs, c.student_repr_lr),
                          _train_cfg(c, c.student_pred_epochs, c.student_pred_lr), os.path.join(out, "student"), mode="student",
                          temperature=c.temperature, resume=resume, stage="student")
+    if is_main_process() and c.calibrate_max_drop is not None:
+        # the threshold a user gets by default: largest within calibrate_max_drop points of full depth on dev
+        cal = calibrate_on_batches(os.path.join(out, "student", "model"), data.dev, data.metric, max_drop=c.calibrate_max_drop, write=True)
+        log.info("calibrated threshold %.4f nats: dev %s %.2f (full depth %.2f), average exit layer %.2f", cal["threshold"],
+                 data.metric, cal["dev_metric"], cal["full_depth_dev_metric"], cal["avg_exit_layer"])
+        summary["calibration"] = cal
     return summary
 
 
@@ -191,10 +199,15 @@ def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> di
     systems += sweep_costeff(ta, data, split, thresholds, "TA early exit (DeeBERT)")
     systems += sweep_costeff(student, data, split, (0.0,), "slim static")
     systems += sweep_costeff(student, data, split, [t for t in thresholds if t > 0], "COST-EFF slim")
+    calibrated = student.config.inference_threshold
     if extension_loaded():
         for precision in c.engine_precisions:
             engine = InferenceEngine.from_model(student, precision)
             systems += sweep_costeff(student, data, split, thresholds, f"COST-EFF engine {precision}", engine=engine)
+            if calibrated is not None:  # what `costeff predict` runs by default
+                systems += sweep_costeff(student, data, split, (calibrated,), f"COST-EFF engine {precision} (calibrated)", engine=engine)
+    elif calibrated is not None:
+        systems += sweep_costeff(student, data, split, (calibrated,), "COST-EFF slim (calibrated)")
     else:
         print("[costeff] evaluate: costeff._C is not built, so the engine rows are left out")
     add_latency(systems, timed, c.latency_rounds)

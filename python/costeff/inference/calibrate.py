@@ -1,0 +1,187 @@
+"""Pick the entropy threshold of a model directory on the dev split: `costeff calibrate`.
+
+One full-depth pass gives every exit's entropy and prediction for every dev example; the exit rule
+(first exit whose entropy is below the threshold, else the last) then gives the exact predictions and
+exit layers at *any* threshold without running the model again, so the search tries every threshold at
+which some decision changes (fine-grained, not a grid). Two criteria:
+
+  max_drop=0.5     the largest threshold whose dev metric is within 0.5 points of full depth;
+  latency_ms=X     the most accurate threshold whose measured latency (ms per sample at `batch_size`)
+                   is within X, timed here on a grid of candidates (the timer is injectable).
+
+The choice is written into the directory's config.json (``inference_threshold``, nats) and, with the
+dev numbers, into calibration.json; thresholds stay in nats, ``normalized_threshold`` = threshold / ln C.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from costeff.data import load_task, make_loader, tokenize
+from costeff.data import metrics as M
+
+
+def exit_table(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(entropies [n, exits] float64, predictions [n, exits], labels [n]) from one full-depth pass."""
+    ents, preds, labels = [], [], []
+    model.eval()
+    with torch.inference_mode():
+        for b in loader:
+            out = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+            lg = torch.stack([x.double() for x in out.exit_logits], 1)  # [batch, exits, classes]
+            logp = torch.log_softmax(lg, -1)
+            ents.append(-(logp.exp() * logp).sum(-1))
+            preds.append(lg.argmax(-1))
+            labels.append(b["labels"])
+    return torch.cat(ents), torch.cat(preds), torch.cat(labels)
+
+
+def apply_threshold(ents: torch.Tensor, preds: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions and exit indices (0-based among the exits) of the entropy exit rule."""
+    leave = ents < threshold
+    leave[:, -1] = True
+    idx = leave.int().argmax(1)
+    return preds.gather(1, idx[:, None])[:, 0], idx
+
+
+def candidate_thresholds(ents: torch.Tensor, limit: int = 4000) -> list[float]:
+    """0 and, just above every distinct intermediate-exit entropy, the thresholds where a decision
+    changes (thinned evenly to `limit`)."""
+    vals = torch.unique(ents[:, :-1].flatten())
+    if len(vals) > limit:
+        vals = vals[torch.linspace(0, len(vals) - 1, limit).long()]
+    return [0.0] + [float(v) * (1 + 1e-9) + 1e-12 for v in vals.tolist()]
+
+
+def choose_threshold(ents, preds, labels, metric: str, exit_start: int, max_drop: Optional[float] = None,
+                     latency_ms: Optional[float] = None, measure: Optional[Callable[[float], float]] = None,
+                     latency_grid: int = 12) -> dict:
+    """The calibration decision (see the module doc). `measure(threshold) -> ms per sample` is called
+    for the latency criterion only."""
+    if (max_drop is None) == (latency_ms is None):
+        raise ValueError("calibrate: give exactly one of max_drop (points) and latency_ms")
+    if len(labels) == 0:
+        raise ValueError("calibrate: the dev split is empty")
+
+    def score(t):
+        p, idx = apply_threshold(ents, preds, t)
+        return 100 * M.compute(metric, p, labels)[metric], float(idx.double().mean()) + exit_start
+
+    full_metric, _ = score(0.0)
+    cands = candidate_thresholds(ents)
+    if max_drop is not None:
+        if not (max_drop >= 0):
+            raise ValueError(f"calibrate: max_drop must be >= 0 points, got {max_drop}")
+        best = 0.0
+        for t in cands:
+            if score(t)[0] >= full_metric - max_drop - 1e-9:
+                best = max(best, t)
+        chosen, latency = best, None
+        measured = []
+    else:
+        if not (latency_ms > 0):
+            raise ValueError(f"calibrate: latency_ms must be > 0, got {latency_ms}")
+        if measure is None:
+            raise ValueError("calibrate: the latency criterion needs a timer")
+        # a grid over the candidates by average exit layer (latency follows the layers run)
+        layers = sorted({round(score(t)[1], 2): t for t in cands}.items())
+        pick = [layers[round(i * (len(layers) - 1) / max(1, latency_grid - 1))] for i in range(min(latency_grid, len(layers)))]
+        measured = [{"threshold": t, "latency_ms": float(measure(t)), "metric": score(t)[0], "avg_exit_layer": layer} for layer, t in pick]
+        within = [m for m in measured if m["latency_ms"] <= latency_ms]
+        if not within:
+            fastest = min(measured, key=lambda m: m["latency_ms"])
+            raise ValueError(f"calibrate: no threshold meets {latency_ms} ms per sample here; the fastest measured is "
+                             f"{fastest['latency_ms']:.3f} ms at threshold {fastest['threshold']:.4f}")
+        best = max(within, key=lambda m: (m["metric"], -m["latency_ms"]))
+        chosen, latency = best["threshold"], best["latency_ms"]
+    metric_at, layer_at = score(chosen)
+    return {"threshold": chosen, "metric": metric, "dev_metric": metric_at, "full_depth_dev_metric": full_metric,
+            "avg_exit_layer": layer_at, "latency_ms": latency, "measured": measured, "examples": len(labels),
+            "criterion": {"max_drop": max_drop} if max_drop is not None else {"latency_ms": latency_ms}}
+
+
+def write_calibration(model_dir, result: dict, num_labels: int) -> None:
+    """inference_threshold into config.json and the dev numbers into calibration.json (both atomic)."""
+    path = Path(os.fspath(model_dir))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["inference_threshold"] = result["threshold"]
+    record = dict(result)
+    record["normalized_threshold"] = result["threshold"] / math.log(num_labels) if num_labels > 1 else None
+    for name, payload in (("calibration.json", record), ("config.json", cfg)):
+        tmp = path / (name + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=name == "config.json") + "\n")
+        os.replace(tmp, path / name)
+
+
+def calibrate_directory(model_dir, task: str, data_dir: Optional[str] = None, seed: int = 0, split: str = "dev",
+                        max_drop: Optional[float] = None, latency_ms: Optional[float] = None, batch_size: int = 1,
+                        precision: str = "fp32", max_examples: int = 0, timer: Optional[Callable[[Callable[[], None]], float]] = None,
+                        tokenizer=None, max_length: Optional[int] = None, **task_kwargs) -> dict:
+    """Calibrates a model directory on a task's split and writes the choice into it; returns the result.
+    `timer(fn) -> seconds per call` measures a callable (default: median of interleaved wall-clock runs)."""
+    from costeff.inference.predict import Predictor
+
+    pred = Predictor(model_dir, precision, threshold=0.0, tokenizer=tokenizer)
+    dd, num_labels, metric, names = load_task(task, data_dir=data_dir, seed=seed, **task_kwargs)
+    cfg = pred.config
+    if num_labels != cfg.num_labels:
+        raise ValueError(f"calibrate: task {task!r} has {num_labels} labels but the model has {cfg.num_labels}")
+    model_names = [pred.labels[i] for i in range(num_labels)]
+    if not all(n.startswith("LABEL_") for n in model_names) and list(model_names) != [str(n) for n in names]:
+        raise ValueError(f"calibrate: the task's labels {list(names)} are not the model's {model_names}")
+    ds = dd[split]
+    if max_examples:
+        ds = ds.select(range(min(max_examples, len(ds))))
+    enc = tokenize(type(dd)({split: ds}), pred.tokenizer, max_length or pred.max_length)[split]
+    loader = make_loader(enc, pred.tokenizer, 64, shuffle=False)
+    timed = None
+    if latency_ms is not None:
+        timed = list(make_loader(enc.select(range(min(128, len(enc)))), pred.tokenizer, batch_size, shuffle=False))
+    result = calibrate_on_batches(model_dir, loader, metric, max_drop, latency_ms, timed, pred, timer)
+    result.update(task=task, split=split, precision=precision, batch_size=batch_size if latency_ms is not None else None)
+    write_calibration(model_dir, result, cfg.num_labels)
+    return result
+
+
+def calibrate_on_batches(model_dir, loader, metric: str, max_drop: Optional[float] = None, latency_ms: Optional[float] = None,
+                         timed_batches=None, predictor=None, timer=None, write: bool = False) -> dict:
+    """The calibration on already-tokenized batches (the pipeline's dev loader); `timed_batches` and
+    `predictor` (a costeff.inference.predict.Predictor of the directory) serve the latency criterion."""
+    from costeff.models import CostEffForSequenceClassification
+
+    model = CostEffForSequenceClassification.from_pretrained(model_dir).eval()
+    ents, preds, labels = exit_table(model, loader)
+    measure = None
+    if latency_ms is not None:
+        if predictor is None or not timed_batches:
+            raise ValueError("calibrate: the latency criterion needs a predictor and batches to time")
+        n = sum(len(b["input_ids"]) for b in timed_batches)
+        clock = timer or _median_seconds
+
+        def measure(t):
+            predictor.threshold = t
+
+            def run():
+                for b in timed_batches:
+                    predictor._run(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+            return clock(run) * 1000 / n
+
+    result = choose_threshold(ents, preds, labels, metric, model.config.exit_start, max_drop, latency_ms, measure)
+    if write:
+        write_calibration(model_dir, result, model.config.num_labels)
+    return result
+
+
+def _median_seconds(fn: Callable[[], None], rounds: int = 5) -> float:
+    from costeff.inference.timing import time_interleaved
+
+    def block():
+        fn()
+        return 1
+
+    return time_interleaved({"run": block}, rounds)["run"]["median"]

@@ -1,0 +1,101 @@
+"""Threshold calibration (costeff.inference.calibrate): a constructed case checked against a brute-force
+sweep of the exit rule, the latency criterion with an injected timer, and `costeff calibrate` on a
+model directory (writes inference_threshold, which `costeff predict` then uses)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from costeff.inference.calibrate import apply_threshold, calibrate_directory, choose_threshold
+
+from test_predict import model_dir  # noqa: F401  (fixture)
+
+
+def brute_force(ents, preds, labels, t):
+    """The exit rule in plain Python: first exit with entropy < t, else the last."""
+    correct, layers = 0, 0
+    for e, p, y in zip(ents.tolist(), preds.tolist(), labels.tolist()):
+        k = next((i for i, v in enumerate(e[:-1]) if v < t), len(e) - 1)
+        correct += p[k] == y
+        layers += k + 1
+    return 100 * correct / len(labels), layers / len(labels)
+
+
+@pytest.fixture
+def case():
+    g = torch.Generator().manual_seed(0)
+    n, exits = 300, 4
+    labels = torch.randint(0, 3, (n,), generator=g)
+    ents = torch.rand(n, exits, generator=g, dtype=torch.float64) * math.log(3)
+    # early exits are right more often when confident, the last exit is right 90% of the time
+    right = torch.rand(n, exits, generator=g) < (0.95 - 0.5 * ents / math.log(3)).float()
+    right[:, -1] = torch.rand(n, generator=g) < 0.9
+    preds = torch.where(right, labels[:, None], (labels[:, None] + 1) % 3)
+    return ents, preds, labels
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5, 3.0, 10.0])
+def test_max_drop_is_the_largest_threshold_within_the_drop(case, drop):
+    ents, preds, labels = case
+    res = choose_threshold(ents, preds, labels, "accuracy", exit_start=1, max_drop=drop)
+    full, _ = brute_force(ents, preds, labels, 0.0)
+    assert res["full_depth_dev_metric"] == pytest.approx(full)
+    acc, layer = brute_force(ents, preds, labels, res["threshold"])
+    assert acc >= full - drop - 1e-9 and res["dev_metric"] == pytest.approx(acc) and res["avg_exit_layer"] == pytest.approx(layer)
+    # a larger threshold on a fine grid either breaks the drop or makes exactly the same decisions
+    _, chosen_exits = apply_threshold(ents, preds, res["threshold"])
+    for t in torch.linspace(res["threshold"], math.log(3) + 0.01, 400, dtype=torch.float64).tolist()[1:]:
+        if brute_force(ents, preds, labels, t)[0] >= full - drop - 1e-9:
+            assert torch.equal(apply_threshold(ents, preds, t)[1], chosen_exits), t
+
+
+def test_latency_budget_takes_the_most_accurate_measured_threshold(case):
+    ents, preds, labels = case
+    calls = []
+
+    def fake_latency(t):  # ms per sample, as if each layer cost 0.1 ms
+        calls.append(t)
+        return 0.1 * brute_force(ents, preds, labels, t)[1]
+
+    res = choose_threshold(ents, preds, labels, "accuracy", exit_start=1, latency_ms=0.25, measure=fake_latency)
+    assert len(calls) == len(res["measured"]) >= 8
+    within = [m for m in res["measured"] if m["latency_ms"] <= 0.25]
+    assert res["latency_ms"] <= 0.25 and res["dev_metric"] == max(m["metric"] for m in within)
+    with pytest.raises(ValueError, match="no threshold meets"):
+        choose_threshold(ents, preds, labels, "accuracy", exit_start=1, latency_ms=0.01, measure=fake_latency)
+    with pytest.raises(ValueError, match="exactly one of"):
+        choose_threshold(ents, preds, labels, "accuracy", exit_start=1)
+
+
+def test_apply_threshold_matches_the_rule(case):
+    ents, preds, labels = case
+    p, idx = apply_threshold(ents, preds, 0.4)
+    for i in range(20):
+        k = next((j for j, v in enumerate(ents[i, :-1].tolist()) if v < 0.4), ents.shape[1] - 1)
+        assert idx[i] == k and p[i] == preds[i, k]
+
+
+def test_calibrate_directory_writes_the_threshold(model_dir, tmp_path):  # noqa: F811
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    res = calibrate_directory(d, "rotten_tomatoes", max_drop=1.0, max_examples=64)
+    cfg = json.loads((d / "config.json").read_text())
+    cal = json.loads((d / "calibration.json").read_text())
+    assert cfg["inference_threshold"] == res["threshold"] == cal["threshold"]
+    assert cal["normalized_threshold"] == pytest.approx(res["threshold"] / math.log(2))
+    assert cal["examples"] == 64 and cal["dev_metric"] >= cal["full_depth_dev_metric"] - 1.0
+    ticks = iter(range(10**6))
+    res2 = calibrate_directory(d, "rotten_tomatoes", latency_ms=1e9, max_examples=64, timer=lambda fn: (fn(), next(ticks) * 1e-3)[1])
+    assert res2["latency_ms"] is not None and res2["batch_size"] == 1
+    from costeff.inference.predict import Predictor
+
+    assert Predictor(d).threshold == res2["threshold"]  # predict now uses the calibrated threshold
+    csv_path = tmp_path / "reviews.csv"
+    csv_path.write_text("text,label\n" + "".join(f"review number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(60)))
+    with pytest.raises(ValueError, match=r"the task's labels \['neg', 'pos'\] are not the model's \['rotten', 'fresh'\]"):
+        calibrate_directory(d, "csv", data_dir=str(csv_path), max_drop=0.5)
