@@ -1,6 +1,7 @@
 """Every pipeline stage end to end on a tiny random BERT and real Rotten Tomatoes sentences, through
 the CLI; importance scoring and the pruning schedule; clear errors."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -73,6 +74,8 @@ def test_stages_one_by_one_then_whole_pipeline_resume(tiny_backbone, tmp_path):
     assert {"teacher (HF)", "TA early exit (DeeBERT)", "slim static", "COST-EFF slim"} <= names
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and r["avg_gflops"] > 0 and r["latency_ms_b1"] > 0 and r["latency_ms_b32"] > 0
+        if r["threshold"] is not None:
+            assert r["normalized_threshold"] == pytest.approx(r["threshold"] / math.log(2))
     slim = {r["threshold"]: r for r in rows if r["model"] in ("slim static", "COST-EFF slim")}
     assert slim[0.0]["avg_exit_layer"] == 3 and slim[100.0]["avg_exit_layer"] == 1  # huge threshold: first exit
     assert slim[100.0]["avg_gflops"] < slim[0.0]["avg_gflops"]
@@ -134,6 +137,20 @@ def test_clear_errors(tiny_backbone, tmp_path):
     assert res.returncode == 2 and "no fine-tuned teacher" in res.stderr
     res = cli("teacher", "--backbone", str(tmp_path / "nonexistent"), "--output", str(tmp_path / "z"), *COMMON, check=False)
     assert res.returncode == 2 and "is not a local model directory" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_sweep_thresholds_scale_with_the_class_count():
+    import math
+
+    from costeff.pipeline.evaluate import DEFAULT_THRESHOLD_FRACTIONS, sweep_thresholds
+    from costeff.pipeline.run import preset
+
+    two = sweep_thresholds(preset("demo").threshold_fractions, 2)
+    assert two == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)  # the grid binary tasks always had, in nats
+    five = sweep_thresholds(preset("demo").threshold_fractions, 5)
+    assert five[-1] == pytest.approx(0.6 * math.log(5) / math.log(2), abs=1e-6) and five[-1] < math.log(5)
+    assert sweep_thresholds(DEFAULT_THRESHOLD_FRACTIONS, 2) == (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+    assert preset("full").thresholds is None and preset("tiny").thresholds == (0.0, 0.3, 10.0)  # explicit nats win
 
 
 def test_cli_overrides_reach_the_config():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from typing import Callable, Sequence
 
@@ -18,7 +19,22 @@ from costeff.models import CostEffConfig, CostEffForSequenceClassification, flop
 from costeff.data import metrics as M
 from costeff.pipeline.evaluate_utils import model_inputs
 
-DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+def fractions_of_ln2(nats) -> tuple:
+    """The fractions of ln C that give exactly ``nats`` for two classes (a grid written in nats for
+    binary tasks that scales with the class count elsewhere)."""
+    return tuple(t / math.log(2) for t in nats)
+
+
+# Sweep grids are fractions of ln C (the largest entropy C classes can have), so that they suit any class
+# count (0 to 0.87 ln C here: 0 to 0.6 nats for two classes, 0 to 1.39 for five); thresholds themselves
+# stay in nats everywhere.
+DEFAULT_THRESHOLD_FRACTIONS = fractions_of_ln2((0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6))
+
+
+def sweep_thresholds(fractions, num_labels: int) -> tuple:
+    """Thresholds in nats: fraction * ln C, rounded to 6 decimals (so a two-class grid reads 0.1, 0.2...)."""
+    scale = math.log(num_labels) if num_labels > 1 else 1.0
+    return tuple(round(f * scale, 6) for f in fractions)
 
 
 def latency_batches(data, split: str, examples: int, batch_sizes=(1, 32)) -> dict[int, list]:
@@ -50,9 +66,11 @@ def add_latency(systems: Sequence[Measured], timed: dict[int, list], rounds: int
             row[f"latency_ms_b{bs}"] = stats[i]["median"] * 1000
 
 
-def _exit_row(name: str, threshold, metric: str, preds, labels, layers, flops) -> dict:
+def _exit_row(name: str, threshold, metric: str, preds, labels, layers, flops, num_labels: int) -> dict:
     res = M.compute(metric, torch.cat(preds), torch.cat(labels))
-    return {"model": name, "threshold": threshold, **res, "avg_exit_layer": sum(layers) / len(layers), "avg_gflops": sum(flops) / len(flops) / 1e9}
+    norm = threshold / math.log(num_labels) if num_labels > 1 else None
+    return {"model": name, "threshold": threshold, "normalized_threshold": norm, **res, "avg_exit_layer": sum(layers) / len(layers),
+            "avg_gflops": sum(flops) / len(flops) / 1e9}
 
 
 @torch.no_grad()
@@ -77,7 +95,7 @@ def sweep_costeff(model: CostEffForSequenceClassification, data, split: str, thr
             for length, layer in zip(lengths, out.exit_layer.tolist()):
                 flops.append(flops_per_sample(model.config, int(length), exit_layer=layer))
                 layers.append(layer)
-        measured.append((_exit_row(name, t, data.metric, preds, labels, layers, flops), run))
+        measured.append((_exit_row(name, t, data.metric, preds, labels, layers, flops, model.config.num_labels), run))
     return measured
 
 
@@ -105,11 +123,11 @@ def add_ratios(rows: list[dict], reference: dict) -> None:
 
 
 def format_table(rows: list[dict], metric: str) -> str:
-    cols = [("model", "{:<26}"), ("threshold", "{:>9}"), (metric, "{:>8.4f}"), ("avg_exit_layer", "{:>6.2f}"),
+    cols = [("model", "{:<34}"), ("threshold", "{:>9}"), ("normalized_threshold", "{:>6.3f}"), (metric, "{:>8.4f}"), ("avg_exit_layer", "{:>6.2f}"),
             ("avg_gflops", "{:>8.4f}"), ("flops_ratio", "{:>7.2f}"), ("latency_ms_b1", "{:>8.2f}"),
             ("speedup_b1", "{:>6.2f}"), ("latency_ms_b32", "{:>8.3f}"), ("speedup_b32", "{:>6.2f}")]
-    heads = ["model", "thresh", metric[:8], "layer", "GFLOPs", "FLOPs x", "ms b1", "x b1", "ms b32", "x b32"]
-    widths = [26, 9, 8, 6, 8, 7, 8, 6, 8, 6]
+    heads = ["model", "thresh", "/ln C", metric[:8], "layer", "GFLOPs", "FLOPs x", "ms b1", "x b1", "ms b32", "x b32"]
+    widths = [34, 9, 6, 8, 6, 8, 7, 8, 6, 8, 6]
     lines = [" ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
     for r in rows:
         cells = []

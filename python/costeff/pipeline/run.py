@@ -21,12 +21,14 @@ from costeff.inference.calibrate import calibrate_on_batches
 from costeff.models import CostEffForSequenceClassification, count_parameters, from_bert, parameter_count
 from costeff.pipeline.checkpoint import atomic_write_json
 from costeff.pipeline.evaluate import (
-    DEFAULT_THRESHOLDS,
-    add_ratios,
+    DEFAULT_THRESHOLD_FRACTIONS,
     add_latency,
+    add_ratios,
     evaluate_hf_teacher,
+    fractions_of_ln2,
     latency_batches,
     sweep_costeff,
+    sweep_thresholds,
     write_results,
 )
 from costeff.pipeline.multi_exit import distill
@@ -74,7 +76,8 @@ class PipelineConfig:
     student_pred_lr: float = 5e-5
     temperature: float = 1.0
     # evaluation
-    thresholds: tuple = DEFAULT_THRESHOLDS
+    thresholds: Optional[tuple] = None  # sweep thresholds in nats; None: threshold_fractions x ln(num_labels)
+    threshold_fractions: tuple = DEFAULT_THRESHOLD_FRACTIONS
     latency_examples: int = 256
     latency_rounds: int = 5  # interleaved timing rounds (median)
     engine_precisions: tuple = ("fp32", "bf16", "int8")  # C++ engine rows of the student in the sweep
@@ -101,7 +104,7 @@ PRESETS = {
     "demo": dict(max_length=48, max_train_examples=0, batch_size=32, bucket_by_length=True, teacher_epochs=2, teacher_lr=1e-4,
                  ta_init="teacher", exit_pooling="mean", exit_lr_multiplier=20.0, ta_repr_epochs=0, ta_pred_epochs=1, ta_lr=5e-5,
                  prune_steps_per_event=24, prune_score_batches=4, prune_lr=1e-4, student_repr_epochs=1, student_pred_epochs=3,
-                 student_repr_lr=2e-4, student_pred_lr=1e-4, thresholds=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6), latency_examples=64,
+                 student_repr_lr=2e-4, student_pred_lr=1e-4, threshold_fractions=fractions_of_ln2((0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)), latency_examples=64,
                  save_every=0),
     # The real settings (the official run.sh scaled to MiniLM-L6 and Rotten Tomatoes). The slim
     # student's learning rates (prune 1e-4, distill 2e-4 / 1e-4) were picked on dev: with the 3e-5 /
@@ -189,7 +192,7 @@ def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> di
     teacher = load_teacher(out)
     ta = load_costeff(out, "ta")
     student = load_costeff(out, "student")
-    thresholds = tuple(c.thresholds)
+    thresholds = tuple(c.thresholds) if c.thresholds else sweep_thresholds(c.threshold_fractions, data.num_labels)
     teacher_costeff = from_bert(teacher, exit_start=teacher.config.num_hidden_layers).eval()
     timed = latency_batches(data, split, c.latency_examples)  # the same batches time every model
     # HF's default (sdpa) attention for the shipped teacher: what a user would run (TA training keeps eager)
