@@ -140,3 +140,25 @@ def test_bad_input(model_dir, tmp_path, monkeypatch, capsys):
     assert not out.exists() and not os.path.exists(str(out) + ".partial")  # nothing half-written
     rc, _, err = run_cli(["--model", model_dir, "--input", bad], None, monkeypatch, capsys)
     assert rc == 2 and "--text-column is required" in err
+
+
+def test_config_saved_before_the_inference_fields_loads(tmp_path):
+    """tests/data/config_before_inference_fields: the demo student's config.json as main saved it
+    before inference_threshold existed (two default labels, so no id2label)."""
+    from pathlib import Path
+
+    src = Path(__file__).parent / "data" / "config_before_inference_fields" / "config.json"
+    cfg = CostEffConfig.from_pretrained(src.parent)
+    assert "inference_threshold" not in json.loads(src.read_text())
+    assert cfg.inference_threshold is None and cfg.num_labels == 2 and cfg.exit_pooling == "mean"
+    # a directory with that config, its weights and a tokenizer predicts at threshold 0 with a notice
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "config.json").write_text(src.read_text())
+    torch.manual_seed(0)
+    CostEffForSequenceClassification(cfg).save_pretrained(tmp_path / "weights")
+    (d / "model.safetensors").write_bytes((tmp_path / "weights" / "model.safetensors").read_bytes())
+    AutoTokenizer.from_pretrained(str(gt.get_model_path())).save_pretrained(d)
+    pred = Predictor(d)
+    assert pred.threshold == 0.0 and "no calibrated threshold" in pred.notice
+    assert pred.labels == ["LABEL_0", "LABEL_1"] and pred(["fine"])[0]["exit_layer"] == 6
