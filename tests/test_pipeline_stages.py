@@ -88,6 +88,8 @@ def test_stages_one_by_one_then_whole_pipeline_resume(tiny_backbone, tmp_path):
     cal = json.load(open(os.path.join(out, "student", "model", "calibration.json")))
     assert cal["dev_metric"] >= cal["full_depth_dev_metric"] - 0.5 and cal["criterion"] == {"max_drop": 0.5}
     assert ("COST-EFF engine int8 (calibrated)", cal["threshold"]) in engine
+    card = open(os.path.join(out, "student", "model", "README.md")).read()
+    assert "Labels: rotten, fresh" in card and "COST-EFF engine int8 (calibrated)" in card and "Parameters:" in card
     for t in (0.0, 100.0):  # every row at the last / first exit: no threshold coin-flips
         e = engine[("COST-EFF engine fp32", t)]
         assert e["accuracy"] == slim[t]["accuracy"] and e["avg_exit_layer"] == slim[t]["avg_exit_layer"]

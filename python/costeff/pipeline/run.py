@@ -209,10 +209,10 @@ def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> di
             systems += sweep_costeff(student, data, split, thresholds, f"COST-EFF engine {precision}", engine=engine)
             if calibrated is not None:  # what `costeff predict` runs by default
                 systems += sweep_costeff(student, data, split, (calibrated,), f"COST-EFF engine {precision} (calibrated)", engine=engine)
-    elif calibrated is not None:
-        systems += sweep_costeff(student, data, split, (calibrated,), "COST-EFF slim (calibrated)")
     else:
         print("[costeff] evaluate: costeff._C is not built, so the engine rows are left out")
+        if calibrated is not None:
+            systems += sweep_costeff(student, data, split, (calibrated,), "COST-EFF slim (calibrated)")
     add_latency(systems, timed, c.latency_rounds)
     rows = [row for row, _ in systems]
     add_ratios(rows, rows[0])
@@ -227,7 +227,39 @@ def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> di
     result = {"rows": rows, "paths": paths, "params": sizes, "metric": data.metric, "split": split}
     if is_main_process():
         atomic_write_json(os.path.join(out, "eval", "summary.json"), result)
+        write_model_card(os.path.join(out, "student", "model"), student.config, rows, sizes, data.metric, split)
     return result
+
+
+def write_model_card(path: str, config, rows: list[dict], sizes: dict, metric: str, split: str) -> None:
+    """README.md of the student's model directory: what it is, the measured rows of this evaluation and
+    how to run it (written atomically)."""
+    layers = config.num_hidden_layers
+    keep = [r for r in rows if r["model"] in ("teacher (HF)", "slim static") or "(calibrated)" in r["model"]]
+    lines = [
+        "# COST-EFF slenderized multi-exit classifier", "",
+        f"{layers} layers, hidden {config.hidden_size}, attention heads per layer {config.num_attention_heads} "
+        f"(size {config.attention_head_size[0]}), FFN {config.intermediate_size}, word-embedding rank {config.embedding_rank}; "
+        f"an exit after every layer from layer {config.exit_start} (intermediate exits read the {config.exit_pooling} state). "
+        f"Labels: {', '.join(str(config.id2label[i]) for i in range(config.num_labels))}.", "",
+        f"Parameters: {sizes['student']['total']:,} (encoder layers {sizes['student']['encoder']:,}); the teacher it was "
+        f"distilled from: {sizes['teacher']['total']:,} (encoder {sizes['teacher']['encoder']:,}).", "",
+        f"Calibrated entropy threshold: {config.inference_threshold} nats (`inference_threshold`; see calibration.json)."
+        if config.inference_threshold is not None else "Not calibrated: `costeff predict` runs every input to the last layer.", "",
+        f"Measured by `costeff evaluate` on the {split} split (latency per sample on the machine that ran it):", "",
+        f"| model | threshold | {metric} | avg exit layer | GFLOPs | ms b1 | ms/sample b32 |", "|---|---|---|---|---|---|---|",
+    ]
+    for r in keep:
+        t = "-" if r["threshold"] is None else f"{r['threshold']:.4g}"
+        lines.append(f"| {r['model']} | {t} | {100 * r[metric]:.2f} | {r['avg_exit_layer']:.2f} | {r['avg_gflops']:.4f} | "
+                     f"{r.get('latency_ms_b1', float('nan')):.3f} | {r.get('latency_ms_b32', float('nan')):.3f} |")
+    lines += ["", "Use:", "", "```bash", f"echo \"some text\" | costeff predict --model {path} --precision int8", "```", "",
+              "```python", "from costeff.inference import InferenceEngine",
+              f"engine = InferenceEngine.from_pretrained({path!r}, precision=\"int8\")", "```", ""]
+    tmp = os.path.join(path, "README.md.tmp")
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, os.path.join(path, "README.md"))
 
 
 def mark_done(out: str, stage: str, seconds: float) -> None:
