@@ -162,3 +162,38 @@ def test_config_saved_before_the_inference_fields_loads(tmp_path):
     pred = Predictor(d)
     assert pred.threshold == 0.0 and "no calibrated threshold" in pred.notice
     assert pred.labels == ["LABEL_0", "LABEL_1"] and pred(["fine"])[0]["exit_layer"] == 6
+
+
+def test_hf_pipeline_labels_equal_early_exit(model_dir):
+    import subprocess
+    import sys
+
+    import transformers
+
+    from costeff.inference import CostEffTextClassificationPipeline
+
+    texts = [t for t in TEXTS if t][:5]
+    model = CostEffForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    for pipe in (transformers.pipeline("costeff-text-classification", model=str(model_dir), threshold=0.4),
+                 transformers.pipeline("text-classification", model=str(model_dir), pipeline_class=CostEffTextClassificationPipeline, threshold=0.4)):
+        assert pipe.threshold == 0.4
+        out = pipe(texts, truncation=True)
+        for r, text in zip(out, texts):
+            enc = tok(text, truncation=True, return_tensors="pt")
+            ref = model.early_exit(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], threshold=0.4, use_kernels=False)
+            p = torch.softmax(ref.logits[0], -1)
+            assert r["label"] == ("rotten", "fresh")[int(p.argmax())] and r["exit_layer"] == int(ref.exit_layer[0])
+            assert r["score"] == pytest.approx(float(p.max()), abs=1e-4)
+    # model.forward is untouched: eval mode without labels still returns every exit (distillation needs it)
+    enc = tok(texts[0], return_tensors="pt")
+    assert len(model(**enc).exit_logits) == model.config.num_exits
+    with pytest.raises(ValueError, match="threshold must be a number >= 0"):
+        transformers.pipeline("costeff-text-classification", model=str(model_dir), threshold=-1)
+    # `import costeff` alone registers the Auto classes and the pipeline task
+    code = ("import costeff, transformers\n"
+            f"p = transformers.pipeline('costeff-text-classification', model={str(model_dir)!r})\n"
+            "print(type(p.model).__name__, p('a fine film')[0]['exit_layer'])\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[0] == "CostEffForSequenceClassification"

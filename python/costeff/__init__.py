@@ -15,6 +15,8 @@ from costeff._extension import ExtensionNotBuiltError, built_with_cuda, extensio
 __version__ = "0.1.0"
 
 from costeff import ops  # noqa: E402  (registers fakes/autograd once the extension is loaded)
+from costeff import models  # noqa: E402  (registers the Auto classes: model_type costeff_bert)
+from costeff import inference  # noqa: E402  (registers the "costeff-text-classification" pipeline)
 
 
 def info() -> dict:
@@ -39,4 +41,4 @@ def info() -> dict:
     }
 
 
-__all__ = ["ExtensionNotBuiltError", "info", "ops", "__version__"]
+__all__ = ["ExtensionNotBuiltError", "inference", "info", "models", "ops", "__version__"]

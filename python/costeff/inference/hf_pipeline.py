@@ -1,0 +1,47 @@
+"""A Hugging Face text-classification pipeline that runs the early exit.
+
+``transformers.pipeline("costeff-text-classification", model=DIR)`` (registered when costeff.inference
+is imported) or ``transformers.pipeline("text-classification", model=DIR, pipeline_class=CostEffTextClassificationPipeline)``
+returns ``{"label", "score", "exit_layer"}`` per text, at the directory's calibrated threshold
+(``inference_threshold``; 0, i.e. full depth, when not calibrated) unless ``threshold=`` is given. The
+model's own ``forward`` is untouched: in eval mode without labels it still returns every exit, which
+distillation needs."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from transformers import AutoModelForSequenceClassification, TextClassificationPipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from costeff.models import CostEffForSequenceClassification
+
+TASK = "costeff-text-classification"
+
+
+class CostEffTextClassificationPipeline(TextClassificationPipeline):
+    def __init__(self, *args, threshold: Optional[float] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.model, CostEffForSequenceClassification):
+            raise TypeError(f"{TASK} needs a costeff model, got {type(self.model).__name__}")
+        if threshold is None:
+            threshold = self.model.config.inference_threshold or 0.0
+        t = float(threshold)
+        if math.isnan(t) or t < 0:
+            raise ValueError(f"{TASK}: threshold must be a number >= 0 (nats), got {threshold!r}")
+        self.threshold = t
+
+    def _forward(self, model_inputs):
+        out = self.model.early_exit(model_inputs["input_ids"], model_inputs.get("attention_mask"), model_inputs.get("token_type_ids"),
+                                    threshold=self.threshold)
+        return {"logits": out.logits, "exit_layer": out.exit_layer}
+
+    def postprocess(self, model_outputs, function_to_apply=None, top_k=1, _legacy=True):
+        result = super().postprocess(model_outputs, function_to_apply, top_k, _legacy)
+        layer = int(model_outputs["exit_layer"][0])
+        if isinstance(result, dict):
+            return {**result, "exit_layer": layer}
+        return [{**r, "exit_layer": layer} for r in result]
+
+
+PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=CostEffTextClassificationPipeline, pt_model=AutoModelForSequenceClassification)
