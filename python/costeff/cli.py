@@ -102,12 +102,17 @@ def _pipeline_config(args):
     return preset(args.preset, **over)
 
 
+def _task_kwargs(args) -> dict:
+    """The CSV column options of --task csv (other tasks take none)."""
+    if args.task == "csv":
+        return dict(text_column=args.text_column, label_column=args.label_column, text_pair_column=args.text_pair_column)
+    return {}
+
+
 def _data_for(args, c):
     from costeff.pipeline.context import prepare_data
 
-    kw = {}
-    if args.task == "csv":
-        kw = dict(text_column=args.text_column, label_column=args.label_column, text_pair_column=args.text_pair_column)
+    kw = _task_kwargs(args)
     return prepare_data(args.task, backbone_of(args), max_length=c.max_length, batch_size=c.batch_size,
                         eval_batch_size=c.eval_batch_size, seed=c.seed, data_dir=args.data_dir, max_train_examples=c.max_train_examples,
                         max_eval_examples=c.max_eval_examples, bucket_by_length=c.bucket_by_length, **kw)
@@ -266,9 +271,7 @@ def cmd_calibrate(args) -> int:
     if args.max_drop is not None and args.latency_ms is not None:
         raise ValueError("give --max-drop or --latency-ms, not both")
     max_drop = args.max_drop if args.max_drop is not None or args.latency_ms is not None else 0.5
-    kw = {}
-    if args.task == "csv":
-        kw = dict(text_column=args.text_column, label_column=args.label_column, text_pair_column=args.text_pair_column)
+    kw = _task_kwargs(args)
     res = calibrate_directory(args.model, args.task, args.data_dir, args.seed, args.split, max_drop, args.latency_ms,
                               args.latency_batch_size, args.precision, args.max_eval_examples or 0, tokenizer=args.tokenizer,
                               max_length=args.max_length, **kw)

@@ -105,13 +105,18 @@ def choose_threshold(ents, preds, labels, metric: str, exit_start: int, max_drop
             "criterion": {"max_drop": max_drop} if max_drop is not None else {"latency_ms": latency_ms}}
 
 
+def normalized_threshold(threshold: float, num_labels: int) -> Optional[float]:
+    """threshold / ln C: 1 is the entropy of a uniform guess over C classes (None for one class)."""
+    return threshold / math.log(num_labels) if num_labels > 1 else None
+
+
 def write_calibration(model_dir, result: dict, num_labels: int) -> None:
     """inference_threshold into config.json and the dev numbers into calibration.json (both atomic)."""
     path = Path(os.fspath(model_dir))
     cfg = json.loads((path / "config.json").read_text())
     cfg["inference_threshold"] = result["threshold"]
     record = dict(result)
-    record["normalized_threshold"] = result["threshold"] / math.log(num_labels) if num_labels > 1 else None
+    record["normalized_threshold"] = normalized_threshold(result["threshold"], num_labels)
     for name, payload in (("calibration.json", record), ("config.json", cfg)):
         tmp = path / (name + ".tmp")
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=name == "config.json") + "\n")

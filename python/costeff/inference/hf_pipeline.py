@@ -8,12 +8,12 @@ model's own ``forward`` is untouched: in eval mode without labels it still retur
 distillation needs."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from transformers import AutoModelForSequenceClassification, TextClassificationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from costeff.inference.predict import check_threshold
 from costeff.models import CostEffForSequenceClassification
 
 TASK = "costeff-text-classification"
@@ -26,10 +26,7 @@ class CostEffTextClassificationPipeline(TextClassificationPipeline):
             raise TypeError(f"{TASK} needs a costeff model, got {type(self.model).__name__}")
         if threshold is None:
             threshold = self.model.config.inference_threshold or 0.0
-        t = float(threshold)
-        if math.isnan(t) or t < 0:
-            raise ValueError(f"{TASK}: threshold must be a number >= 0 (nats), got {threshold!r}")
-        self.threshold = t
+        self.threshold = check_threshold(threshold)
 
     def _forward(self, model_inputs):
         out = self.model.early_exit(model_inputs["input_ids"], model_inputs.get("attention_mask"), model_inputs.get("token_type_ids"),

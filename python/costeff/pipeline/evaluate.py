@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from costeff.data import make_loader
+from costeff.inference.calibrate import normalized_threshold
 from costeff.inference.timing import time_interleaved
 from costeff.models import CostEffConfig, CostEffForSequenceClassification, flops_per_sample
 from costeff.data import metrics as M
@@ -68,8 +69,7 @@ def add_latency(systems: Sequence[Measured], timed: dict[int, list], rounds: int
 
 def _exit_row(name: str, threshold, metric: str, preds, labels, layers, flops, num_labels: int) -> dict:
     res = M.compute(metric, torch.cat(preds), torch.cat(labels))
-    norm = threshold / math.log(num_labels) if num_labels > 1 else None
-    return {"model": name, "threshold": threshold, "normalized_threshold": norm, **res, "avg_exit_layer": sum(layers) / len(layers),
+    return {"model": name, "threshold": threshold, "normalized_threshold": normalized_threshold(threshold, num_labels), **res, "avg_exit_layer": sum(layers) / len(layers),
             "avg_gflops": sum(flops) / len(flops) / 1e9}
 
 

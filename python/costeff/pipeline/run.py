@@ -189,15 +189,15 @@ def stage_distill(c: PipelineConfig, data, out: str, resume: bool = False) -> di
 
 
 def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> dict:
-    teacher = load_teacher(out)
+    # HF's default (sdpa) attention for the shipped teacher, what a user would run (TA training keeps
+    # eager); the attention implementation does not matter to from_bert's weight conversion
+    teacher = load_teacher(out, attn_implementation="sdpa")
     ta = load_costeff(out, "ta")
     student = load_costeff(out, "student")
     thresholds = tuple(c.thresholds) if c.thresholds else sweep_thresholds(c.threshold_fractions, data.num_labels)
     teacher_costeff = from_bert(teacher, exit_start=teacher.config.num_hidden_layers).eval()
     timed = latency_batches(data, split, c.latency_examples)  # the same batches time every model
-    # HF's default (sdpa) attention for the shipped teacher: what a user would run (TA training keeps eager)
-    teacher_sdpa = load_teacher(out, attn_implementation="sdpa")
-    systems = [evaluate_hf_teacher(teacher_sdpa, teacher_costeff.config, data, split, "teacher (HF)")]
+    systems = [evaluate_hf_teacher(teacher, teacher_costeff.config, data, split, "teacher (HF)")]
     systems += sweep_costeff(teacher_costeff, data, split, (0.0,), "teacher (costeff kernels)")
     systems += sweep_costeff(ta, data, split, thresholds, "TA early exit (DeeBERT)")
     systems += sweep_costeff(student, data, split, (0.0,), "slim static")
