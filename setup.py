@@ -7,6 +7,7 @@ them, unset means "when torch has CUDA and nvcc is found". Install with
 import glob
 import os
 import sys
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
@@ -85,6 +86,11 @@ def _extension():
     )
 
 
+def _requirements(name: str) -> list[str]:
+    lines = (Path(__file__).parent / "requirements" / name).read_text().splitlines()
+    return [ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip()]
+
+
 setup(
     name="costeff",
     version="0.1.0",
@@ -95,6 +101,6 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.13", "safetensors", "tqdm", "transformers", "datasets", "matplotlib"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis", "expecttest"]},
+    extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis", "expecttest"], "onnx": _requirements("onnx.txt")},
     entry_points={"console_scripts": ["costeff=costeff.cli:main"]},
 )

@@ -14,6 +14,10 @@ class ExtensionNotBuiltError(ImportError):
     """Raised when an op is called but costeff._C was never compiled."""
 
 
+class MissingDependencyError(ImportError):
+    """Raised when a feature needs an optional package (e.g. onnxruntime) that is not installed."""
+
+
 try:
     _C = importlib.import_module("costeff._C")
     LOAD_ERROR: Exception | None = None

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from costeff._extension import ExtensionNotBuiltError, MissingDependencyError
 from costeff.pipeline.checkpoint import CheckpointError
 
 
@@ -254,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write JSON Lines here (default stdout)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threshold", type=float, help="entropy threshold in nats (default: the model's calibrated one, else 0)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"], help="engine precision")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], help="engine precision (default fp32; an ONNX export keeps its own)")
     p.add_argument("--probs", action="store_true", help="add every label's probability")
     p.add_argument("--tokenizer", help="tokenizer directory, for model directories saved without one")
     p.add_argument("--num-shards", type=int, default=1, help="split the input: keep lines i with i %% N == I")
@@ -262,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a model directory as ONNX graphs that keep the early exit",
+                       description="Export a saved model directory to ONNX: embeddings.onnx and one segment_<k>.onnx per exit "
+                                   "(hidden, attention_mask -> logits, entropy, hidden), dynamic batch and sequence axes, with the "
+                                   "config, tokenizer and a manifest; `costeff predict --model OUT` runs it on ONNX Runtime.")
+    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    p.add_argument("--output", required=True, help="output directory (written as OUTPUT.partial, renamed when verified)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                   help="int8: onnxruntime dynamic quantization of the segments' matrix products")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch default)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -287,6 +301,15 @@ def cmd_predict(args) -> int:
     return main_predict(args)
 
 
+def cmd_export(args) -> int:
+    from costeff.inference.onnx_export import export_onnx
+
+    manifest = export_onnx(args.model, args.output, args.precision, args.overwrite)
+    print(f"exported {len(manifest['segments'])} exit segments + embeddings ({args.precision}, opset {manifest['opset']}) to "
+          f"{args.output}; max logit difference to PyTorch {manifest['max_logit_difference']:.2e}")
+    return 0
+
+
 def main(argv=None) -> int:
     import transformers
 
@@ -296,14 +319,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    if args.command in ("predict", "calibrate"):  # predict's stdout carries the JSON Lines; no run directory
+    if args.command in ("predict", "calibrate", "export"):  # predict's stdout carries the JSON Lines; no run directory
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)
     else:
         _setup_logging(getattr(args, "output", None))
         _init_distributed()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:  # data, checkpoint and argument problems
+    except (ValueError, FileNotFoundError, CheckpointError, ExtensionNotBuiltError, MissingDependencyError) as exc:
+        # data, checkpoint and argument problems, and what is not installed
         if os.environ.get("COSTEFF_DEBUG"):
             raise
         print(f"costeff {args.command}: error: {exc}", file=sys.stderr)

@@ -26,7 +26,7 @@ _NO_TOKENIZER = (
 )
 
 
-def _load_config(path: Path):
+def load_model_config(path: Path):
     """The CostEffConfig of a model directory, with clear errors for what is not one."""
     from costeff.models import CostEffConfig
 
@@ -61,13 +61,14 @@ def check_threshold(threshold) -> float:
 
 class Predictor:
     """Tokenizer + early-exit classifier of a model directory. Runs on the C++ engine when the
-    extension is built (``precision`` fp32/bf16/int8), else on the model's ``early_exit``."""
+    extension is built (``precision`` fp32 (default) / bf16 / int8), else on the model's
+    ``early_exit``; a directory written by ``costeff export --format onnx`` runs on ONNX Runtime."""
 
-    def __init__(self, model_dir, precision: str = "fp32", threshold: Optional[float] = None, tokenizer=None):
+    def __init__(self, model_dir, precision: Optional[str] = None, threshold: Optional[float] = None, tokenizer=None):
         from transformers import AutoTokenizer
 
         path = Path(os.fspath(model_dir))
-        self.config = _load_config(path)
+        self.config = load_model_config(path)
         tok_path = Path(os.fspath(tokenizer)) if tokenizer is not None else path
         if tokenizer is not None and not _has_tokenizer(tok_path):
             raise FileNotFoundError(f"--tokenizer {tok_path} holds no tokenizer (tokenizer.json / tokenizer_config.json / vocab.txt)")
@@ -86,16 +87,26 @@ class Predictor:
         else:
             self.threshold = 0.0
             self.notice = f"{path}: no calibrated threshold (config inference_threshold): every input runs to the last layer (threshold 0); pass --threshold NATS to exit early"
-        if extension_loaded():
+        from costeff.inference.onnx_runner import OnnxEarlyExit, is_onnx_directory
+
+        self.engine = None
+        if is_onnx_directory(path):  # written by `costeff export --format onnx`: its precision was fixed there
+            runner = OnnxEarlyExit(path)
+            if precision is not None and precision != runner.precision:
+                raise ValueError(f"{path} is an ONNX export in {runner.precision}; --precision {precision} needs another export")
+            self.backend = f"onnxruntime {runner.precision}"
+            self._run = lambda ids, mask, types: runner(ids, mask, types, threshold=self.threshold)
+        elif extension_loaded():
             from costeff.inference.engine import InferenceEngine
 
-            self.engine = InferenceEngine.from_pretrained(path, precision)
+            self.engine = InferenceEngine.from_pretrained(path, precision or "fp32")
+            self.backend = f"engine {self.engine.precision}"
             self._run = lambda ids, mask, types: self.engine(ids, mask, types, threshold=self.threshold)
         else:
             from costeff.models import CostEffForSequenceClassification
 
             model = CostEffForSequenceClassification.from_pretrained(path).eval()
-            self.engine = None
+            self.backend = "pytorch"
             self._run = lambda ids, mask, types: model.early_exit(ids, mask, types, threshold=self.threshold)
         self.truncated = 0
 

@@ -23,6 +23,7 @@ from costeff.models.modeling_costeff import (
     gradient_rescale,
     prepare_inputs,
 )
+from costeff.models.segments import EmbeddingSegment, ExitSegment, exit_segments
 
 AutoConfig.register(MODEL_TYPE, CostEffConfig, exist_ok=True)
 AutoModel.register(CostEffConfig, CostEffModel, exist_ok=True)
@@ -35,9 +36,12 @@ __all__ = [
     "CostEffPreTrainedModel",
     "CostEffSequenceClassifierOutput",
     "EarlyExitOutput",
+    "EmbeddingSegment",
+    "ExitSegment",
     "check_checkpoint",
     "count_parameters",
     "exit_macs",
+    "exit_segments",
     "factorize_embedding",
     "flops_per_sample",
     "from_bert",

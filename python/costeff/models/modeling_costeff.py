@@ -288,7 +288,7 @@ def _checkpoint_files(path: Path) -> list[Path]:
 def check_checkpoint(path, model_class) -> CostEffConfig:
     """Checks that ``path`` holds config.json + safetensors whose tensor names and shapes are exactly
     those the config implies; raises FileNotFoundError / ValueError naming the problem."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_dir():
@@ -301,9 +301,12 @@ def check_checkpoint(path, model_class) -> CostEffConfig:
     expected = {k: tuple(v.shape) for k, v in expected_model.state_dict().items()}
     found: dict[str, tuple] = {}
     for f in _checkpoint_files(path):
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                found[k] = tuple(fh.get_slice(k).get_shape())
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    found[k] = tuple(fh.get_slice(k).get_shape())
+        except SafetensorError as exc:
+            raise ValueError(f"costeff checkpoint {f} is not a readable safetensors file ({exc}): corrupt or truncated") from None
     prefix = model_class.base_model_prefix + "."
     if not any(k.startswith(prefix) for k in expected) and any(k.startswith(prefix) for k in found):
         # loading the encoder alone from a classifier checkpoint: only the encoder's tensors matter
@@ -484,7 +487,7 @@ class CostEffForSequenceClassification(CostEffPreTrainedModel):
             if ex is None:
                 continue
             read = gradient_rescale(h, 1.0 / (L - i)) if ge else h
-            exit_logits.append(ex(_exit_input(read, mask, cfg, i + 1 == L), k, dropout=self.training).logits)
+            exit_logits.append(ex(exit_input(read, mask, cfg, i + 1 == L), k, dropout=self.training).logits)
             if ge:
                 h = gradient_rescale(read, float(max(1, L - i - 1)))
         loss = None
@@ -518,33 +521,21 @@ class CostEffForSequenceClassification(CostEffPreTrainedModel):
         layer_out = torch.zeros(b, dtype=torch.long, device=ids.device)
         if b == 0:
             return EarlyExitOutput(logits=logits_out, exit_layer=layer_out, entropy=entropy_out)
-        ids, mask, types = _trim(ids, mask, types)
-        active = torch.arange(b, device=ids.device)
+        ids, mask, types = trim_padding(ids, mask, types)
         h = self.costeff.embeddings(ids, types, k, False)
-        L = cfg.num_hidden_layers
-        for i, layer in enumerate(self.costeff.layers):
-            h = layer(h, mask, k, False)
-            ex = self.exit_for_layer(i + 1)
-            if ex is None:
-                continue
-            last = i == L - 1
-            res = ex(_exit_input(h, mask, cfg, last).contiguous(), k, float("inf") if last else threshold)
-            leave = res.exit_mask
-            if last or bool(leave.all()):
-                logits_out[active] = res.logits
-                entropy_out[active] = res.entropy.to(entropy_out.dtype)
-                layer_out[active] = i + 1
-                break
-            if bool(leave.any()):
-                rows = active[leave]
-                logits_out[rows] = res.logits[leave]
-                entropy_out[rows] = res.entropy[leave].to(entropy_out.dtype)
-                layer_out[rows] = i + 1
-                stay = ~leave
-                active, h, mask = active[stay], h[stay], mask[stay]
-                cols = _real_columns(mask)
-                if cols < h.shape[1]:
-                    h, mask = h[:, :cols].contiguous(), mask[:, :cols].contiguous()
+
+        def step(index, start, end):
+            ex, last = self.exits[index], end == cfg.num_hidden_layers
+
+            def run(h, mask):
+                for layer in self.costeff.layers[start:end]:
+                    h = layer(h, mask, k, False)
+                res = ex(exit_input(h, mask, cfg, last).contiguous(), k, threshold)
+                return res.logits, res.entropy, h
+            return run
+
+        steps = [step(i, start, end) for i, (start, end) in enumerate(segment_spans(cfg))]
+        run_exit_segments(steps, cfg.exit_layers(), h, mask, threshold, logits_out, entropy_out, layer_out)
         return EarlyExitOutput(logits=logits_out, exit_layer=layer_out, entropy=entropy_out)
 
     def average_flops(
@@ -584,7 +575,7 @@ class CostEffForSequenceClassification(CostEffPreTrainedModel):
         }
 
 
-def _exit_input(h: torch.Tensor, mask: torch.Tensor, config: CostEffConfig, last: bool) -> torch.Tensor:
+def exit_input(h: torch.Tensor, mask: torch.Tensor, config: CostEffConfig, last: bool) -> torch.Tensor:
     """The state an exit reads: CLS, or for intermediate exits with exit_pooling="mean" the average
     of the real tokens."""
     if last or config.exit_pooling == "cls":
@@ -593,13 +584,50 @@ def _exit_input(h: torch.Tensor, mask: torch.Tensor, config: CostEffConfig, last
     return (h * m).sum(1) / m.sum(1).clamp_min(1)
 
 
+def segment_spans(config: CostEffConfig) -> list[tuple[int, int]]:
+    """Per exit, the 0-based half-open range of layers run before it: [0, exit_start), then one layer
+    per later exit."""
+    layers = config.exit_layers()
+    return [(0 if k == 0 else layers[k - 1], layer) for k, layer in enumerate(layers)]
+
+
+def run_exit_segments(steps, exit_layers, hidden, mask, threshold: float, logits_out, entropy_out, layer_out) -> None:
+    """The early-exit loop around per-exit segments (``early_exit``'s and the ONNX runner's).
+
+    ``steps[k](hidden, mask) -> (logits, entropy, hidden)`` runs segment k on the rows still active.
+    A row leaves at the first exit whose entropy < ``threshold`` (the last exit takes the rest); its
+    logits, entropy and ``exit_layers[k]`` go to its original row of the ``*_out`` tensors. The rows
+    that stay are gathered and trailing all-padding columns trimmed before the next segment."""
+    active = torch.arange(hidden.shape[0], device=hidden.device)
+    for k, step in enumerate(steps):
+        logits, entropy, hidden = step(hidden, mask)
+        last = k == len(steps) - 1
+        leave = None if last else entropy.to(torch.float64) < threshold
+        if last or bool(leave.all()):
+            logits_out[active] = logits.to(logits_out.dtype)
+            entropy_out[active] = entropy.to(entropy_out.dtype)
+            layer_out[active] = exit_layers[k]
+            return
+        if bool(leave.any()):
+            rows = active[leave]
+            logits_out[rows] = logits[leave].to(logits_out.dtype)
+            entropy_out[rows] = entropy[leave].to(entropy_out.dtype)
+            layer_out[rows] = exit_layers[k]
+            stay = ~leave
+            active, hidden, mask = active[stay], hidden[stay], mask[stay]
+            cols = _real_columns(mask)
+            if cols < hidden.shape[1]:
+                hidden, mask = hidden[:, :cols].contiguous(), mask[:, :cols].contiguous()
+
+
 def _real_columns(mask: torch.Tensor) -> int:
     """1 + the last column holding a real token in any row."""
     cols = mask.any(0).nonzero()
     return int(cols[-1, 0]) + 1
 
 
-def _trim(ids, mask, types):
+def trim_padding(ids, mask, types):
+    """Drops trailing columns that are padding in every row."""
     cols = _real_columns(mask)
     if cols < ids.shape[1]:
         return ids[:, :cols], mask[:, :cols], types[:, :cols]

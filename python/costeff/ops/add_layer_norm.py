@@ -24,7 +24,8 @@ def add_layer_norm_reference(x, residual, weight, bias, eps: float = 1e-12):
     check_add_layer_norm(x, residual, weight, bias, eps)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     s = x.to(acc) + residual.to(acc)
-    return F.layer_norm(s, (s.shape[-1],), weight.to(acc), bias.to(acc), eps).to(x.dtype)
+    # weight.shape, not s.shape: the ONNX tracer needs a constant normalized shape
+    return F.layer_norm(s, weight.shape, weight.to(acc), bias.to(acc), eps).to(x.dtype)
 
 
 def _fake(x, residual, weight, bias, eps):

@@ -40,6 +40,25 @@ def exit_head(
     return ExitHeadOutput(*out)
 
 
+def exit_head_logits_entropy(
+    hidden: torch.Tensor,
+    classifier_weight: torch.Tensor,
+    classifier_bias: torch.Tensor,
+    pooler_weight: Optional[torch.Tensor] = None,
+    pooler_bias: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exit head's math without checks (so ``torch.export`` / ONNX tracing see no data-dependent
+    branch): logits (input dtype) and entropy (float32, float64 for float64 inputs)."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    h = hidden.to(acc)
+    if pooler_weight is not None:
+        h = F.linear(h, pooler_weight.to(acc), pooler_bias.to(acc))
+    logits = F.linear(torch.tanh(h), classifier_weight.to(acc), classifier_bias.to(acc))
+    log_p = torch.log_softmax(logits, dim=-1)
+    entropy = (-(log_p.exp() * log_p).sum(-1)).clamp_min(0)
+    return logits.to(hidden.dtype), entropy
+
+
 def exit_head_reference(
     hidden: torch.Tensor,
     classifier_weight: torch.Tensor,
@@ -50,17 +69,11 @@ def exit_head_reference(
 ) -> ExitHeadOutput:
     """Plain PyTorch composition of the exit head (computes in fp32 for 16-bit inputs)."""
     check_exit_head(hidden, pooler_weight, pooler_bias, classifier_weight, classifier_bias, threshold)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    h = hidden.to(acc)
-    if pooler_weight is not None:
-        h = F.linear(h, pooler_weight.to(acc), pooler_bias.to(acc))
-    logits = F.linear(torch.tanh(h), classifier_weight.to(acc), classifier_bias.to(acc))
-    if not torch.isfinite(logits).all():
-        bad = int((~torch.isfinite(logits).all(1)).nonzero()[0, 0])
+    logits, entropy = exit_head_logits_entropy(hidden, classifier_weight, classifier_bias, pooler_weight, pooler_bias)
+    if not torch.isfinite(entropy).all():
+        bad = int((~torch.isfinite(entropy)).nonzero()[0, 0])
         raise ValueError(f"costeff::exit_head: non-finite logits (NaN/Inf) in row {bad}: check hidden and the pooler/classifier weights for NaN/Inf")
-    log_p = torch.log_softmax(logits, dim=-1)
-    entropy = (-(log_p.exp() * log_p).sum(-1)).clamp_min(0)
-    return ExitHeadOutput(logits.to(hidden.dtype), entropy, entropy < threshold)
+    return ExitHeadOutput(logits, entropy, entropy < threshold)
 
 
 def _fake(hidden, pooler_weight, pooler_bias, classifier_weight, classifier_bias, threshold):
