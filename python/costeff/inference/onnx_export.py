@@ -15,6 +15,7 @@ quantization (int8 weights per output channel, activations per call). The export
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -73,12 +74,16 @@ def _quantize(out: Path, segments: list[dict]) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for seg in segments:
-        src = out / seg["file"]
-        tmp = out / (seg["file"] + ".int8")
-        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-        os.replace(tmp, src)
+    logging.disable(logging.WARNING)  # quantize_dynamic advises shape pre-processing on every call
+    try:
+        for seg in segments:
+            src = out / seg["file"]
+            tmp = out / (seg["file"] + ".int8")
+            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            os.replace(tmp, src)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _verify(model, out: Path, precision: str) -> float:

@@ -62,9 +62,11 @@ def check_threshold(threshold) -> float:
 class Predictor:
     """Tokenizer + early-exit classifier of a model directory. Runs on the C++ engine when the
     extension is built (``precision`` fp32 (default) / bf16 / int8), else on the model's
-    ``early_exit``; a directory written by ``costeff export --format onnx`` runs on ONNX Runtime."""
+    ``early_exit``; a directory written by ``costeff export --format onnx`` runs on ONNX Runtime.
+    ``backend="pytorch"`` forces ``early_exit`` (kernels when built) on a model directory."""
 
-    def __init__(self, model_dir, precision: Optional[str] = None, threshold: Optional[float] = None, tokenizer=None):
+    def __init__(self, model_dir, precision: Optional[str] = None, threshold: Optional[float] = None, tokenizer=None,
+                 backend: Optional[str] = None):
         from transformers import AutoTokenizer
 
         path = Path(os.fspath(model_dir))
@@ -89,6 +91,8 @@ class Predictor:
             self.notice = f"{path}: no calibrated threshold (config inference_threshold): every input runs to the last layer (threshold 0); pass --threshold NATS to exit early"
         from costeff.inference.onnx_runner import OnnxEarlyExit, is_onnx_directory
 
+        if backend not in (None, "engine", "pytorch"):
+            raise ValueError(f"backend must be None (automatic), 'engine' or 'pytorch', got {backend!r}")
         self.engine = None
         if is_onnx_directory(path):  # written by `costeff export --format onnx`: its precision was fixed there
             runner = OnnxEarlyExit(path)
@@ -96,7 +100,7 @@ class Predictor:
                 raise ValueError(f"{path} is an ONNX export in {runner.precision}; --precision {precision} needs another export")
             self.backend = f"onnxruntime {runner.precision}"
             self._run = lambda ids, mask, types: runner(ids, mask, types, threshold=self.threshold)
-        elif extension_loaded():
+        elif backend == "engine" or (backend is None and extension_loaded()):
             from costeff.inference.engine import InferenceEngine
 
             self.engine = InferenceEngine.from_pretrained(path, precision or "fp32")

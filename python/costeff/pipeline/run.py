@@ -253,7 +253,8 @@ def write_model_card(path: str, config, rows: list[dict], sizes: dict, metric: s
         t = "-" if r["threshold"] is None else f"{r['threshold']:.4g}"
         lines.append(f"| {r['model']} | {t} | {100 * r[metric]:.2f} | {r['avg_exit_layer']:.2f} | {r['avg_gflops']:.4f} | "
                      f"{r.get('latency_ms_b1', float('nan')):.3f} | {r.get('latency_ms_b32', float('nan')):.3f} |")
-    lines += ["", "Use:", "", "```bash", f"echo \"some text\" | costeff predict --model {path} --precision int8", "```", "",
+    lines += ["", "Use:", "", "```bash", f"echo \"some text\" | costeff predict --model {path} --precision int8",
+              f"costeff export --model {path} --output {path}-onnx   # ONNX graphs that keep the early exit", "```", "",
               "```python", "from costeff.inference import InferenceEngine",
               f"engine = InferenceEngine.from_pretrained({path!r}, precision=\"int8\")", "```", ""]
     tmp = os.path.join(path, "README.md.tmp")
