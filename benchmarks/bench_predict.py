@@ -32,6 +32,7 @@ for p in (ROOT / "python", ROOT):
 from costeff.data import load_task  # noqa: E402
 from costeff.inference.onnx_export import export_onnx  # noqa: E402
 from costeff.inference.predict import Predictor  # noqa: E402
+import transformers  # noqa: E402
 from costeff.inference.timing import time_interleaved  # noqa: E402
 
 
@@ -76,6 +77,7 @@ def accuracy(pred: Predictor, texts: list[str], labels: list[int], batch: int = 
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()
     dd, _, _, _ = load_task(args.task, data_dir=args.data_dir, seed=args.seed)
     test = dd["test"]
     text_col = "text" if "text" in test.column_names else test.column_names[0]

@@ -16,7 +16,7 @@ from costeff.cli import main
 from costeff.inference import OnnxEarlyExit, export_onnx, export_torch
 from costeff.inference.onnx_runner import require_onnxruntime
 from costeff.models import EmbeddingSegment, exit_segments
-from _models import CONFIGS, assert_matches_reference, make_batch, make_model, spread_thresholds
+from _models import CONFIGS, assert_matches_reference, exit_entropies, make_batch, make_model, spread_thresholds
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -102,20 +102,26 @@ def test_onnx_directory_runs_in_predict(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
     model = make_model(vocab_size=tok.vocab_size, max_position_embeddings=64, id2label={0: "a", 1: "b", 2: "c"},
-                       label2id={"a": 0, "b": 1, "c": 2}, inference_threshold=0.5, **CONFIGS["factorized_mean"])
+                       label2id={"a": 0, "b": 1, "c": 2}, **CONFIGS["factorized_mean"])
+    texts = ["a gripping , beautifully shot film", "dull", "the plot is thin and the jokes fall flat", "it 's a mess ."]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    ents = exit_entropies(model, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    model.config.inference_threshold = float(ents[:, 0].median()) + 1e-3  # some rows leave at the first exit
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     assert main(["export", "--model", str(tmp_path / "model"), "--output", str(tmp_path / "onnx")]) == 0
     assert not (tmp_path / "onnx" / "model.safetensors").exists() and (tmp_path / "onnx" / "tokenizer_config.json").exists()
-    texts = ["a gripping , beautifully shot film", "dull", "the plot is thin and the jokes fall flat"]
-    onnx_pred, torch_pred = Predictor(tmp_path / "onnx"), Predictor(tmp_path / "model")
-    assert onnx_pred.backend == "onnxruntime fp32" and onnx_pred.threshold == 0.5
+    onnx_pred, torch_pred = Predictor(tmp_path / "onnx"), Predictor(tmp_path / "model", backend="pytorch")
+    assert onnx_pred.backend == "onnxruntime fp32" and onnx_pred.threshold == model.config.inference_threshold and torch_pred.backend == "pytorch"
     got, want = onnx_pred(texts, probs=True), torch_pred(texts, probs=True)
+    assert {r["exit_layer"] for r in want} != {model.config.num_hidden_layers}  # the threshold lets rows leave early
     for g, w in zip(got, want):
         assert g["label"] == w["label"] and g["exit_layer"] == w["exit_layer"]
         assert g["probs"] == pytest.approx(w["probs"], abs=1e-4)
     with pytest.raises(ValueError, match="ONNX export in fp32"):
         Predictor(tmp_path / "onnx", precision="int8")
+    with pytest.raises(ValueError, match="backend"):
+        Predictor(tmp_path / "model", backend="tensorrt")
 
 
 def test_export_bad_input(tmp_path, capsys, monkeypatch):

@@ -602,7 +602,7 @@ def run_exit_segments(steps, exit_layers, hidden, mask, threshold: float, logits
     for k, step in enumerate(steps):
         logits, entropy, hidden = step(hidden, mask)
         last = k == len(steps) - 1
-        leave = None if last else entropy.to(torch.float64) < threshold
+        leave = None if last else entropy < threshold  # in entropy's dtype, as the exit_head kernels decide
         if last or bool(leave.all()):
             logits_out[active] = logits.to(logits_out.dtype)
             entropy_out[active] = entropy.to(entropy_out.dtype)
