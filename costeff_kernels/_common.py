@@ -14,6 +14,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ACT_NONE = 0
 ACT_GELU = 1
 ACT_TANH = 2
+ACT_RELU = 3
+ACTIVATIONS = {"tanh": ACT_TANH, "relu": ACT_RELU, "gelu": ACT_GELU}  # the exit head's names
 
 
 def require_triton_device(op: str, name: str, t: torch.Tensor) -> None:
@@ -66,6 +68,17 @@ def _tanh(x):
 
 
 @triton.jit
+def _activate(x, ACT: tl.constexpr):
+    if ACT == 1:
+        x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == 2:
+        x = _tanh(x)
+    elif ACT == 3:
+        x = tl.maximum(x, 0.0)
+    return x
+
+
+@triton.jit
 def _linear_kernel(
     a_ptr, w_ptr, bias_ptr, c_ptr,
     M, N, K,
@@ -95,10 +108,7 @@ def _linear_kernel(
             w = w.to(ACC)
         acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
     acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(ACC)[None, :]
-    if ACT == 1:
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-    elif ACT == 2:
-        acc = _tanh(acc)
+    acc = _activate(acc, ACT)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 

@@ -1,7 +1,7 @@
-"""Triton exit head: [pooler dense + tanh] -> classifier -> logits, softmax entropy (online over class
+"""Triton exit head: [pooler dense] + activation (tanh / ReLU / GELU) -> classifier -> logits, softmax entropy (online over class
 tiles) and the early-exit decision entropy < threshold.
 
-The optional pooler is the shared tiled linear kernel with a tanh epilogue (output kept in the
+The optional pooler is the shared tiled linear kernel with the activation as epilogue (output kept in the
 accumulation dtype); the classifier kernel then takes a block of rows, walks the classes tile by tile
 and keeps per row a running max m, s = sum e^(z - m) and t = sum (z - m) e^(z - m), so any number of
 classes (1 .. thousands) costs one pass and registers of one tile: H = log s - t / s.
@@ -16,7 +16,7 @@ import triton.language as tl
 
 from costeff.ops._checks import check_exit_head
 from costeff_kernels import _common
-from costeff_kernels._common import ACT_TANH, _tanh, acc_dtype, dot_precision, linear, pow2_block
+from costeff_kernels._common import ACT_NONE, ACTIVATIONS, _activate, acc_dtype, dot_precision, linear, pow2_block
 
 
 @triton.jit
@@ -24,7 +24,7 @@ def _exit_head_kernel(
     x_ptr, w_ptr, b_ptr, logits_ptr, ent_ptr, exit_ptr, bad_ptr,
     B, C, K, threshold,
     stride_xb, stride_xk, stride_wc, stride_wk, stride_bias, stride_lb, stride_lc,
-    APPLY_TANH: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    ACT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -45,8 +45,7 @@ def _exit_head_kernel(
             k_ok = kk < K
             x = tl.load(x_ptr + rows[:, None] * stride_xb + kk[None, :] * stride_xk,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
-            if APPLY_TANH:
-                x = _tanh(x)
+            x = _activate(x, ACT)  # ACT_NONE when the pooler's epilogue applied it
             w = tl.load(w_ptr + cls[None, :] * stride_wc + kk[:, None] * stride_wk,
                         mask=k_ok[:, None] & cls_ok[None, :], other=0.0).to(ACC)
             z = tl.dot(x, w, z, input_precision=PRECISION, out_dtype=ACC)
@@ -84,10 +83,11 @@ def exit_head_triton(
     classifier_weight: torch.Tensor,
     classifier_bias: torch.Tensor,
     threshold: float,
+    activation: str = "tanh",
 ):
     """(logits [B, C] in hidden's dtype, entropy [B] float32 (float64 for float64), exit_mask [B] bool).
     Raises ValueError naming the first row whose logits are not finite."""
-    c = check_exit_head(hidden, pooler_weight, pooler_bias, classifier_weight, classifier_bias, threshold)
+    c = check_exit_head(hidden, pooler_weight, pooler_bias, classifier_weight, classifier_bias, threshold, activation)
     _common.require_triton_device("exit_head", "hidden", hidden)
     b, k = hidden.shape
     dtype = hidden.dtype
@@ -100,7 +100,7 @@ def exit_head_triton(
     x = hidden
     if pooler_weight is not None:
         # Pooled states stay in the accumulation dtype: the entropy decides exits, keep it precise.
-        x = linear(hidden, pooler_weight, pooler_bias, act=ACT_TANH, out_dtype=ent_dtype)
+        x = linear(hidden, pooler_weight, pooler_bias, act=ACTIVATIONS[activation], out_dtype=ent_dtype)
     bad = torch.empty((b,), dtype=torch.int32, device=hidden.device)
     block_b = pow2_block(b, hi=32)
     block_c = pow2_block(c, hi=64)
@@ -110,7 +110,7 @@ def exit_head_triton(
         b, c, k, float(threshold),
         x.stride(0), x.stride(1), classifier_weight.stride(0), classifier_weight.stride(1), classifier_bias.stride(0),
         logits.stride(0), logits.stride(1),
-        APPLY_TANH=pooler_weight is None, ACC=acc_dtype(dtype), PRECISION=dot_precision(ent_dtype),
+        ACT=ACTIVATIONS[activation] if pooler_weight is None else ACT_NONE, ACC=acc_dtype(dtype), PRECISION=dot_precision(ent_dtype),
         BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k,
     )
     if dtype == torch.float64:

@@ -3,6 +3,9 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <string>
+
+#include "costeff/exit_head.h"
 
 namespace costeff {
 namespace {
@@ -52,13 +55,22 @@ void check_param(
 
 }  // namespace
 
+int parse_exit_activation(c10::string_view activation, const char* what) {
+  if (activation == "tanh") return kExitTanh;
+  if (activation == "relu") return kExitRelu;
+  if (activation == "gelu") return kExitGelu;
+  TORCH_CHECK_VALUE(false, what, " must be \"tanh\", \"relu\" or \"gelu\", got \"", std::string(activation), "\"");
+  return kExitTanh;
+}
+
 ExitHeadSizes check_exit_head_inputs(
     const at::Tensor& hidden,
     const std::optional<at::Tensor>& pooler_weight,
     const std::optional<at::Tensor>& pooler_bias,
     const at::Tensor& classifier_weight,
     const at::Tensor& classifier_bias,
-    double threshold) {
+    double threshold,
+    c10::string_view activation) {
   constexpr const char* op = "costeff::exit_head";
   check_float(op, "hidden", hidden);
   check_dim(op, "hidden", hidden, 2, "[batch, hidden_size]");
@@ -81,7 +93,8 @@ ExitHeadSizes check_exit_head_inputs(
   check_param(op, "classifier_bias", classifier_bias, hidden, 1, "[num_classes]");
   check_size(op, "classifier_bias", classifier_bias, 0, classes, "classifier_weight.size(0)");
   TORCH_CHECK_VALUE(!std::isnan(threshold), op, ": threshold must not be NaN");
-  return ExitHeadSizes{hidden.size(0), hidden_size, classes, pooler_weight.has_value()};
+  const int act = parse_exit_activation(activation, "costeff::exit_head: activation");
+  return ExitHeadSizes{hidden.size(0), hidden_size, classes, pooler_weight.has_value(), act};
 }
 
 int64_t check_slim_attention_inputs(

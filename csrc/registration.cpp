@@ -5,10 +5,12 @@
 #include "engine/engine.h"
 
 TORCH_LIBRARY(costeff, m) {
-  // CLS state -> [dense] -> tanh -> classifier -> (logits, softmax entropy (fp32), entropy < threshold)
+  // CLS state -> [dense] -> activation (tanh | relu | gelu) -> classifier -> (logits, softmax entropy
+  // (fp32), entropy < threshold)
   m.def(
       "exit_head(Tensor hidden, Tensor? pooler_weight, Tensor? pooler_bias, Tensor classifier_weight, "
-      "Tensor classifier_bias, float threshold) -> (Tensor logits, Tensor entropy, Tensor exit_mask)");
+      "Tensor classifier_bias, float threshold, str activation=\"tanh\") -> (Tensor logits, Tensor entropy, "
+      "Tensor exit_mask)");
   // Fused QKV projection + masked scaled-dot-product attention + output projection for a pruned
   // layer: num_heads may be 0 and the head size (qkv_weight rows / (3 * num_heads)) is arbitrary.
   m.def(

@@ -83,9 +83,9 @@ def spread_thresholds(model, ids, mask, types):
 CONFIGS = {
     "factorized_mean": dict(exit_pooling="mean"),
     "factorized_cls": dict(exit_pooling="cls"),
-    "plain_embedding_cls": dict(embedding_rank=None),
+    "plain_embedding_cls_gelu_head": dict(embedding_rank=None, pooler_activation="gelu"),
     "hidden131_one_head": dict(hidden_size=131, num_attention_heads=[1, 1, 0, 2], attention_head_size=[40, 7, 5, 24],
                                intermediate_size=[0, 1, 33, 131], embedding_rank=None, exit_pooling="mean"),
-    "dense_exits_start3": dict(exit_pooler_dense=True, exit_start=3, num_labels=5),
+    "dense_relu_exits_start3": dict(exit_pooler_dense=True, exit_start=3, num_labels=5, pooler_activation="relu"),
     "all_pruned": dict(num_attention_heads=0, intermediate_size=0, num_labels=2),
 }

@@ -18,10 +18,10 @@ def make_inputs(batch, hidden, classes, pooler, dtype=torch.float32, seed=0, wei
     return cast(h), cast(w), cast(b), cast(pw), cast(pb)
 
 
-def check_against_reference(h, w, b, pw, pb, threshold, factor=4.0, atol=1e-6):
-    out = exit_head(h, w, b, threshold, pw, pb)
-    ref = exit_head_reference(h, w, b, threshold, pw, pb)
-    ref64 = exit_head_reference(to64(h), to64(w), to64(b), threshold, to64(pw), to64(pb))
+def check_against_reference(h, w, b, pw, pb, threshold, factor=4.0, atol=1e-6, activation="tanh"):
+    out = exit_head(h, w, b, threshold, pw, pb, activation)
+    ref = exit_head_reference(h, w, b, threshold, pw, pb, activation)
+    ref64 = exit_head_reference(to64(h), to64(w), to64(b), threshold, to64(pw), to64(pb), activation)
     assert_close_rel_torch(out.logits, ref.logits, ref64.logits, factor, atol, "logits")
     assert out.entropy.dtype == torch.float32
     assert_close_rel_torch(out.entropy, ref.entropy.float(), ref64.entropy, factor, atol, "entropy")
@@ -98,22 +98,46 @@ def test_non_finite_logits_raise(bad):
         exit_head(h2, w2, b2, 0.5)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("batch,hidden,classes", [(1, 131, 2), (33, 384, 3), (17, 64, 1000)])
 @pytest.mark.parametrize("pooler", [False, True])
-def test_opcheck(pooler):
+def test_activations_match_reference(activation, batch, hidden, classes, pooler):
+    h, w, b, pw, pb = make_inputs(batch, hidden, classes, pooler, weight_scale=3.0)
+    out = check_against_reference(h, w, b, pw, pb, threshold=0.3, activation=activation)
+    tanh_out = exit_head(h, w, b, 0.3, pw, pb)
+    assert not torch.allclose(out.logits, tanh_out.logits)  # the argument reaches the kernel
+    # the activation is applied after the pooler: ReLU of the pooled state gives the same logits as a
+    # classifier on torch.relu(dense(h))
+    pre = h if pw is None else torch.nn.functional.linear(h, pw, pb)
+    act = torch.relu(pre) if activation == "relu" else torch.nn.functional.gelu(pre)
+    torch.testing.assert_close(out.logits, torch.nn.functional.linear(act, w, b), atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_activation_is_rejected():
+    h, w, b, _, _ = make_inputs(2, 8, 2, False)
+    for fn in (exit_head, exit_head_reference):
+        with pytest.raises(ValueError, match="activation"):
+            fn(h, w, b, 0.5, None, None, "sigmoid")
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "gelu"])
+@pytest.mark.parametrize("pooler", [False, True])
+def test_opcheck(pooler, activation):
     h, w, b, pw, pb = make_inputs(5, 24, 3, pooler)
     for t in (h, w, b, pw, pb):
         if t is not None:
             t.requires_grad_(True)
-    torch.library.opcheck(torch.ops.costeff.exit_head.default, (h, pw, pb, w, b, 0.5))
+    torch.library.opcheck(torch.ops.costeff.exit_head.default, (h, pw, pb, w, b, 0.5, activation))
 
 
+@pytest.mark.parametrize("activation", ["tanh", "relu", "gelu"])
 @pytest.mark.parametrize("pooler", [False, True])
-def test_gradcheck_logits_and_entropy(pooler):
+def test_gradcheck_logits_and_entropy(pooler, activation):
     h, w, b, pw, pb = (None if t is None else t.double().requires_grad_(True) for t in make_inputs(3, 6, 4, pooler))
 
     def fn(h, w, b, *pooler_args):
         pw, pb = pooler_args if pooler_args else (None, None)
-        out = exit_head(h, w, b, 0.5, pw, pb)
+        out = exit_head(h, w, b, 0.5, pw, pb, activation)
         return out.logits, out.entropy
 
     args = (h, w, b) + ((pw, pb) if pooler else ())

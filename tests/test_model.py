@@ -100,6 +100,7 @@ def test_config_normalizes_and_round_trips(tmp_path):
         (dict(exit_start=3), "exit_start 3 is past the last layer"),
         (dict(attention_head_size=[8, 0]), "keeps 2 heads but attention_head_size"),
         (dict(hidden_act="relu"), "hidden_act must be 'gelu'"),
+        (dict(pooler_activation="swish"), "pooler_activation must be 'tanh', 'relu' or 'gelu'"),
     ],
 )
 def test_config_rejects_bad_sizes(kwargs, match):

@@ -96,13 +96,13 @@ def exit_head_inputs(b, h, c, dtype, pooler, gen):
     return hidden, pw, pb, cw, cb
 
 
-def check_exit_head(args, threshold=None):
+def check_exit_head(args, threshold=None, activation="tanh"):
     hidden, pw, pb, cw, cb = args
-    ref0 = exit_head_reference(hidden, cw, cb, 0.0, pw, pb)
+    ref0 = exit_head_reference(hidden, cw, cb, 0.0, pw, pb, activation)
     if threshold is None:  # the median entropy splits the batch
         threshold = float(ref0.entropy.median())
-    ref = exit_head_reference(hidden, cw, cb, threshold, pw, pb)
-    logits, entropy, exit_mask = eh_kernels.exit_head_triton(hidden, pw, pb, cw, cb, threshold)
+    ref = exit_head_reference(hidden, cw, cb, threshold, pw, pb, activation)
+    logits, entropy, exit_mask = eh_kernels.exit_head_triton(hidden, pw, pb, cw, cb, threshold, activation)
     assert_close(logits, ref.logits)
     ent_tol = dict(rtol=1e-10, atol=1e-10) if hidden.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     assert entropy.dtype == ref.entropy.dtype
@@ -120,6 +120,13 @@ def check_exit_head(args, threshold=None):
 def test_exit_head_matches_reference(dtype, classes, pooler, batch, hidden_size):
     gen = torch.Generator().manual_seed(classes * 7 + batch)
     check_exit_head(exit_head_inputs(batch, hidden_size, classes, dtype, pooler, gen))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("pooler", [False, True])
+def test_exit_head_activations(activation, pooler):
+    gen = torch.Generator().manual_seed(11)
+    check_exit_head(exit_head_inputs(5, 131, 3, torch.float32, pooler, gen), activation=activation)
 
 
 def test_exit_head_float64_and_many_rows():
@@ -436,8 +443,9 @@ def _define_test_ops():
 
     @torch.library.custom_op(f"{_NS}::exit_head", mutates_args=())
     def t_exit_head(hidden: Tensor, pooler_weight: Optional[Tensor], pooler_bias: Optional[Tensor],
-                    classifier_weight: Tensor, classifier_bias: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-        out = exit_head_reference(hidden, classifier_weight, classifier_bias, threshold, pooler_weight, pooler_bias)
+                    classifier_weight: Tensor, classifier_bias: Tensor, threshold: float,
+                    activation: str = "tanh") -> tuple[Tensor, Tensor, Tensor]:
+        out = exit_head_reference(hidden, classifier_weight, classifier_bias, threshold, pooler_weight, pooler_bias, activation)
         return tuple(t.clone() for t in out)
 
     @torch.library.custom_op(f"{_NS}::slim_attention", mutates_args=())
@@ -489,6 +497,8 @@ def _opcheck_cases():
     return [
         ("exit_head", (hidden, pw, pb, cw, cb, 0.5)),
         ("exit_head", (h2, None, None, cw2, cb2, 2.0)),
+        ("exit_head", (hidden, pw, pb, cw, cb, 0.5, "gelu")),
+        ("exit_head", (h2, None, None, cw2, cb2, 2.0, "relu")),
         ("slim_attention", (ah, padding_mask(3, 7, "all_padding_row"), qw, qb, ow, ob, 3)),
         ("slim_attention", (zh, padding_mask(2, 5, "full"), zqw, zqb, zow, zob, 0)),
         ("slim_ffn", tuple(fx)),

@@ -1,4 +1,4 @@
-// Fused exit head on CPU: [pooler dense] -> tanh -> classifier -> logits, softmax entropy and the
+// Fused exit head on CPU: [pooler dense] -> activation (tanh / ReLU / GELU) -> classifier -> logits, softmax entropy and the
 // exit decision, one pass per row. Small heads (the usual 2-3 classes) run as vectorized dot products
 // in one loop (parallel only when the work pays for a fork/join); large class counts use an ATen GEMM
 // for the logits. AVX2+FMA tanh/dots when the CPU has them (see simd.h); at batch 1 the pooler is a
@@ -38,10 +38,18 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-inline void tanh_into(const float* src, float* dst, int64_t n) {
+inline void activate_into(const float* src, float* dst, int64_t n, int act) {
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) Vec::loadu(src + i).tanh().store(dst + i);
-  for (; i < n; ++i) dst[i] = std::tanh(src[i]);
+  if (act == kExitTanh) {
+    for (; i + Vec::size() <= n; i += Vec::size()) Vec::loadu(src + i).tanh().store(dst + i);
+  }
+  for (; i < n; ++i) dst[i] = exit_activation(src[i], act);
+}
+
+at::Tensor activate(const at::Tensor& x, int act) {
+  if (act == kExitRelu) return at::relu(x);
+  if (act == kExitGelu) return at::gelu(x);
+  return at::tanh(x);
 }
 
 // Work (multiply-adds) below which the whole head runs as one parallel loop of dot products.
@@ -50,12 +58,18 @@ constexpr int64_t kDirectDotMaxWork = int64_t(1) << 21;
 constexpr int64_t kPoolerGemvMaxWork = int64_t(1) << 18;
 
 #if COSTEFF_HAVE_AVX2_PATH
-COSTEFF_AVX2 void tanh_into_avx2(const float* src, float* dst, int64_t n) {
+COSTEFF_AVX2 inline __m256 activate_ps(__m256 x, int act) {
+  if (act == kExitRelu) return _mm256_max_ps(x, _mm256_setzero_ps());
+  if (act == kExitGelu) return simd::gelu_ps(x);
+  return simd::tanh_ps(x);
+}
+
+COSTEFF_AVX2 void activate_into_avx2(const float* src, float* dst, int64_t n, int act) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, simd::tanh_ps(_mm256_loadu_ps(src + i)));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, activate_ps(_mm256_loadu_ps(src + i), act));
   if (i < n) {
     const __m256i m = simd::tail_mask(n - i);
-    _mm256_maskstore_ps(dst + i, m, simd::tanh_ps(_mm256_maskload_ps(src + i, m)));
+    _mm256_maskstore_ps(dst + i, m, activate_ps(_mm256_maskload_ps(src + i, m), act));
   }
 }
 #endif
@@ -67,11 +81,11 @@ inline float dot_any(const float* a, const float* b, int64_t n, bool avx2) {
   return dot(a, b, n);
 }
 
-inline void tanh_any(const float* src, float* dst, int64_t n, bool avx2) {
+inline void activate_any(const float* src, float* dst, int64_t n, int act, bool avx2) {
 #if COSTEFF_HAVE_AVX2_PATH
-  if (avx2) return tanh_into_avx2(src, dst, n);
+  if (avx2) return activate_into_avx2(src, dst, n, act);
 #endif
-  tanh_into(src, dst, n);
+  activate_into(src, dst, n, act);
 }
 
 }  // namespace
@@ -82,9 +96,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(
     const std::optional<at::Tensor>& pooler_bias,
     const at::Tensor& classifier_weight,
     const at::Tensor& classifier_bias,
-    double threshold) {
-  const ExitHeadSizes sz =
-      check_exit_head_inputs(hidden, pooler_weight, pooler_bias, classifier_weight, classifier_bias, threshold);
+    double threshold,
+    c10::string_view activation) {
+  const ExitHeadSizes sz = check_exit_head_inputs(
+      hidden, pooler_weight, pooler_bias, classifier_weight, classifier_bias, threshold, activation);
+  const int act = sz.activation;
   TORCH_CHECK_VALUE(hidden.device().is_cpu(), "costeff::exit_head (CPU kernel): hidden must be a CPU tensor");
   const int64_t B = sz.batch, H = sz.hidden, C = sz.classes;
   const auto out_dtype = hidden.scalar_type();
@@ -96,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(
   if (out_dtype == at::kDouble) {
     // float64 (gradcheck, references) keeps full precision through an ATen composition.
     auto pre = sz.has_pooler ? at::addmm(*pooler_bias, hidden, pooler_weight->t()) : hidden;
-    auto logits64 = at::addmm(classifier_bias, at::tanh(pre), classifier_weight.t());
+    auto logits64 = at::addmm(classifier_bias, activate(pre, act), classifier_weight.t());
     auto log_p = at::log_softmax(logits64, 1);
     auto ent64 = (-(log_p.exp() * log_p).sum(1)).clamp_min(0);
     auto finite = at::isfinite(logits64).all(1);
@@ -158,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(
   };
 
   if (B * C * H <= kDirectDotMaxWork) {
-    // tanh costs about as much as 8 multiply-adds per element; ~128k of that per task.
+    // the activation costs about as much as 8 multiply-adds per element; ~128k of that per task.
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, H * (C + 8)));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       // Stack scratch for the usual hidden sizes: a heap allocation is a visible share of a 3 us call.
@@ -166,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(
       std::vector<float> heap_buf(H > 1024 ? H : 0);
       float* pooled = H > 1024 ? heap_buf.data() : stack_buf;
       for (int64_t r = begin; r < end; ++r) {
-        tanh_any(h_ptr + r * H, pooled, H, avx2);
+        activate_any(h_ptr + r * H, pooled, H, act, avx2);
         for (int64_t c = 0; c < C; ++c) {
           logit_ptr[r * C + c] = dot_any(pooled, w_ptr + c * H, H, avx2) + b_ptr[c];
         }
@@ -174,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(
       finish_rows(begin, end);
     });
   } else {
-    at::addmm_out(logits, b, at::tanh(h), w.t());
+    at::addmm_out(logits, b, activate(h, act), w.t());
     at::parallel_for(0, B, std::max<int64_t>(1, 4096 / C), finish_rows);
   }
   const int64_t bad = first_bad_row.load();

@@ -1,6 +1,6 @@
-// Fused exit head on CUDA: [pooler dense] -> tanh -> classifier -> logits, softmax entropy and the
-// exit decision. The pooler dense (H x H) is a cuBLAS GEMM in the binding; the rest is one block per
-// row: tanh of the row into shared memory, one warp per class (warp-reduced dot), the online entropy
+// Fused exit head on CUDA: [pooler dense] -> activation -> classifier -> logits, softmax entropy and
+// the exit decision. The pooler dense (H x H) is a cuBLAS GEMM in the binding; the rest is one block per
+// row: the activation (exit_activation, costeff/exit_head.h) of the row into shared memory, one warp per class (warp-reduced dot), the online entropy
 // state per warp (costeff/exit_head.h, the same math as the CPU kernel), merged across warps.
 //
 // Two parts: the kernels + launchers use CUDA headers only, so `-DCOSTEFF_CUDA_KERNELS_ONLY` compiles
@@ -12,7 +12,7 @@ namespace costeff {
 namespace cuda {
 
 constexpr int kExitHeadMaxWarps = 8;
-// tanh(row) is cached in shared memory up to this many floats; wider rows recompute it per class.
+// activation(row) is cached in shared memory up to this many floats; wider rows recompute it per class.
 constexpr int64_t kExitHeadMaxCachedHidden = 8192;
 
 template <typename HT, typename WT>
@@ -28,6 +28,7 @@ __global__ void exit_head_kernel(
     int64_t hidden_size,
     int64_t classes,
     float threshold,
+    int activation,
     bool cache_pooled) {
   extern __shared__ float pooled[];
   __shared__ EntropyState warp_state[kExitHeadMaxWarps];
@@ -38,7 +39,7 @@ __global__ void exit_head_kernel(
   const int num_warps = blockDim.x / kWarpSize;
 
   if (cache_pooled) {
-    for (int64_t i = threadIdx.x; i < hidden_size; i += blockDim.x) pooled[i] = tanhf(to_float(h[i]));
+    for (int64_t i = threadIdx.x; i < hidden_size; i += blockDim.x) pooled[i] = exit_activation(to_float(h[i]), activation);
     __syncthreads();
   }
   // After warp_sum every lane holds the logit, so every lane keeps the same state (no shuffles).
@@ -48,7 +49,7 @@ __global__ void exit_head_kernel(
     const WT* w = weight + c * hidden_size;
     float acc = 0.f;
     for (int64_t i = lane; i < hidden_size; i += kWarpSize) {
-      const float p = cache_pooled ? pooled[i] : tanhf(to_float(h[i]));
+      const float p = cache_pooled ? pooled[i] : exit_activation(to_float(h[i]), activation);
       acc = fmaf(p, to_float(w[i]), acc);
     }
     const float z = warp_sum(acc) + to_float(bias[c]);
@@ -85,6 +86,7 @@ void launch_exit_head(
     int64_t hidden_size,
     int64_t classes,
     float threshold,
+    int activation,
     cudaStream_t stream) {
   if (rows == 0) return;
   const int warps = static_cast<int>(classes < kExitHeadMaxWarps ? (classes < 4 ? 4 : classes) : kExitHeadMaxWarps);
@@ -92,14 +94,14 @@ void launch_exit_head(
   const size_t smem = cache_pooled ? static_cast<size_t>(hidden_size) * sizeof(float) : 0;
   exit_head_kernel<HT, WT><<<static_cast<unsigned>(rows), warps * kWarpSize, smem, stream>>>(
       hidden, weight, bias, logits, entropy, exit_mask, first_bad_row, hidden_row_stride, hidden_size, classes, threshold,
-      cache_pooled);
+      activation, cache_pooled);
 }
 
 // Explicit instantiations: every dtype pair's device code is compiled even in the kernels-only build.
 #define COSTEFF_INSTANTIATE_EXIT_HEAD(HT, WT)                                                                     \
   template void launch_exit_head<HT, WT>(                                                                       \
       const HT*, const WT*, const WT*, WT*, float*, bool*, unsigned long long*, int64_t, int64_t, int64_t, int64_t, \
-      float, cudaStream_t);
+      float, int, cudaStream_t);
 COSTEFF_INSTANTIATE_EXIT_HEAD(float, float)
 COSTEFF_INSTANTIATE_EXIT_HEAD(__half, __half)
 COSTEFF_INSTANTIATE_EXIT_HEAD(__nv_bfloat16, __nv_bfloat16)
@@ -134,7 +136,8 @@ void run_exit_head(
     at::Tensor& entropy,
     at::Tensor& exit_mask,
     at::Tensor& first_bad_row,
-    float threshold) {
+    float threshold,
+    int activation) {
   using WT = typename cuda::CudaType<scalar_t>::type;
   const auto stream = at::cuda::getCurrentCUDAStream();
   auto* bad = reinterpret_cast<unsigned long long*>(first_bad_row.data_ptr<int64_t>());
@@ -145,11 +148,11 @@ void run_exit_head(
   if (h.scalar_type() == at::kFloat) {
     cuda::launch_exit_head<float, WT>(
         h.data_ptr<float>(), w, b, z, entropy.data_ptr<float>(), exit_mask.data_ptr<bool>(), bad, rows, stride,
-        hidden, classes, threshold, stream);
+        hidden, classes, threshold, activation, stream);
   } else {
     cuda::launch_exit_head<WT, WT>(
         reinterpret_cast<const WT*>(h.data_ptr<scalar_t>()), w, b, z, entropy.data_ptr<float>(),
-        exit_mask.data_ptr<bool>(), bad, rows, stride, hidden, classes, threshold, stream);
+        exit_mask.data_ptr<bool>(), bad, rows, stride, hidden, classes, threshold, activation, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -162,9 +165,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cuda(
     const std::optional<at::Tensor>& pooler_bias,
     const at::Tensor& classifier_weight,
     const at::Tensor& classifier_bias,
-    double threshold) {
-  const ExitHeadSizes sz =
-      check_exit_head_inputs(hidden, pooler_weight, pooler_bias, classifier_weight, classifier_bias, threshold);
+    double threshold,
+    c10::string_view activation) {
+  const ExitHeadSizes sz = check_exit_head_inputs(
+      hidden, pooler_weight, pooler_bias, classifier_weight, classifier_bias, threshold, activation);
   TORCH_CHECK_VALUE(hidden.is_cuda(), "costeff::exit_head (CUDA kernel): hidden must be a CUDA tensor");
   TORCH_CHECK_VALUE(
       sz.batch <= std::numeric_limits<int32_t>::max(), "costeff::exit_head: hidden.size(0) (", sz.batch,
@@ -174,7 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cuda(
   if (hidden.scalar_type() == at::kDouble) {
     // float64 (gradcheck, references) keeps full precision through an ATen composition.
     auto pre = sz.has_pooler ? at::addmm(*pooler_bias, hidden, pooler_weight->t()) : hidden;
-    auto logits64 = at::addmm(classifier_bias, at::tanh(pre), classifier_weight.t());
+    auto act = sz.activation == kExitRelu ? at::relu(pre) : sz.activation == kExitGelu ? at::gelu(pre) : at::tanh(pre);
+    auto logits64 = at::addmm(classifier_bias, act, classifier_weight.t());
     auto log_p = at::log_softmax(logits64, 1);
     auto ent64 = (-(log_p.exp() * log_p).sum(1)).clamp_min(0);
     auto finite = at::isfinite(logits64).all(1);
@@ -199,13 +204,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cuda(
   const float tau = static_cast<float>(threshold);
   switch (hidden.scalar_type()) {
     case at::kFloat:
-      run_exit_head<float>(h, w, b, logits, entropy, exit_mask, first_bad_row, tau);
+      run_exit_head<float>(h, w, b, logits, entropy, exit_mask, first_bad_row, tau, sz.activation);
       break;
     case at::kHalf:
-      run_exit_head<at::Half>(h, w, b, logits, entropy, exit_mask, first_bad_row, tau);
+      run_exit_head<at::Half>(h, w, b, logits, entropy, exit_mask, first_bad_row, tau, sz.activation);
       break;
     case at::kBFloat16:
-      run_exit_head<at::BFloat16>(h, w, b, logits, entropy, exit_mask, first_bad_row, tau);
+      run_exit_head<at::BFloat16>(h, w, b, logits, entropy, exit_mask, first_bad_row, tau, sz.activation);
       break;
     default:
       TORCH_CHECK_TYPE(false, "costeff::exit_head (CUDA kernel): unsupported dtype ", hidden.scalar_type());

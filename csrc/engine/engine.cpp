@@ -220,6 +220,11 @@ EngineConfig EngineConfig::from_json(const std::string& text) {
     const std::string pooling = cfg.has("exit_pooling") ? cfg.at("exit_pooling", "config").as_string("config.exit_pooling") : "cls";
     TORCH_CHECK_VALUE(pooling == "cls" || pooling == "mean", "costeff engine: config.exit_pooling must be 'cls' or 'mean', got '", pooling, "'");
     c.mean_pooling = pooling == "mean";
+    const std::string pooler_act =
+        cfg.has("pooler_activation") ? cfg.at("pooler_activation", "config").as_string("config.pooler_activation") : "tanh";
+    TORCH_CHECK_VALUE(pooler_act == "tanh" || pooler_act == "relu" || pooler_act == "gelu",
+                      "costeff engine: config.pooler_activation must be 'tanh', 'relu' or 'gelu', got '", pooler_act, "'");
+    c.pooler_activation = pooler_act == "relu" ? Activation::kRelu : pooler_act == "gelu" ? Activation::kGelu : Activation::kTanh;
     if (cfg.has("hidden_act")) {
       const std::string act = cfg.at("hidden_act", "config").as_string("config.hidden_act");
       TORCH_CHECK_VALUE(act == "gelu", "costeff engine: config.hidden_act must be 'gelu', got '", act, "'");
@@ -283,6 +288,7 @@ InferenceEngine::InferenceEngine(const c10::Dict<std::string, at::Tensor>& weigh
     const std::string p = "exits." + std::to_string(i) + ".";
     ExitWeights X;
     X.has_pooler = i == n_exits - 1 || c.exit_pooler_dense;
+    X.activation = X.has_pooler ? c.pooler_activation : Activation::kTanh;
     if (X.has_pooler) {
       X.pooler = PackedLinear(fetch(weights, p + "pooler.weight", {H, H}), fetch(weights, p + "pooler.bias", {H}), precision_, p + "pooler.weight");
     }
@@ -473,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
       }
     }
     if (X.has_pooler) {
-      run_linear(X.pooler, isa_, pooled.data(), H, R, tmp.data(), H, Activation::kTanh, scratch);
+      run_linear(X.pooler, isa_, pooled.data(), H, R, tmp.data(), H, X.activation, scratch);
       std::copy(tmp.begin(), tmp.begin() + R * H, pooled.begin());
     } else {
       tanh_rows(isa_, pooled.data(), R * H);

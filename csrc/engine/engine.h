@@ -31,6 +31,7 @@ struct EngineConfig {
   int64_t exit_start = 1;
   bool exit_pooler_dense = false;
   bool mean_pooling = false;  // exit_pooling == "mean" (intermediate exits)
+  Activation pooler_activation = Activation::kTanh;  // after an exit's pooler dense
   double layer_norm_eps = 1e-12;
   std::vector<int64_t> heads, head_size, ffn;
 
@@ -48,6 +49,7 @@ struct LayerWeights {
 
 struct ExitWeights {
   bool has_pooler = false;
+  Activation activation = Activation::kTanh;  // pooler_activation with a pooler, tanh without
   PackedLinear pooler;
   std::vector<float> classifier_weight;  // [num_labels, hidden], fp32
   std::vector<float> classifier_bias;

@@ -73,6 +73,7 @@ inline float activate(float v, Activation act) {
   switch (act) {
     case Activation::kGelu: return gelu_scalar(v);
     case Activation::kTanh: return std::tanh(v);
+    case Activation::kRelu: return v > 0.f ? v : 0.f;
     default: return v;
   }
 }
@@ -126,6 +127,7 @@ void quantize_row_portable(const float* x, int64_t K, int64_t Kp, int8_t* q, flo
 COSTEFF_AVX2 inline __m256 apply_act(__m256 v, Activation act) {
   if (act == Activation::kGelu) return simd::gelu_ps(v);
   if (act == Activation::kTanh) return simd::tanh_ps(v);
+  if (act == Activation::kRelu) return _mm256_max_ps(v, _mm256_setzero_ps());
   return v;
 }
 

@@ -20,7 +20,7 @@ namespace costeff::engine {
 
 enum class Precision { kFloat32, kBFloat16, kInt8 };
 enum class Isa { kAvx2, kPortable };
-enum class Activation { kNone, kGelu, kTanh };
+enum class Activation { kNone, kGelu, kTanh, kRelu };
 
 Precision parse_precision(const std::string& name);
 std::string precision_name(Precision p);

@@ -83,7 +83,7 @@ c10::OperatorHandle find_op(const char* name) {
 
 using Opt = std::optional<at::Tensor>;
 using ExitHeadFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const Opt&, const Opt&, const at::Tensor&, const at::Tensor&, double);
+    const at::Tensor&, const Opt&, const Opt&, const at::Tensor&, const at::Tensor&, double, c10::string_view);
 using AddLayerNormFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
 using SlimFfnFn =
     at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
@@ -118,41 +118,45 @@ void test_exit_head(at::Device dev) {
   const std::vector<Case> cases = {{7, 37, 3, false}, {5, 37, 2, true}, {4, 16, 1, false}, {64, 256, 200, false}};
   for (const auto dtype : {at::kFloat, at::kBFloat16}) {
     for (const auto& c : cases) {
-      const auto opts = at::TensorOptions().dtype(dtype).device(dev);
-      auto hidden = at::randn({c.batch, c.hidden}, opts);
-      hidden[0].mul_(30);  // a saturated, near one-hot row: entropy close to 0
-      const auto cw = (at::randn({c.classes, c.hidden}, opts) * 0.5).to(dtype);
-      const auto cb = at::randn({c.classes}, opts);
-      Opt pw, pb;
-      if (c.pooler) {
-        pw = (at::randn({c.hidden, c.hidden}, opts) / std::sqrt(double(c.hidden))).to(dtype);
-        pb = at::randn({c.hidden}, opts);
-      }
-      // Reference in float64 from the same (rounded) inputs.
-      auto pre = hidden.to(at::kDouble);
-      if (c.pooler) pre = at::addmm(pb->to(at::kDouble), pre, pw->to(at::kDouble).t());
-      const auto ref_logits = at::addmm(cb.to(at::kDouble), at::tanh(pre), cw.to(at::kDouble).t());
-      const auto log_p = at::log_softmax(ref_logits, 1);
-      const auto ref_entropy = -(log_p.exp() * log_p).sum(1);
-      const double tau = ref_entropy.median().item<double>() + 1e-3;
+      for (const char* act : {"tanh", "relu", "gelu"}) {
+        const auto opts = at::TensorOptions().dtype(dtype).device(dev);
+        auto hidden = at::randn({c.batch, c.hidden}, opts);
+        hidden[0].mul_(30);  // a saturated, near one-hot row: entropy close to 0
+        const auto cw = (at::randn({c.classes, c.hidden}, opts) * 0.5).to(dtype);
+        const auto cb = at::randn({c.classes}, opts);
+        Opt pw, pb;
+        if (c.pooler) {
+          pw = (at::randn({c.hidden, c.hidden}, opts) / std::sqrt(double(c.hidden))).to(dtype);
+          pb = at::randn({c.hidden}, opts);
+        }
+        // Reference in float64 from the same (rounded) inputs.
+        auto pre = hidden.to(at::kDouble);
+        if (c.pooler) pre = at::addmm(pb->to(at::kDouble), pre, pw->to(at::kDouble).t());
+        const std::string a(act);
+        const auto activated = a == "relu" ? at::relu(pre) : a == "gelu" ? at::gelu(pre) : at::tanh(pre);
+        const auto ref_logits = at::addmm(cb.to(at::kDouble), activated, cw.to(at::kDouble).t());
+        const auto log_p = at::log_softmax(ref_logits, 1);
+        const auto ref_entropy = -(log_p.exp() * log_p).sum(1);
+        const double tau = ref_entropy.median().item<double>() + 1e-3;
 
-      const auto [logits, entropy, exit_mask] = op.call(hidden, pw, pb, cw, cb, tau);
-      std::ostringstream shape;
-      shape << c.batch << "x" << c.hidden << "x" << c.classes << (c.pooler ? " pooler" : "");
-      const auto t = tol_for(dtype);
-      expect(logits.scalar_type() == dtype, tag("exit_head", dev, dtype, "logits dtype " + shape.str()));
-      expect(entropy.scalar_type() == at::kFloat, tag("exit_head", dev, dtype, "entropy is fp32 " + shape.str()));
-      expect(exit_mask.scalar_type() == at::kBool, tag("exit_head", dev, dtype, "exit_mask is bool " + shape.str()));
-      expect_close(logits, ref_logits.to(dtype), t.atol, t.rtol, tag("exit_head", dev, dtype, "logits " + shape.str()));
-      // The kernel's entropy comes from its fp32 logits; bf16 only rounds the returned logits.
-      expect_close(entropy, ref_entropy, 1e-4, 1e-4, tag("exit_head", dev, dtype, "entropy " + shape.str()));
-      const auto decided = (ref_entropy - tau).abs().gt(1e-3).to(at::kCPU);
-      const auto ref_exit = ref_entropy.lt(tau).to(at::kCPU);
-      expect(
-          exit_mask.to(at::kCPU).masked_select(decided).equal(ref_exit.masked_select(decided)),
-          tag("exit_head", dev, dtype, "exit_mask " + shape.str()));
-      if (c.classes == 1) {
-        expect(entropy.abs().max().item<float>() == 0.f, tag("exit_head", dev, dtype, "one class has zero entropy"));
+        const auto [logits, entropy, exit_mask] = op.call(hidden, pw, pb, cw, cb, tau, act);
+        std::ostringstream shape;
+        shape << c.batch << "x" << c.hidden << "x" << c.classes << (c.pooler ? " pooler " : " ") << act;
+        const auto t = tol_for(dtype);
+        expect(logits.scalar_type() == dtype, tag("exit_head", dev, dtype, "logits dtype " + shape.str()));
+        expect(entropy.scalar_type() == at::kFloat, tag("exit_head", dev, dtype, "entropy is fp32 " + shape.str()));
+        expect(exit_mask.scalar_type() == at::kBool, tag("exit_head", dev, dtype, "exit_mask is bool " + shape.str()));
+        expect_close(logits, ref_logits.to(dtype), t.atol, t.rtol, tag("exit_head", dev, dtype, "logits " + shape.str()));
+        // The kernel's entropy comes from its fp32 logits; bf16 only rounds the returned logits.
+        expect_close(entropy, ref_entropy, 1e-4, 1e-4, tag("exit_head", dev, dtype, "entropy " + shape.str()));
+        const auto decided = (ref_entropy - tau).abs().gt(1e-3).to(at::kCPU);
+        const auto ref_exit = ref_entropy.lt(tau).to(at::kCPU);
+        expect(
+            exit_mask.to(at::kCPU).masked_select(decided).equal(ref_exit.masked_select(decided)),
+            tag("exit_head", dev, dtype, "exit_mask " + shape.str()));
+        if (c.classes == 1) {
+          expect(entropy.abs().max().item<float>() == 0.f, tag("exit_head", dev, dtype, "one class has zero entropy"));
+        }
       }
     }
   }
@@ -160,21 +164,23 @@ void test_exit_head(at::Device dev) {
   // Bad arguments.
   const auto opts = at::TensorOptions().device(dev);
   const auto h = at::randn({3, 8}, opts), cw = at::randn({2, 8}, opts), cb = at::randn({2}, opts);
-  expect_error([&] { op.call(h, std::nullopt, std::nullopt, cw, at::randn({3}, opts), 0.5); }, "classifier_bias",
+  expect_error([&] { op.call(h, std::nullopt, std::nullopt, cw, at::randn({3}, opts), 0.5, "tanh"); }, "classifier_bias",
                "exit_head rejects a classifier_bias of the wrong size");
-  expect_error([&] { op.call(h, std::nullopt, std::nullopt, at::randn({2, 9}, opts), cb, 0.5); }, "classifier_weight",
+  expect_error([&] { op.call(h, std::nullopt, std::nullopt, at::randn({2, 9}, opts), cb, 0.5, "tanh"); }, "classifier_weight",
                "exit_head rejects a classifier_weight of the wrong width");
-  expect_error([&] { op.call(h, at::randn({8, 8}, opts), std::nullopt, cw, cb, 0.5); }, "pooler_bias",
+  expect_error([&] { op.call(h, at::randn({8, 8}, opts), std::nullopt, cw, cb, 0.5, "tanh"); }, "pooler_bias",
                "exit_head rejects a pooler_weight without pooler_bias");
-  expect_error([&] { op.call(h.unsqueeze(0), std::nullopt, std::nullopt, cw, cb, 0.5); }, "hidden",
+  expect_error([&] { op.call(h.unsqueeze(0), std::nullopt, std::nullopt, cw, cb, 0.5, "tanh"); }, "hidden",
                "exit_head rejects a 3-D hidden");
-  expect_error([&] { op.call(h, std::nullopt, std::nullopt, cw.to(at::kDouble), cb, 0.5); }, "classifier_weight",
+  expect_error([&] { op.call(h, std::nullopt, std::nullopt, cw.to(at::kDouble), cb, 0.5, "tanh"); }, "classifier_weight",
                "exit_head rejects mixed dtypes");
-  expect_error([&] { op.call(h, std::nullopt, std::nullopt, cw, cb, std::nan("")); }, "threshold",
+  expect_error([&] { op.call(h, std::nullopt, std::nullopt, cw, cb, std::nan(""), "tanh"); }, "threshold",
                "exit_head rejects a NaN threshold");
+  expect_error([&] { op.call(h, std::nullopt, std::nullopt, cw, cb, 0.5, "sigmoid"); }, "activation",
+               "exit_head rejects an unknown activation");
   auto h_nan = h.clone();
   h_nan[2][5] = std::nan("");
-  expect_error([&] { op.call(h_nan, std::nullopt, std::nullopt, cw, cb, 0.5); }, "row 2",
+  expect_error([&] { op.call(h_nan, std::nullopt, std::nullopt, cw, cb, 0.5, "tanh"); }, "row 2",
                "exit_head reports the row with non-finite logits");
 }
 

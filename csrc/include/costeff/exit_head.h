@@ -1,4 +1,5 @@
 #pragma once
+// Exit-head math shared by the CPU, CUDA and engine code (and exercised on the CPU by the tests).
 // Softmax entropy of one row of logits, computed online (one pass, any number of classes).
 // State: running max m, s = sum exp(z - m), t = sum (z - m) exp(z - m); H = log(s) - t / s.
 // Keeping t relative to m avoids the cancellation of "m - sum(z e^z)/s" for large logits.
@@ -46,5 +47,15 @@ COSTEFF_HOST_DEVICE float entropy_state_finalize(EntropyState s) {
 }
 
 COSTEFF_HOST_DEVICE bool exit_decision(float entropy, float threshold) { return entropy < threshold; }
+
+// The exit's activation between the (optional) pooler dense and the classifier: BERT's pooler and
+// RoBERTa's head use tanh, DistilBERT's head ReLU, ELECTRA's head exact (erf) GELU.
+enum ExitActivation : int { kExitTanh = 0, kExitRelu = 1, kExitGelu = 2 };
+
+COSTEFF_HOST_DEVICE float exit_activation(float x, int activation) {
+  if (activation == kExitRelu) return x > 0.f ? x : 0.f;
+  if (activation == kExitGelu) return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+  return tanhf(x);
+}
 
 }  // namespace costeff

@@ -3,6 +3,7 @@
 // argument, and raises a Python ValueError / TypeError rather than crashing.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <optional>
 
@@ -13,6 +14,7 @@ struct ExitHeadSizes {
   int64_t hidden;
   int64_t classes;
   bool has_pooler;
+  int activation;  // ExitActivation (costeff/exit_head.h)
 };
 ExitHeadSizes check_exit_head_inputs(
     const at::Tensor& hidden,
@@ -20,7 +22,11 @@ ExitHeadSizes check_exit_head_inputs(
     const std::optional<at::Tensor>& pooler_bias,
     const at::Tensor& classifier_weight,
     const at::Tensor& classifier_bias,
-    double threshold);
+    double threshold,
+    c10::string_view activation);
+
+// "tanh" / "relu" / "gelu" -> ExitActivation; anything else is a ValueError naming `what`.
+int parse_exit_activation(c10::string_view activation, const char* what);
 
 // Returns the head size (0 when num_heads == 0).
 int64_t check_slim_attention_inputs(

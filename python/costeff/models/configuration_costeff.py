@@ -50,11 +50,13 @@ class CostEffConfig(PreTrainedConfig):
         intermediate_size: int or per-layer list of FFN neurons; 0 = FFN removed.
         embedding_rank: None for a plain vocab x hidden word embedding, else r (vocab x r, r x hidden).
         exit_start: 1-based layer of the first exit; exits follow every layer from there to the last.
-        exit_pooler_dense: intermediate exits use dense+tanh (DeeBERT) instead of tanh only (COST-EFF).
+        exit_pooler_dense: intermediate exits use dense + pooler_activation (DeeBERT) instead of tanh only (COST-EFF).
         exit_pooling: what intermediate exits read: "cls" (the CLS state, COST-EFF's default) or "mean"
             (the average of the real tokens' states, COST-EFF's token-average option; suits backbones
             trained with mean pooling such as all-MiniLM-L6-v2). The last exit always reads CLS.
-            The last exit is always BERT's pooler (dense+tanh) + classifier.
+            The last exit is always a pooler dense + ``pooler_activation`` + classifier (BERT's pooler).
+        pooler_activation: the activation after an exit's pooler dense: "tanh" (BERT's pooler, RoBERTa's
+            head), "relu" (DistilBERT's head) or "gelu" (ELECTRA's head). Exits without a dense apply tanh.
         gradient_equilibrium: default for the training forward (see :mod:`costeff.models`).
         inference_threshold: the entropy threshold (nats) `costeff predict` and the engine use by default
             (set by calibration); None: not calibrated, run to full depth.
@@ -82,6 +84,7 @@ class CostEffConfig(PreTrainedConfig):
     exit_start: int = 1
     exit_pooler_dense: bool = False
     exit_pooling: str = "cls"
+    pooler_activation: str = "tanh"
     gradient_equilibrium: bool = False
     inference_threshold: float | None = None
 
@@ -121,6 +124,8 @@ class CostEffConfig(PreTrainedConfig):
             raise ValueError(f"CostEffConfig: exit_start {self.exit_start} is past the last layer ({n})")
         if self.exit_pooling not in ("cls", "mean"):
             raise ValueError(f"CostEffConfig: exit_pooling must be 'cls' or 'mean', got {self.exit_pooling!r}")
+        if self.pooler_activation not in ("tanh", "relu", "gelu"):
+            raise ValueError(f"CostEffConfig: pooler_activation must be 'tanh', 'relu' or 'gelu', got {self.pooler_activation!r}")
         if self.hidden_act != "gelu":
             raise ValueError(f"CostEffConfig: hidden_act must be 'gelu' (exact erf GELU, as the slim_ffn kernel), got {self.hidden_act!r}")
         t = self.inference_threshold

@@ -33,7 +33,7 @@ from costeff.ops import (
     slim_ffn,
     slim_ffn_reference,
 )
-from costeff.ops.exit_head import ExitHeadOutput
+from costeff.ops.exit_head import ExitHeadOutput, activate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,11 +200,12 @@ class CostEffLayer(nn.Module):
 
 
 class CostEffExit(nn.Module):
-    """Exit on the CLS state: [dense] -> tanh -> dropout -> classifier."""
+    """Exit on the CLS state: [dense -> activation | tanh] -> dropout -> classifier."""
 
-    def __init__(self, hidden_size: int, num_labels: int, dense: bool, dropout: float):
+    def __init__(self, hidden_size: int, num_labels: int, dense: bool, dropout: float, activation: str = "tanh"):
         super().__init__()
         self.pooler = nn.Linear(hidden_size, hidden_size) if dense else None
+        self.activation = activation if dense else "tanh"
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
 
@@ -214,12 +215,12 @@ class CostEffExit(nn.Module):
         cw, cb = self.classifier.weight, self.classifier.bias
         if dropout and self.dropout.p > 0:
             x = cls_state if self.pooler is None else self.pooler(cls_state)
-            logits = self.classifier(self.dropout(torch.tanh(x)))
+            logits = self.classifier(self.dropout(activate(x, self.activation)))
             log_p = torch.log_softmax(logits.float(), -1)
             entropy = -(log_p.exp() * log_p).sum(-1)
             return ExitHeadOutput(logits, entropy, entropy < threshold)
         fn = exit_head if use_kernels else exit_head_reference
-        return fn(cls_state, cw, cb, threshold, pw, pb)
+        return fn(cls_state, cw, cb, threshold, pw, pb, self.activation)
 
 
 class _GradRescale(torch.autograd.Function):
@@ -435,7 +436,8 @@ class CostEffForSequenceClassification(CostEffPreTrainedModel):
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         n = config.num_exits
         self.exits = nn.ModuleList(
-            CostEffExit(config.hidden_size, config.num_labels, dense=(i == n - 1) or config.exit_pooler_dense, dropout=p)
+            CostEffExit(config.hidden_size, config.num_labels, dense=(i == n - 1) or config.exit_pooler_dense, dropout=p,
+                        activation=config.pooler_activation)
             for i in range(n)
         )
         self.post_init()

@@ -67,7 +67,7 @@ class ExitSegment(nn.Module):
         pooler = self.exit.pooler
         logits, entropy = exit_head_logits_entropy(
             state, self.exit.classifier.weight, self.exit.classifier.bias,
-            pooler.weight if pooler is not None else None, pooler.bias if pooler is not None else None,
+            pooler.weight if pooler is not None else None, pooler.bias if pooler is not None else None, self.exit.activation,
         )
         return logits, entropy, hidden
 

@@ -32,7 +32,10 @@ def check_size(op: str, name: str, t: torch.Tensor, d: int, expected: int, what:
         raise ValueError(f"{op}: {name}.size({d}) must equal {what} ({expected}), got shape {list(t.shape)}")
 
 
-def check_exit_head(hidden, pooler_weight, pooler_bias, classifier_weight, classifier_bias, threshold) -> int:
+EXIT_ACTIVATIONS = ("tanh", "relu", "gelu")
+
+
+def check_exit_head(hidden, pooler_weight, pooler_bias, classifier_weight, classifier_bias, threshold, activation="tanh") -> int:
     op = "costeff::exit_head"
     check_float(op, "hidden", hidden)
     if hidden.dim() != 2:
@@ -55,6 +58,8 @@ def check_exit_head(hidden, pooler_weight, pooler_bias, classifier_weight, class
     check_size(op, "classifier_bias", classifier_bias, 0, c, "classifier_weight.size(0)")
     if math.isnan(float(threshold)):
         raise ValueError(f"{op}: threshold must not be NaN")
+    if activation not in EXIT_ACTIVATIONS:
+        raise ValueError(f'{op}: activation must be "tanh", "relu" or "gelu", got "{activation}"')
     return c
 
 
