@@ -82,7 +82,7 @@ def spread_thresholds(model, ids, mask, types):
 
 CONFIGS = {
     "factorized_mean": dict(exit_pooling="mean"),
-    "factorized_cls": dict(exit_pooling="cls"),
+    "factorized_cls_roberta_positions": dict(exit_pooling="cls", position_offset=2, pad_token_id=1),
     "plain_embedding_cls_gelu_head": dict(embedding_rank=None, pooler_activation="gelu"),
     "hidden131_one_head": dict(hidden_size=131, num_attention_heads=[1, 1, 0, 2], attention_head_size=[40, 7, 5, 24],
                                intermediate_size=[0, 1, 33, 131], embedding_rank=None, exit_pooling="mean"),

@@ -25,8 +25,8 @@ def test_torch_export_every_segment(name):
     emb_program, programs = export_torch(model)
     assert len(programs) == model.config.num_exits
     ids, mask, types = make_batch(b=5, s=19, seed=4)  # another batch and length than the export's example
-    h_eager = EmbeddingSegment(model)(ids, types)
-    h = emb_program.module()(ids, types)
+    h_eager = EmbeddingSegment(model)(ids, types, mask)
+    h = emb_program.module()(ids, types, mask)
     torch.testing.assert_close(h, h_eager, atol=1e-6, rtol=1e-6)
     forward = model(ids, mask, types, use_kernels=False)
     for k, (program, seg) in enumerate(zip(programs, exit_segments(model))):
@@ -81,7 +81,7 @@ def test_onnx_graphs_skip_pruned_blocks(exported):
 
 
 def test_int8_export_runs_close_to_fp32(tmp_path):
-    model = make_model(scale=1.0, **CONFIGS["factorized_cls"])
+    model = make_model(scale=1.0, **CONFIGS["factorized_cls_roberta_positions"])
     model.save_pretrained(tmp_path / "model")
     manifest = export_onnx(tmp_path / "model", tmp_path / "onnx8", precision="int8")
     assert manifest["precision"] == "int8"

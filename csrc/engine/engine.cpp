@@ -224,6 +224,10 @@ EngineConfig EngineConfig::from_json(const std::string& text) {
         cfg.has("pooler_activation") ? cfg.at("pooler_activation", "config").as_string("config.pooler_activation") : "tanh";
     TORCH_CHECK_VALUE(pooler_act == "tanh" || pooler_act == "relu" || pooler_act == "gelu",
                       "costeff engine: config.pooler_activation must be 'tanh', 'relu' or 'gelu', got '", pooler_act, "'");
+    const json::Value& offset = cfg.has("position_offset") ? cfg.at("position_offset", "config") : json::Value();
+    c.position_offset = offset.is_null() ? 0 : offset.as_int("config.position_offset");
+    TORCH_CHECK_VALUE(c.position_offset >= 0 && c.position_offset < c.max_positions,
+                      "costeff engine: config.position_offset must be null or in [1, max_position_embeddings)");
     c.pooler_activation = pooler_act == "relu" ? Activation::kRelu : pooler_act == "gelu" ? Activation::kGelu : Activation::kTanh;
     if (cfg.has("hidden_act")) {
       const std::string act = cfg.at("hidden_act", "config").as_string("config.hidden_act");
@@ -323,8 +327,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
   auto entropy_out = at::zeros({B}, at::kFloat);
   if (B == 0) return {logits_out, layer_out, entropy_out};
   TORCH_CHECK_VALUE(S > 0, "costeff engine: input_ids has seq_len 0: every row needs at least one token ([CLS])");
-  TORCH_CHECK_VALUE(S <= c.max_positions, "costeff engine: input_ids has seq_len ", S, " but the position table holds max_position_embeddings=",
-                    c.max_positions, "; truncate the input");
+  TORCH_CHECK_VALUE(S <= c.max_positions - c.position_offset, "costeff engine: input_ids has seq_len ", S,
+                    " but the position table holds max_position_embeddings=", c.max_positions,
+                    c.position_offset ? " from position_offset=" + std::to_string(c.position_offset) : std::string(),
+                    ": at most ", c.max_positions - c.position_offset, " tokens; truncate the input");
   const auto ids = input_ids.to(at::kLong).contiguous();
   const int64_t* idp = ids.data_ptr<int64_t>();
   for (int64_t i = 0; i < B * S; ++i)
@@ -361,15 +367,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
   // ---- unpadded token rows: real tokens, plus position 0 (the CLS exit reads it even as padding)
   std::vector<Row> rows;
   rows.reserve(B);
-  std::vector<int64_t> tok_pos;
+  std::vector<int64_t> tok_pos, pos_id;  // flat input index and position-table row of every kept token
   tok_pos.reserve(B * S);
+  pos_id.reserve(B * S);
   int64_t T = 0;
   for (int64_t b = 0; b < B; ++b) {
     Row r{b, T, 0, {}};
+    int64_t seen = 0;  // real tokens so far in this row (RoBERTa-style positions)
     for (int64_t j = 0; j < S; ++j) {
-      if (!real[b * S + j] && j != 0) continue;
-      if (real[b * S + j]) r.keys.push_back(r.len);
+      const bool is_real = real[b * S + j];
+      if (!is_real && j != 0) continue;
+      if (is_real) {
+        r.keys.push_back(r.len);
+        ++seen;
+      }
       tok_pos.push_back(b * S + j);
+      pos_id.push_back(c.position_offset == 0 ? j : c.position_offset - 1 + (is_real ? seen : 0));
       ++r.len;
     }
     TORCH_CHECK_VALUE(!r.keys.empty(), "costeff engine: attention_mask row ", b, " has no real token (all padding); remove it from the batch");
@@ -387,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
     if (c.embedding_rank > 0) run_linear(word_projection_, isa_, words.data(), wd, T, tmp.data(), H, Activation::kNone, scratch);
     else tmp.swap(words);
     for (int64_t t = 0; t < T; ++t) {
-      const float* pos = &position_embeddings_[(tok_pos[t] % S) * H];
+      const float* pos = &position_embeddings_[pos_id[t] * H];
       const float* type = &token_type_embeddings_[types[tok_pos[t]] * H];
       float* x = &tmp[t * H];
       for (int64_t i = 0; i < H; ++i) x[i] += pos[i];

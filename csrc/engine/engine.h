@@ -32,6 +32,7 @@ struct EngineConfig {
   bool exit_pooler_dense = false;
   bool mean_pooling = false;  // exit_pooling == "mean" (intermediate exits)
   Activation pooler_activation = Activation::kTanh;  // after an exit's pooler dense
+  int64_t position_offset = 0;  // 0: positions are column indices; p: RoBERTa-style, p - 1 + k for the k-th real token
   double layer_norm_eps = 1e-12;
   std::vector<int64_t> heads, head_size, ffn;
 

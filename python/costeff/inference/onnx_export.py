@@ -1,6 +1,6 @@
 """`costeff export --format onnx`: a model directory as ONNX graphs that keep the early exit.
 
-Writes ``embeddings.onnx`` (input_ids, token_type_ids -> hidden), one ``segment_<k>.onnx`` per exit
+Writes ``embeddings.onnx`` (input_ids, token_type_ids[, attention_mask] -> hidden), one ``segment_<k>.onnx`` per exit
 (hidden, attention_mask -> logits, entropy, hidden; :mod:`costeff.models.segments`), all with dynamic
 batch and sequence axes, plus ``costeff_onnx.json`` and the model directory's config.json, tokenizer
 and model card, so the output is a directory ``costeff predict --model`` and
@@ -32,7 +32,7 @@ _AXES = {0: "batch", 1: "sequence"}
 
 
 def _example_inputs(config, batch: int = 3, seq: int = 16, seed: int = 0):
-    seq = max(1, min(seq, config.max_position_embeddings))
+    seq = max(1, min(seq, config.max_position_embeddings - (config.position_offset or 0)))
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
     types = torch.randint(0, config.type_vocab_size, (batch, seq), generator=g)
@@ -51,10 +51,11 @@ def _export_graphs(model, out: Path) -> list[dict]:
     with warnings.catch_warnings(), torch.no_grad():
         # the tracer warns at every Python branch on shapes; those branches are static per model
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(emb, (ids, types), str(out / "embeddings.onnx"), opset_version=OPSET, dynamo=False,
-                          input_names=["input_ids", "token_type_ids"], output_names=["hidden"],
-                          dynamic_axes={"input_ids": _AXES, "token_type_ids": _AXES, "hidden": _AXES})
-        hidden = emb(ids, types)
+        torch.onnx.export(emb, (ids, types, mask), str(out / "embeddings.onnx"), opset_version=OPSET, dynamo=False,
+                          input_names=["input_ids", "token_type_ids", "attention_mask"], output_names=["hidden"],
+                          dynamic_axes={"input_ids": _AXES, "token_type_ids": _AXES, "attention_mask": _AXES, "hidden": _AXES})
+        hidden = emb(ids, types, mask)
+        embeddings_inputs = [i.name for i in onnx.load(str(out / "embeddings.onnx"), load_external_data=False).graph.input]
         segments = []
         for k, seg in enumerate(exit_segments(model)):
             name = f"segment_{k}.onnx"
@@ -67,7 +68,7 @@ def _export_graphs(model, out: Path) -> list[dict]:
             segments.append({"file": name, "layers": list(range(first, seg.exit_layer + 1)), "exit_layer": seg.exit_layer,
                              "inputs": inputs})
             hidden = seg(hidden, mask)[2]
-    return segments
+    return embeddings_inputs, segments
 
 
 def _quantize(out: Path, segments: list[dict]) -> None:
@@ -122,7 +123,7 @@ def export_onnx(model_dir, output, precision: str = "fp32", overwrite: bool = Fa
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        segments = _export_graphs(model, tmp)
+        embeddings_inputs, segments = _export_graphs(model, tmp)
         if precision == "int8":
             _quantize(tmp, segments)
         for f in src.iterdir():  # config, tokenizer, model card, calibration: everything but the weights
@@ -130,10 +131,10 @@ def export_onnx(model_dir, output, precision: str = "fp32", overwrite: bool = Fa
                 shutil.copy2(f, tmp / f.name)
         manifest = {
             "format": FORMAT, "version": 1, "precision": precision, "opset": OPSET,
-            "embeddings": "embeddings.onnx", "segments": segments,
-            "inputs": {"embeddings": ["input_ids", "token_type_ids"], "segments": ["hidden", "attention_mask"]},
-            "note": "a segment that never reads the mask (0 heads, CLS exit) has no attention_mask input: see its 'inputs'",
+            "embeddings": "embeddings.onnx", "embeddings_inputs": embeddings_inputs, "segments": segments,
             "outputs": {"embeddings": ["hidden"], "segments": ["logits", "entropy", "hidden_out"]},
+            "note": "a graph has attention_mask among its inputs only when it reads it (RoBERTa-style positions; attention; "
+                    "mean-pooled exits)",
             "num_labels": config.num_labels, "inference_threshold": config.inference_threshold,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -155,12 +156,12 @@ def export_torch(model, example: Optional[tuple] = None):
 
     ids, mask, types = example if example is not None else _example_inputs(model.config)
     batch = torch.export.Dim("batch", min=1)
-    seq = torch.export.Dim("sequence", min=1, max=model.config.max_position_embeddings)
+    seq = torch.export.Dim("sequence", min=1, max=model.config.max_position_embeddings - (model.config.position_offset or 0))
     dims = ({0: batch, 1: seq}, {0: batch, 1: seq})
     emb = EmbeddingSegment(model)
     with torch.no_grad():
-        programs = [torch.export.export(emb, (ids, types), dynamic_shapes=dims)]
-        hidden = emb(ids, types)
+        programs = [torch.export.export(emb, (ids, types, mask), dynamic_shapes=dims + ({0: batch, 1: seq},))]
+        hidden = emb(ids, types, mask)
         for seg in exit_segments(model):
             programs.append(torch.export.export(seg, (hidden, mask), dynamic_shapes=dims))
             hidden = seg(hidden, mask)[2]

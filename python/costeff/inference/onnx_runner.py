@@ -86,6 +86,7 @@ class OnnxEarlyExit:
                 raise ValueError(f"{self.path / name}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from None
 
         self._embeddings = session(self.manifest["embeddings"])
+        self._embeddings_read_mask = "attention_mask" in {i.name for i in self._embeddings.get_inputs()}
         self._steps = [self._step(session(s["file"])) for s in self.manifest["segments"]]
         self.exit_layers = [int(s["exit_layer"]) for s in self.manifest["segments"]]
         if self.exit_layers != self.config.exit_layers():
@@ -121,7 +122,9 @@ class OnnxEarlyExit:
         layer = torch.zeros(b, dtype=torch.long)
         if b:
             ids, mask, types = trim_padding(ids, mask, types)
-            (hidden,) = self._embeddings.run(None, {"input_ids": np.ascontiguousarray(ids.numpy()),
-                                                          "token_type_ids": np.ascontiguousarray(types.numpy())})
+            feeds = {"input_ids": np.ascontiguousarray(ids.numpy()), "token_type_ids": np.ascontiguousarray(types.numpy())}
+            if self._embeddings_read_mask:
+                feeds["attention_mask"] = np.ascontiguousarray(mask.to(torch.int64).numpy())
+            (hidden,) = self._embeddings.run(None, feeds)
             run_exit_segments(self._steps, self.exit_layers, torch.from_numpy(hidden), mask, threshold, logits, entropy, layer)
         return EarlyExitOutput(logits=logits, exit_layer=layer, entropy=entropy)

@@ -58,6 +58,9 @@ class CostEffConfig(PreTrainedConfig):
         pooler_activation: the activation after an exit's pooler dense: "tanh" (BERT's pooler, RoBERTa's
             head), "relu" (DistilBERT's head) or "gelu" (ELECTRA's head). Exits without a dense apply tanh.
         gradient_equilibrium: default for the training forward (see :mod:`costeff.models`).
+        position_offset: None for BERT's positions (column index 0, 1, ...); an int p for RoBERTa-style
+            positions from the attention mask: the k-th real token (1-based) gets p - 1 + k, padding gets
+            p - 1 (RoBERTa / XLM-R: p = padding_idx + 1 = 2), so at most max_position_embeddings - p tokens.
         inference_threshold: the entropy threshold (nats) `costeff predict` and the engine use by default
             (set by calibration); None: not calibrated, run to full depth.
         hidden_dropout_prob, attention_probs_dropout_prob, classifier_dropout: training dropout.
@@ -85,6 +88,7 @@ class CostEffConfig(PreTrainedConfig):
     exit_pooler_dense: bool = False
     exit_pooling: str = "cls"
     pooler_activation: str = "tanh"
+    position_offset: int | None = None
     gradient_equilibrium: bool = False
     inference_threshold: float | None = None
 
@@ -126,6 +130,11 @@ class CostEffConfig(PreTrainedConfig):
             raise ValueError(f"CostEffConfig: exit_pooling must be 'cls' or 'mean', got {self.exit_pooling!r}")
         if self.pooler_activation not in ("tanh", "relu", "gelu"):
             raise ValueError(f"CostEffConfig: pooler_activation must be 'tanh', 'relu' or 'gelu', got {self.pooler_activation!r}")
+        if self.position_offset is not None:
+            _positive_int("position_offset", self.position_offset)
+            if self.position_offset >= self.max_position_embeddings:
+                raise ValueError(f"CostEffConfig: position_offset {self.position_offset} leaves no position in a table of "
+                                 f"max_position_embeddings={self.max_position_embeddings}")
         if self.hidden_act != "gelu":
             raise ValueError(f"CostEffConfig: hidden_act must be 'gelu' (exact erf GELU, as the slim_ffn kernel), got {self.hidden_act!r}")
         t = self.inference_threshold

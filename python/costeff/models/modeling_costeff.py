@@ -53,10 +53,12 @@ def prepare_inputs(config: CostEffConfig, input_ids, attention_mask=None, token_
     b, s = input_ids.shape
     if s == 0:
         raise ValueError("input_ids has seq_len 0: every row needs at least one token ([CLS])")
-    if s > config.max_position_embeddings:
+    max_len = config.max_position_embeddings - (config.position_offset or 0)
+    if s > max_len:
+        offset = f" from position_offset={config.position_offset} (RoBERTa-style)" if config.position_offset else ""
         raise ValueError(
             f"input_ids has seq_len {s} but the position table holds max_position_embeddings="
-            f"{config.max_position_embeddings}; truncate the input"
+            f"{config.max_position_embeddings}{offset}: at most {max_len} tokens; truncate the input"
         )
     if b and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
         raise ValueError(f"input_ids must be in [0, vocab_size={config.vocab_size}), got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
@@ -100,7 +102,8 @@ def _resolve_kernels(use_kernels: Optional[bool]) -> bool:
 
 class CostEffEmbeddings(nn.Module):
     """Word (optionally factorized: vocab x r then r x hidden), position and token-type embeddings,
-    summed and layer-normalized."""
+    summed and layer-normalized. Positions are column indices, or with ``position_offset`` counted
+    over the real tokens of the attention mask (RoBERTa)."""
 
     def __init__(self, config: CostEffConfig):
         super().__init__()
@@ -112,18 +115,25 @@ class CostEffEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h)
         self.LayerNorm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.position_offset = config.position_offset
 
     def word_matrix(self) -> torch.Tensor:
         """The full vocab x hidden word-embedding matrix (the product when factorized)."""
         w = self.word_embeddings.weight
         return w if self.word_projection is None else w @ self.word_projection.weight.t()
 
-    def forward(self, input_ids, token_type_ids, use_kernels: bool, dropout: bool):
+    def forward(self, input_ids, token_type_ids, use_kernels: bool, dropout: bool, attention_mask=None):
         words = self.word_embeddings(input_ids)
         if self.word_projection is not None:
             words = self.word_projection(words)
-        # the broadcast position add materializes [batch, seq, hidden] once; token types are the residual
-        x = words + self.position_embeddings.weight[: input_ids.shape[1]]
+        # the position add materializes [batch, seq, hidden] once; token types are the residual
+        if self.position_offset is None:
+            x = words + self.position_embeddings.weight[: input_ids.shape[1]]
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            real = attention_mask.long()
+            x = words + self.position_embeddings(real.cumsum(1) * real + (self.position_offset - 1))
         ln = add_layer_norm if use_kernels else add_layer_norm_reference
         out = ln(x, self.token_type_embeddings(token_type_ids), self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
         return self.dropout(out) if dropout else out
@@ -411,7 +421,7 @@ class CostEffModel(CostEffPreTrainedModel):
     ):
         ids, mask, types = prepare_inputs(self.config, input_ids, attention_mask, token_type_ids)
         k = _resolve_kernels(use_kernels)
-        h = self.embeddings(ids, types, k, self.training)
+        h = self.embeddings(ids, types, k, self.training, mask)
         states = [h]
         for layer in self.layers:
             h = layer(h, mask, k, self.training)
@@ -479,7 +489,7 @@ class CostEffForSequenceClassification(CostEffPreTrainedModel):
         ge = cfg.gradient_equilibrium if gradient_equilibrium is None else gradient_equilibrium
         ge = ge and torch.is_grad_enabled()
         L = cfg.num_hidden_layers
-        h = self.costeff.embeddings(ids, types, k, self.training)
+        h = self.costeff.embeddings(ids, types, k, self.training, mask)
         states = [h]
         exit_logits = []
         for i, layer in enumerate(self.costeff.layers):
@@ -524,7 +534,7 @@ class CostEffForSequenceClassification(CostEffPreTrainedModel):
         if b == 0:
             return EarlyExitOutput(logits=logits_out, exit_layer=layer_out, entropy=entropy_out)
         ids, mask, types = trim_padding(ids, mask, types)
-        h = self.costeff.embeddings(ids, types, k, False)
+        h = self.costeff.embeddings(ids, types, k, False, mask)
 
         def step(index, start, end):
             ex, last = self.exits[index], end == cfg.num_hidden_layers

@@ -2,7 +2,7 @@
 
 Segment k runs the layers after exit k-1 up to and including exit k's layer, then exit k:
 
-    EmbeddingSegment(input_ids, token_type_ids)            -> hidden
+    EmbeddingSegment(input_ids, token_type_ids, attention_mask) -> hidden
     ExitSegment(hidden, attention_mask) -> (logits, entropy, hidden)
 
 A runner calls the segments in order and drops the rows whose entropy is under the threshold between
@@ -26,14 +26,15 @@ from costeff.ops.exit_head import exit_head_logits_entropy
 
 
 class EmbeddingSegment(nn.Module):
-    """input_ids, token_type_ids (int64 [batch, seq]) -> hidden [batch, seq, hidden_size]."""
+    """input_ids, token_type_ids, attention_mask (int64 [batch, seq]) -> hidden [batch, seq, hidden_size].
+    The mask is read only with RoBERTa-style positions (``position_offset``)."""
 
     def __init__(self, model):
         super().__init__()
         self.embeddings = model.costeff.embeddings
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        return self.embeddings(input_ids, token_type_ids, use_kernels=False, dropout=False)
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids, token_type_ids, use_kernels=False, dropout=False, attention_mask=attention_mask)
 
 
 class ExitSegment(nn.Module):
