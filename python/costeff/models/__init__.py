@@ -4,7 +4,7 @@ and models with transformers' Auto classes (model_type ``costeff_bert``)."""
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from costeff.models.configuration_costeff import MODEL_TYPE, CostEffConfig
-from costeff.models.convert import factorize_embedding, from_bert, slenderize
+from costeff.models.convert import factorize_embedding, from_bert, from_pretrained_encoder, slenderize
 from costeff.models.flops import (
     count_parameters,
     exit_macs,
@@ -45,6 +45,7 @@ __all__ = [
     "factorize_embedding",
     "flops_per_sample",
     "from_bert",
+    "from_pretrained_encoder",
     "gradient_rescale",
     "layer_macs",
     "macs_per_sample",

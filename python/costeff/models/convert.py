@@ -1,23 +1,215 @@
-"""Conversion from Hugging Face BERT (``from_bert``) and physical width pruning (``slenderize``)."""
+"""Conversion from Hugging Face BERT-family encoders (``from_pretrained_encoder``, ``from_bert``) and
+physical width pruning (``slenderize``)."""
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 
 from costeff.models.configuration_costeff import CostEffConfig
 from costeff.models.modeling_costeff import CostEffForSequenceClassification, CostEffModel
 
 
-def _load_bert(path):
+_log = logging.getLogger("costeff")
+
+# model_type -> family; the families share one layer layout once their weights are named.
+FAMILIES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta", "distilbert": "distilbert"}
+_UNSUPPORTED = {
+    "albert": "ALBERT shares one set of layer weights across all layers and factorizes its embedding before a "
+              "projection; costeff prunes every layer separately",
+    "deberta": "DeBERTa's disentangled relative-position attention is not the absolute-position attention of costeff's kernels",
+    "deberta-v2": "DeBERTa-v2's disentangled relative-position attention is not the absolute-position attention of costeff's kernels",
+    "electra": "ELECTRA's embedding projection after the embedding LayerNorm (embeddings_project) is not supported yet",
+}
+
+
+def _load_pretrained(path):
+    """The model at a local ``path`` (a classifier when its config says so), plus whether the
+    checkpoint lacked pooler weights (transformers then initializes them randomly, and the CLI
+    silences its warning)."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path)
     archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return transformers.AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
-    return transformers.AutoModel.from_pretrained(path, use_safetensors=True)
+    auto = transformers.AutoModelForSequenceClassification if any(a.endswith("ForSequenceClassification") for a in archs) else transformers.AutoModel
+    model, info = auto.from_pretrained(path, use_safetensors=True, output_loading_info=True)
+    missing_pooler = any(".pooler." in f".{k}" for k in info.get("missing_keys", ()))
+    return model, missing_pooler
+
+
+@dataclass
+class _Parts:
+    """One encoder's weights in costeff's layout (modules of the source model, copied later)."""
+
+    config: dict
+    word: torch.Tensor
+    position: torch.Tensor
+    token_type: Optional[torch.Tensor]  # None: the family has no token types (one zero row is made)
+    embedding_norm: nn.LayerNorm
+    layers: list  # per layer: (q, k, v, attn_out, attn_norm, ffn_in, ffn_out, ffn_norm)
+    pooler: Optional[nn.Linear]  # the dense before the last exit's activation (None: fresh)
+    classifier: Optional[nn.Linear]
+
+
+def _check_family(model):
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt in _UNSUPPORTED:
+        raise ValueError(f"from_pretrained_encoder: {mt} is not supported: {_UNSUPPORTED[mt]}")
+    if mt not in FAMILIES:
+        raise ValueError(f"from_pretrained_encoder: model_type {mt!r} ({type(model).__name__}) is not supported; costeff converts "
+                         f"{sorted(FAMILIES)}")
+    return FAMILIES[mt]
+
+
+def _bert_like_layers(encoder):
+    return [
+        (bl.attention.self.query, bl.attention.self.key, bl.attention.self.value, bl.attention.output.dense,
+         bl.attention.output.LayerNorm, bl.intermediate.dense, bl.output.dense, bl.output.LayerNorm)
+        for bl in encoder.encoder.layer
+    ]
+
+
+def _common_config(hc, encoder) -> dict:
+    if getattr(hc, "position_embedding_type", "absolute") not in (None, "absolute"):
+        raise ValueError(f"from_pretrained_encoder: position_embedding_type {hc.position_embedding_type!r} is not supported "
+                         "(only absolute position embeddings)")
+    if getattr(hc, "is_decoder", False):
+        raise ValueError("from_pretrained_encoder: decoder models are not supported")
+    return dict(
+        vocab_size=hc.vocab_size, hidden_size=hc.hidden_size, num_hidden_layers=hc.num_hidden_layers,
+        num_attention_heads=hc.num_attention_heads, attention_head_size=hc.hidden_size // hc.num_attention_heads,
+        intermediate_size=hc.intermediate_size, hidden_dropout_prob=hc.hidden_dropout_prob,
+        attention_probs_dropout_prob=hc.attention_probs_dropout_prob, classifier_dropout=getattr(hc, "classifier_dropout", None),
+        max_position_embeddings=hc.max_position_embeddings, type_vocab_size=hc.type_vocab_size,
+        initializer_range=hc.initializer_range, layer_norm_eps=hc.layer_norm_eps, pad_token_id=hc.pad_token_id,
+    )
+
+
+def _bert_parts(model) -> _Parts:
+    encoder = model.base_model
+    hc = encoder.config
+    if hc.hidden_act != "gelu":
+        raise ValueError(f"from_pretrained_encoder: hidden_act {hc.hidden_act!r} is not supported (the kernels use exact 'gelu')")
+    e = encoder.embeddings
+    pooler = encoder.pooler.dense if getattr(encoder, "pooler", None) is not None else None
+    return _Parts(_common_config(hc, encoder), e.word_embeddings.weight, e.position_embeddings.weight, e.token_type_embeddings.weight,
+                  e.LayerNorm, _bert_like_layers(encoder), pooler, getattr(model, "classifier", None))
+
+
+def _roberta_parts(model) -> _Parts:
+    parts = _bert_parts(model)
+    hc = model.config
+    # RoBERTa/XLM-R: positions count the real tokens from padding_idx + 1; the classifier head is
+    # dense -> tanh -> out_proj on <s> (our last exit's pooler + classifier).
+    parts.config["position_offset"] = hc.pad_token_id + 1
+    head = getattr(model, "classifier", None)
+    if head is not None:
+        parts.pooler, parts.classifier = head.dense, head.out_proj
+    return parts
+
+
+def _distilbert_parts(model) -> _Parts:
+    encoder = model.base_model
+    hc = encoder.config
+    if hc.activation != "gelu":
+        raise ValueError(f"from_pretrained_encoder: DistilBERT activation {hc.activation!r} is not supported (the kernels use exact 'gelu')")
+    layers = [
+        (tl.attention.q_lin, tl.attention.k_lin, tl.attention.v_lin, tl.attention.out_lin, tl.sa_layer_norm,
+         tl.ffn.lin1, tl.ffn.lin2, tl.output_layer_norm)
+        for tl in encoder.transformer.layer
+    ]
+    config = dict(
+        vocab_size=hc.vocab_size, hidden_size=hc.dim, num_hidden_layers=hc.n_layers, num_attention_heads=hc.n_heads,
+        attention_head_size=hc.dim // hc.n_heads, intermediate_size=hc.hidden_dim, hidden_dropout_prob=hc.dropout,
+        attention_probs_dropout_prob=hc.attention_dropout, classifier_dropout=hc.seq_classif_dropout,
+        max_position_embeddings=hc.max_position_embeddings, type_vocab_size=1, initializer_range=hc.initializer_range,
+        layer_norm_eps=encoder.embeddings.LayerNorm.eps, pad_token_id=hc.pad_token_id, pooler_activation="relu",
+    )
+    e = encoder.embeddings
+    # head: pre_classifier -> ReLU -> classifier on the first token
+    return _Parts(config, e.word_embeddings.weight, e.position_embeddings.weight, None, e.LayerNorm, layers,
+                  getattr(model, "pre_classifier", None), getattr(model, "classifier", None))
+
+
+_PARTS = {"bert": _bert_parts, "roberta": _roberta_parts, "distilbert": _distilbert_parts}
+
+
+def _convert(model, family: str, num_labels, exit_start, exit_pooler_dense, missing_pooler: bool, config_overrides) -> CostEffForSequenceClassification:
+    parts = _PARTS[family](model)
+    if missing_pooler:
+        parts.pooler = None
+    classifier = parts.classifier
+    labels = num_labels if num_labels is not None else model.config.num_labels
+    if classifier is not None and classifier.out_features != labels:
+        raise ValueError(f"from_pretrained_encoder: num_labels {labels} differs from the source classifier's {classifier.out_features}")
+    kw = dict(parts.config, embedding_rank=None, exit_start=exit_start, exit_pooler_dense=exit_pooler_dense, num_labels=labels)
+    hc = model.config
+    if classifier is not None and hc.id2label:
+        kw["id2label"] = dict(hc.id2label)
+        kw["label2id"] = dict(hc.label2id)
+    if getattr(hc, "problem_type", None):
+        kw["problem_type"] = hc.problem_type
+    kw.update(config_overrides)
+    out = CostEffForSequenceClassification(CostEffConfig(**kw))
+    out.to(parts.word.dtype)
+    with torch.no_grad():
+        e = out.costeff.embeddings
+        e.word_embeddings.weight.copy_(parts.word)
+        e.position_embeddings.weight.copy_(parts.position)
+        if parts.token_type is None:
+            e.token_type_embeddings.weight.zero_()
+        else:
+            e.token_type_embeddings.weight.copy_(parts.token_type)
+        e.LayerNorm.load_state_dict(parts.embedding_norm.state_dict())
+        for layer, (q, k, v, o, n1, fi, fo, n2) in zip(out.costeff.layers, parts.layers):
+            layer.attention.qkv_weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            layer.attention.qkv_bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+            layer.attention.out_weight.copy_(o.weight)
+            layer.attention.out_bias.copy_(o.bias)
+            layer.attention_norm.load_state_dict(n1.state_dict())
+            layer.ffn.in_weight.copy_(fi.weight)
+            layer.ffn.in_bias.copy_(fi.bias)
+            layer.ffn.out_weight.copy_(fo.weight)
+            layer.ffn.out_bias.copy_(fo.bias)
+            layer.ffn_norm.load_state_dict(n2.state_dict())
+        last = out.exits[-1]
+        if parts.pooler is not None:
+            last.pooler.load_state_dict(parts.pooler.state_dict())
+        else:
+            _log.info("from_pretrained_encoder: the %s checkpoint has no pooler / head dense weights: the last exit's dense is "
+                      "freshly initialized (fine-tune before use)", hc.model_type)
+        if classifier is not None:
+            last.classifier.load_state_dict(classifier.state_dict())
+    out.train(model.training)
+    return out
+
+
+def from_pretrained_encoder(
+    model_or_path,
+    num_labels: Optional[int] = None,
+    exit_start: int = 1,
+    exit_pooler_dense: bool = False,
+    **config_overrides,
+) -> CostEffForSequenceClassification:
+    """Converts a transformers BERT-family encoder or sequence classifier (or a local path to one)
+    into a full-width :class:`CostEffForSequenceClassification` with the same outputs.
+
+    Families: BERT (also with a non-zero pad id or without pooler weights), RoBERTa / XLM-R /
+    CamemBERT (positions counted over the mask from padding_idx + 1; head dense -> tanh -> out_proj),
+    DistilBERT (no token types; head pre_classifier -> ReLU -> classifier). The last exit takes the
+    source's pooler or classification head; intermediate exits (and the head of a bare encoder) are
+    freshly initialized. ``num_labels`` defaults to the source config's."""
+    missing_pooler = False
+    if isinstance(model_or_path, (str, os.PathLike)):
+        if not os.path.isdir(model_or_path) or not os.path.isfile(os.path.join(model_or_path, "config.json")):
+            raise FileNotFoundError(f"from_pretrained_encoder: {model_or_path} is not a local model directory (config.json + weights)")
+        model_or_path, missing_pooler = _load_pretrained(model_or_path)
+    family = _check_family(model_or_path)
+    return _convert(model_or_path, family, num_labels, exit_start, exit_pooler_dense, missing_pooler, config_overrides)
 
 
 def from_bert(
@@ -28,81 +220,17 @@ def from_bert(
     **config_overrides,
 ) -> CostEffForSequenceClassification:
     """Converts a transformers ``BertModel`` / ``BertForSequenceClassification`` (or a local path to
-    one) into a full-width :class:`CostEffForSequenceClassification`. The last exit takes BERT's
-    pooler and, for a classifier, its classification layer; intermediate exits (and the classifier of
-    a bare encoder) are freshly initialized. ``num_labels`` defaults to the BERT config's."""
+    one): :func:`from_pretrained_encoder` restricted to BERT."""
+    missing_pooler = False
     if isinstance(bert, (str, os.PathLike)):
-        bert = _load_bert(bert)
+        bert, missing_pooler = _load_pretrained(bert)
     from transformers import BertModel
 
     encoder = bert if isinstance(bert, BertModel) else getattr(bert, "bert", None)
     if not isinstance(encoder, BertModel):
-        raise TypeError(f"from_bert: expected a transformers BertModel or a model with a .bert BertModel, got {type(bert).__name__}")
-    bc = encoder.config
-    if bc.hidden_act != "gelu":
-        raise ValueError(f"from_bert: hidden_act {bc.hidden_act!r} is not supported (the kernels use exact 'gelu')")
-    if getattr(bc, "position_embedding_type", "absolute") != "absolute":
-        raise ValueError("from_bert: only absolute position embeddings are supported")
-    if bc.is_decoder:
-        raise ValueError("from_bert: decoder BERTs are not supported")
-    classifier = getattr(bert, "classifier", None)
-    labels = num_labels if num_labels is not None else bc.num_labels
-    if classifier is not None and classifier.out_features != labels:
-        raise ValueError(f"from_bert: num_labels {labels} differs from the BERT classifier's {classifier.out_features}")
-    kw = dict(
-        vocab_size=bc.vocab_size,
-        hidden_size=bc.hidden_size,
-        num_hidden_layers=bc.num_hidden_layers,
-        num_attention_heads=bc.num_attention_heads,
-        attention_head_size=bc.hidden_size // bc.num_attention_heads,
-        intermediate_size=bc.intermediate_size,
-        embedding_rank=None,
-        hidden_dropout_prob=bc.hidden_dropout_prob,
-        attention_probs_dropout_prob=bc.attention_probs_dropout_prob,
-        classifier_dropout=getattr(bc, "classifier_dropout", None),
-        max_position_embeddings=bc.max_position_embeddings,
-        type_vocab_size=bc.type_vocab_size,
-        initializer_range=bc.initializer_range,
-        layer_norm_eps=bc.layer_norm_eps,
-        pad_token_id=bc.pad_token_id,
-        exit_start=exit_start,
-        exit_pooler_dense=exit_pooler_dense,
-        num_labels=labels,
-    )
-    if classifier is not None and bc.id2label:
-        kw["id2label"] = dict(bc.id2label)
-        kw["label2id"] = dict(bc.label2id)
-    if getattr(bc, "problem_type", None):
-        kw["problem_type"] = bc.problem_type
-    kw.update(config_overrides)
-    model = CostEffForSequenceClassification(CostEffConfig(**kw))
-    dtype = next(encoder.parameters()).dtype
-    model.to(dtype)
-    with torch.no_grad():
-        e, be = model.costeff.embeddings, encoder.embeddings
-        e.word_embeddings.weight.copy_(be.word_embeddings.weight)
-        e.position_embeddings.weight.copy_(be.position_embeddings.weight)
-        e.token_type_embeddings.weight.copy_(be.token_type_embeddings.weight)
-        e.LayerNorm.load_state_dict(be.LayerNorm.state_dict())
-        for layer, bl in zip(model.costeff.layers, encoder.encoder.layer):
-            sa = bl.attention.self
-            layer.attention.qkv_weight.copy_(torch.cat([sa.query.weight, sa.key.weight, sa.value.weight]))
-            layer.attention.qkv_bias.copy_(torch.cat([sa.query.bias, sa.key.bias, sa.value.bias]))
-            layer.attention.out_weight.copy_(bl.attention.output.dense.weight)
-            layer.attention.out_bias.copy_(bl.attention.output.dense.bias)
-            layer.attention_norm.load_state_dict(bl.attention.output.LayerNorm.state_dict())
-            layer.ffn.in_weight.copy_(bl.intermediate.dense.weight)
-            layer.ffn.in_bias.copy_(bl.intermediate.dense.bias)
-            layer.ffn.out_weight.copy_(bl.output.dense.weight)
-            layer.ffn.out_bias.copy_(bl.output.dense.bias)
-            layer.ffn_norm.load_state_dict(bl.output.LayerNorm.state_dict())
-        last = model.exits[-1]
-        if encoder.pooler is not None:
-            last.pooler.load_state_dict(encoder.pooler.dense.state_dict())
-        if classifier is not None:
-            last.classifier.load_state_dict(classifier.state_dict())
-    model.train(bert.training)
-    return model
+        raise TypeError(f"from_bert: expected a transformers BertModel or a model with a .bert BertModel, got {type(bert).__name__}; "
+                        "use costeff.models.from_pretrained_encoder for other encoder families")
+    return _convert(bert, "bert", num_labels, exit_start, exit_pooler_dense, missing_pooler, config_overrides)
 
 
 def _keep_list(name: str, keep, size: int) -> list[int]:
