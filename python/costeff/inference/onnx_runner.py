@@ -77,6 +77,9 @@ class OnnxEarlyExit:
         so.intra_op_num_threads = threads or torch.get_num_threads()
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # one session per segment: idle threads must not spin, or each session's pool steals the
+        # cores the next segment (or the caller) is about to use
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = providers or ["CPUExecutionProvider"]
 
         def session(name):

@@ -118,14 +118,14 @@ class Predictor:
         """One record per text: label (name), score (its softmax probability), exit_layer [, probs]."""
         if not texts:
             return []
-        full = self.tokenizer(texts, pairs)
+        full = self.tokenizer(texts, pairs, verbose=False)  # over-long inputs are counted and reported once below
         over = sum(len(ids) > self.max_length for ids in full["input_ids"])
         if over:
             self.truncated += over
             enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
         else:
             enc = self.tokenizer.pad(full, return_tensors="pt")
-        types = enc.get("token_type_ids")
+        types = enc.get("token_type_ids") if self.config.type_vocab_size > 1 else None  # families without token types
         with torch.inference_mode():
             out = self._run(enc["input_ids"], enc["attention_mask"], types)
         p = torch.softmax(out.logits.float(), -1)
