@@ -7,7 +7,7 @@ from typing import Optional
 
 import datasets
 import torch.distributed as dist
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from costeff.data import load_task, make_loader, tokenize
 
@@ -56,6 +56,21 @@ class RunData:
         return self.split("test")
 
 
+def _has_token_types(model_path: str) -> bool:
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return True
+    return getattr(config, "type_vocab_size", 0) >= 2
+
+
+def drop_token_types(tokenizer) -> None:
+    """Makes ``tokenizer`` stop returning token_type_ids (also once saved and reloaded)."""
+    names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
+    tokenizer.model_input_names = names
+    tokenizer.init_kwargs["model_input_names"] = names
+
+
 def prepare_data(
     task: str,
     tokenizer_path: str,
@@ -77,5 +92,7 @@ def prepare_data(
             dd[s] = dd[s].select(range(min(max_eval_examples, len(dd[s]))))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     tokenizer.model_max_length = max_length  # saved with every model: what `costeff predict` truncates to
+    if not _has_token_types(tokenizer_path):  # DistilBERT, RoBERTa-style: no token_type_ids in the batches
+        drop_token_types(tokenizer)
     enc = tokenize(dd, tokenizer, max_length)
     return RunData(tokenizer, enc, num_labels, metric, names, batch_size, eval_batch_size, seed, bucket_by_length)

@@ -18,7 +18,7 @@ from transformers import AutoModelForSequenceClassification
 from costeff._extension import extension_loaded
 from costeff.inference import InferenceEngine
 from costeff.inference.calibrate import calibrate_on_batches
-from costeff.models import CostEffForSequenceClassification, count_parameters, from_bert, parameter_count
+from costeff.models import CostEffForSequenceClassification, count_parameters, from_pretrained_encoder, parameter_count
 from costeff.pipeline.checkpoint import atomic_write_json
 from costeff.pipeline.evaluate import (
     DEFAULT_THRESHOLD_FRACTIONS,
@@ -156,7 +156,7 @@ def stage_ta(c: PipelineConfig, data, backbone: str, out: str, resume: bool = Fa
     teacher = load_teacher(out)
     torch.manual_seed(c.seed)
     init = teacher if c.ta_init == "teacher" else backbone
-    ta = from_bert(init, num_labels=data.num_labels, exit_start=c.exit_start, gradient_equilibrium=True, exit_pooling=c.exit_pooling)
+    ta = from_pretrained_encoder(init, num_labels=data.num_labels, exit_start=c.exit_start, gradient_equilibrium=True, exit_pooling=c.exit_pooling)
     ta.config.id2label, ta.config.label2id = dict(teacher.config.id2label), dict(teacher.config.label2id)
     _, summary = distill(ta, teacher, data, _train_cfg(c, c.ta_repr_epochs, c.ta_lr, c.exit_lr_multiplier),
                          _train_cfg(c, c.ta_pred_epochs, c.ta_lr, c.exit_lr_multiplier),
@@ -190,12 +190,12 @@ def stage_distill(c: PipelineConfig, data, out: str, resume: bool = False) -> di
 
 def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> dict:
     # HF's default (sdpa) attention for the shipped teacher, what a user would run (TA training keeps
-    # eager); the attention implementation does not matter to from_bert's weight conversion
+    # eager); the attention implementation does not matter to the weight conversion
     teacher = load_teacher(out, attn_implementation="sdpa")
     ta = load_costeff(out, "ta")
     student = load_costeff(out, "student")
     thresholds = tuple(c.thresholds) if c.thresholds else sweep_thresholds(c.threshold_fractions, data.num_labels)
-    teacher_costeff = from_bert(teacher, exit_start=teacher.config.num_hidden_layers).eval()
+    teacher_costeff = from_pretrained_encoder(teacher, exit_start=teacher.config.num_hidden_layers).eval()
     timed = latency_batches(data, split, c.latency_examples)  # the same batches time every model
     systems = [evaluate_hf_teacher(teacher, teacher_costeff.config, data, split, "teacher (HF)")]
     systems += sweep_costeff(teacher_costeff, data, split, (0.0,), "teacher (costeff kernels)")
@@ -218,7 +218,8 @@ def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> di
     add_ratios(rows, rows[0])
     paths = write_results(rows, data.metric, os.path.join(out, "eval"), f"{data.metric} vs cost on {split}")
     sizes = {
-        "teacher": {"total": count_parameters(teacher), "encoder": count_parameters(teacher.bert.encoder)},
+        # the converted teacher's layers hold exactly the teacher's encoder weights, whatever the family
+        "teacher": {"total": count_parameters(teacher), "encoder": count_parameters(teacher_costeff.costeff.layers)},
         "student": {"total": count_parameters(student), "encoder": count_parameters(student.costeff.layers)},
         "student_config_params": parameter_count(student.config),
     }
