@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 ROOT = Path(__file__).resolve().parent.parent
 for p in (ROOT / "python", ROOT):
@@ -32,7 +33,6 @@ for p in (ROOT / "python", ROOT):
 from costeff.data import load_task  # noqa: E402
 from costeff.inference.onnx_export import export_onnx  # noqa: E402
 from costeff.inference.predict import Predictor  # noqa: E402
-import transformers  # noqa: E402
 from costeff.inference.timing import time_interleaved  # noqa: E402
 
 

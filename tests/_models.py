@@ -81,7 +81,7 @@ def spread_thresholds(model, ids, mask, types):
 
 
 CONFIGS = {
-    "factorized_mean": dict(exit_pooling="mean"),
+    "factorized_mean_projected": dict(exit_pooling="mean", embedding_size=24),
     "factorized_cls_roberta_positions": dict(exit_pooling="cls", position_offset=2, pad_token_id=1),
     "plain_embedding_cls_gelu_head": dict(embedding_rank=None, pooler_activation="gelu"),
     "hidden131_one_head": dict(hidden_size=131, num_attention_heads=[1, 1, 0, 2], attention_head_size=[40, 7, 5, 24],

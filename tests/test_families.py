@@ -25,7 +25,7 @@ from transformers import (
 )
 
 import costeff
-from costeff.models import from_bert, from_pretrained_encoder, slenderize
+from costeff.models import count_parameters, flops_per_sample, from_bert, from_pretrained_encoder, parameter_count, slenderize
 
 SMALL = dict(vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
              max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -44,6 +44,11 @@ def xlm_roberta():
     return XLMRobertaForSequenceClassification(XLMRobertaConfig(**SMALL, type_vocab_size=1, pad_token_id=1, num_labels=2))
 
 
+def electra():
+    # embedding_size < hidden_size: tables, LayerNorm, then embeddings_project
+    return ElectraForSequenceClassification(ElectraConfig(**{**SMALL, "embedding_size": 16}, num_labels=3))
+
+
 def distilbert(sinusoidal):
     return DistilBertForSequenceClassification(DistilBertConfig(
         vocab_size=60, dim=32, n_layers=3, n_heads=4, hidden_dim=37, max_position_embeddings=40, dropout=0.0,
@@ -56,6 +61,7 @@ FAMILIES = {
     "xlm_roberta": (xlm_roberta, False),
     "distilbert_learned": (lambda: distilbert(False), False),
     "distilbert_sinusoidal": (lambda: distilbert(True), False),
+    "electra": (electra, True),
 }
 
 
@@ -117,6 +123,18 @@ def test_family_specific_config():
     d = from_pretrained_encoder(distilbert(False))
     assert d.config.position_offset is None and d.config.pooler_activation == "relu" and d.config.type_vocab_size == 1
     assert d.costeff.embeddings.token_type_embeddings.weight.abs().sum() == 0
+    e = from_pretrained_encoder(electra())
+    assert e.config.embedding_size == 16 and e.config.pooler_activation == "gelu"
+    # parameters and FLOPs count the projection; hidden pruning slices only its output side
+    for model in (r, d, e):
+        assert parameter_count(model.config) == count_parameters(model)
+    slim = slenderize(e, heads_keep=[[0, 1]] * 3, ffn_keep=[list(range(8))] * 3, embedding_rank=8, hidden_keep=list(range(0, 32, 2)))
+    assert slim.config.embedding_size == 16 and slim.costeff.embeddings.embedding_projection.weight.shape == (16, 16)
+    assert slim.costeff.embeddings.word_projection.weight.shape == (16, 8)
+    assert parameter_count(slim.config) == count_parameters(slim)
+    plain = e.config.to_dict()
+    plain["embedding_size"] = None
+    assert flops_per_sample(e.config, 10) - flops_per_sample(type(e.config).from_dict(plain), 10) == 2 * 10 * 16 * 32
     # RoBERTa's last usable position is max_position_embeddings - padding_idx - 1
     ids = torch.full((1, 39), 5)
     with pytest.raises(ValueError, match="at most 38 tokens"):
@@ -146,10 +164,6 @@ def test_unsupported_families_say_what_is_missing():
                                       intermediate_size=37))
     with pytest.raises(ValueError, match="ALBERT shares one set of layer weights"):
         from_pretrained_encoder(albert)
-    electra = ElectraForSequenceClassification(ElectraConfig(vocab_size=60, embedding_size=16, hidden_size=32, num_hidden_layers=2,
-                                                             num_attention_heads=4, intermediate_size=37))
-    with pytest.raises(ValueError, match="embeddings_project"):
-        from_pretrained_encoder(electra)
     with pytest.raises(TypeError, match="from_pretrained_encoder"):
         from_bert(roberta())
     with pytest.raises(FileNotFoundError, match="not a local model directory"):

@@ -102,7 +102,7 @@ def test_onnx_directory_runs_in_predict(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
     model = make_model(vocab_size=tok.vocab_size, max_position_embeddings=64, id2label={0: "a", 1: "b", 2: "c"},
-                       label2id={"a": 0, "b": 1, "c": 2}, **CONFIGS["factorized_mean"])
+                       label2id={"a": 0, "b": 1, "c": 2}, **CONFIGS["factorized_mean_projected"])
     texts = ["a gripping , beautifully shot film", "dull", "the plot is thin and the jokes fall flat", "it 's a mess ."]
     enc = tok(texts, padding=True, return_tensors="pt")
     ents = exit_entropies(model, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])

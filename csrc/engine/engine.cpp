@@ -228,6 +228,9 @@ EngineConfig EngineConfig::from_json(const std::string& text) {
     c.position_offset = offset.is_null() ? 0 : offset.as_int("config.position_offset");
     TORCH_CHECK_VALUE(c.position_offset >= 0 && c.position_offset < c.max_positions,
                       "costeff engine: config.position_offset must be null or in [1, max_position_embeddings)");
+    const json::Value& emb_size = cfg.has("embedding_size") ? cfg.at("embedding_size", "config") : json::Value();
+    c.embedding_size = emb_size.is_null() ? 0 : emb_size.as_int("config.embedding_size");
+    TORCH_CHECK_VALUE(c.embedding_size >= 0, "costeff engine: config.embedding_size must be positive or null");
     c.pooler_activation = pooler_act == "relu" ? Activation::kRelu : pooler_act == "gelu" ? Activation::kGelu : Activation::kTanh;
     if (cfg.has("hidden_act")) {
       const std::string act = cfg.at("hidden_act", "config").as_string("config.hidden_act");
@@ -247,15 +250,20 @@ InferenceEngine::InferenceEngine(const c10::Dict<std::string, at::Tensor>& weigh
   const EngineConfig& c = config_;
   const int64_t H = c.hidden_size;
   const std::string e = "costeff.embeddings.";
-  const int64_t word_width = c.embedding_rank > 0 ? c.embedding_rank : H;
+  const int64_t E = c.embedding_size > 0 ? c.embedding_size : H;  // ELECTRA: tables narrower than hidden
+  const int64_t word_width = c.embedding_rank > 0 ? c.embedding_rank : E;
   word_embeddings_ = to_vector(fetch(weights, e + "word_embeddings.weight", {c.vocab_size, word_width}));
   if (c.embedding_rank > 0) {
-    word_projection_ = PackedLinear(fetch(weights, e + "word_projection.weight", {H, c.embedding_rank}), std::nullopt, precision_, e + "word_projection.weight");
+    word_projection_ = PackedLinear(fetch(weights, e + "word_projection.weight", {E, c.embedding_rank}), std::nullopt, precision_, e + "word_projection.weight");
   }
-  position_embeddings_ = to_vector(fetch(weights, e + "position_embeddings.weight", {c.max_positions, H}));
-  token_type_embeddings_ = to_vector(fetch(weights, e + "token_type_embeddings.weight", {c.type_vocab_size, H}));
-  embed_norm_weight_ = to_vector(fetch(weights, e + "LayerNorm.weight", {H}));
-  embed_norm_bias_ = to_vector(fetch(weights, e + "LayerNorm.bias", {H}));
+  position_embeddings_ = to_vector(fetch(weights, e + "position_embeddings.weight", {c.max_positions, E}));
+  token_type_embeddings_ = to_vector(fetch(weights, e + "token_type_embeddings.weight", {c.type_vocab_size, E}));
+  embed_norm_weight_ = to_vector(fetch(weights, e + "LayerNorm.weight", {E}));
+  embed_norm_bias_ = to_vector(fetch(weights, e + "LayerNorm.bias", {E}));
+  if (c.embedding_size > 0) {
+    embedding_projection_ = PackedLinear(fetch(weights, e + "embedding_projection.weight", {H, E}), fetch(weights, e + "embedding_projection.bias", {H}),
+                                         precision_, e + "embedding_projection.weight");
+  }
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string p = "costeff.layers." + std::to_string(i) + ".";
     LayerWeights L;
@@ -394,19 +402,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
   Scratch scratch;
   std::vector<float> h(T * H), h1(T * H), tmp(T * H);
   {
-    const int64_t wd = c.embedding_rank > 0 ? c.embedding_rank : H;
-    std::vector<float> words(T * wd);
+    const int64_t E = c.embedding_size > 0 ? c.embedding_size : H;  // width of the tables and their LayerNorm
+    const int64_t wd = c.embedding_rank > 0 ? c.embedding_rank : E;
+    std::vector<float> words(T * wd), x;
     for (int64_t t = 0; t < T; ++t) std::memcpy(&words[t * wd], &word_embeddings_[idp[tok_pos[t]] * wd], wd * sizeof(float));
-    if (c.embedding_rank > 0) run_linear(word_projection_, isa_, words.data(), wd, T, tmp.data(), H, Activation::kNone, scratch);
-    else tmp.swap(words);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* pos = &position_embeddings_[pos_id[t] * H];
-      const float* type = &token_type_embeddings_[types[tok_pos[t]] * H];
-      float* x = &tmp[t * H];
-      for (int64_t i = 0; i < H; ++i) x[i] += pos[i];
-      add_layer_norm_row_cpu(x, type, embed_norm_weight_.data(), embed_norm_bias_.data(), &h[t * H], H, static_cast<float>(c.layer_norm_eps), isa_ == Isa::kAvx2);
+    if (c.embedding_rank > 0) {
+      x.resize(T * E);
+      run_linear(word_projection_, isa_, words.data(), wd, T, x.data(), E, Activation::kNone, scratch);
+    } else {
+      x.swap(words);
     }
-    if (static_cast<int64_t>(tmp.size()) < T * H) tmp.assign(T * H, 0.f);
+    std::vector<float> normed(c.embedding_size > 0 ? T * E : 0);
+    float* out = c.embedding_size > 0 ? normed.data() : h.data();
+    for (int64_t t = 0; t < T; ++t) {
+      const float* pos = &position_embeddings_[pos_id[t] * E];
+      const float* type = &token_type_embeddings_[types[tok_pos[t]] * E];
+      float* xt = &x[t * E];
+      for (int64_t i = 0; i < E; ++i) xt[i] += pos[i];
+      add_layer_norm_row_cpu(xt, type, embed_norm_weight_.data(), embed_norm_bias_.data(), &out[t * E], E, static_cast<float>(c.layer_norm_eps), isa_ == Isa::kAvx2);
+    }
+    if (c.embedding_size > 0) run_linear(embedding_projection_, isa_, normed.data(), E, T, h.data(), H, Activation::kNone, scratch);
   }
   clock.lap("embeddings");
 

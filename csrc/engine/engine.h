@@ -32,6 +32,7 @@ struct EngineConfig {
   bool exit_pooler_dense = false;
   bool mean_pooling = false;  // exit_pooling == "mean" (intermediate exits)
   Activation pooler_activation = Activation::kTanh;  // after an exit's pooler dense
+  int64_t embedding_size = 0;   // 0: tables are hidden wide; e: e wide, then a projection to hidden (ELECTRA)
   int64_t position_offset = 0;  // 0: positions are column indices; p: RoBERTa-style, p - 1 + k for the k-th real token
   double layer_norm_eps = 1e-12;
   std::vector<int64_t> heads, head_size, ffn;
@@ -90,7 +91,8 @@ class InferenceEngine : public torch::CustomClassHolder {
   Precision precision_;
   Isa isa_;
   std::vector<float> word_embeddings_;  // [vocab, rank or hidden]
-  PackedLinear word_projection_;        // rank -> hidden when factorized
+  PackedLinear word_projection_;        // rank -> embedding width when factorized
+  PackedLinear embedding_projection_;   // embedding_size -> hidden (ELECTRA), after the embedding LayerNorm
   std::vector<float> position_embeddings_, token_type_embeddings_, embed_norm_weight_, embed_norm_bias_;
   std::vector<LayerWeights> layers_;
   std::vector<ExitWeights> exits_;  // exits_[i] follows layer exit_start + i (1-based)

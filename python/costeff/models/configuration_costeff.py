@@ -58,6 +58,9 @@ class CostEffConfig(PreTrainedConfig):
         pooler_activation: the activation after an exit's pooler dense: "tanh" (BERT's pooler, RoBERTa's
             head), "relu" (DistilBERT's head) or "gelu" (ELECTRA's head). Exits without a dense apply tanh.
         gradient_equilibrium: default for the training forward (see :mod:`costeff.models`).
+        embedding_size: None: the embedding tables and their LayerNorm are hidden_size wide (BERT); an int e:
+            they are e wide and a Linear(e, hidden_size) with bias (``embedding_projection``) follows the
+            LayerNorm (ELECTRA's embeddings_project).
         position_offset: None for BERT's positions (column index 0, 1, ...); an int p for RoBERTa-style
             positions from the attention mask: the k-th real token (1-based) gets p - 1 + k, padding gets
             p - 1 (RoBERTa / XLM-R: p = padding_idx + 1 = 2), so at most max_position_embeddings - p tokens.
@@ -89,6 +92,7 @@ class CostEffConfig(PreTrainedConfig):
     exit_pooling: str = "cls"
     pooler_activation: str = "tanh"
     position_offset: int | None = None
+    embedding_size: int | None = None
     gradient_equilibrium: bool = False
     inference_threshold: float | None = None
 
@@ -116,12 +120,15 @@ class CostEffConfig(PreTrainedConfig):
         self.num_attention_heads = heads
         self.attention_head_size = head_sizes
         self.intermediate_size = _per_layer("intermediate_size", self.intermediate_size, n)
+        if self.embedding_size is not None:
+            _positive_int("embedding_size", self.embedding_size)
         if self.embedding_rank is not None:
             _positive_int("embedding_rank", self.embedding_rank)
-            if self.embedding_rank > min(self.vocab_size, self.hidden_size):
+            width = self.embedding_width
+            if self.embedding_rank > min(self.vocab_size, width):
                 raise ValueError(
-                    f"CostEffConfig: embedding_rank {self.embedding_rank} exceeds min(vocab_size, hidden_size) = "
-                    f"{min(self.vocab_size, self.hidden_size)}"
+                    f"CostEffConfig: embedding_rank {self.embedding_rank} exceeds min(vocab_size, "
+                    f"{'embedding_size' if self.embedding_size is not None else 'hidden_size'}) = {min(self.vocab_size, width)}"
                 )
         _positive_int("exit_start", self.exit_start)
         if self.exit_start > n:
@@ -149,6 +156,11 @@ class CostEffConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.num_labels is None or self.num_labels < 1:
             raise ValueError(f"CostEffConfig: num_labels must be >= 1, got {self.num_labels}")
+
+    @property
+    def embedding_width(self) -> int:
+        """Width of the embedding tables and their LayerNorm (before ``embedding_projection``)."""
+        return self.embedding_size if self.embedding_size is not None else self.hidden_size
 
     @property
     def num_exits(self) -> int:

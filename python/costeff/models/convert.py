@@ -17,13 +17,13 @@ from costeff.models.modeling_costeff import CostEffForSequenceClassification, Co
 _log = logging.getLogger("costeff")
 
 # model_type -> family; the families share one layer layout once their weights are named.
-FAMILIES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta", "distilbert": "distilbert"}
+FAMILIES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta", "distilbert": "distilbert",
+            "electra": "electra"}
 _UNSUPPORTED = {
     "albert": "ALBERT shares one set of layer weights across all layers and factorizes its embedding before a "
               "projection; costeff prunes every layer separately",
     "deberta": "DeBERTa's disentangled relative-position attention is not the absolute-position attention of costeff's kernels",
     "deberta-v2": "DeBERTa-v2's disentangled relative-position attention is not the absolute-position attention of costeff's kernels",
-    "electra": "ELECTRA's embedding projection after the embedding LayerNorm (embeddings_project) is not supported yet",
 }
 
 
@@ -53,6 +53,7 @@ class _Parts:
     layers: list  # per layer: (q, k, v, attn_out, attn_norm, ffn_in, ffn_out, ffn_norm)
     pooler: Optional[nn.Linear]  # the dense before the last exit's activation (None: fresh)
     classifier: Optional[nn.Linear]
+    projection: Optional[nn.Linear] = None  # ELECTRA: embedding_size -> hidden after the embedding LayerNorm
 
 
 def _check_family(model):
@@ -135,7 +136,21 @@ def _distilbert_parts(model) -> _Parts:
                   getattr(model, "pre_classifier", None), getattr(model, "classifier", None))
 
 
-_PARTS = {"bert": _bert_parts, "roberta": _roberta_parts, "distilbert": _distilbert_parts}
+def _electra_parts(model) -> _Parts:
+    encoder = model.base_model
+    hc = encoder.config
+    if hc.hidden_act != "gelu":
+        raise ValueError(f"from_pretrained_encoder: hidden_act {hc.hidden_act!r} is not supported (the kernels use exact 'gelu')")
+    e = encoder.embeddings
+    projection = getattr(encoder, "embeddings_project", None)  # only when embedding_size != hidden_size
+    config = dict(_common_config(hc, encoder), pooler_activation="gelu", embedding_size=hc.embedding_size if projection is not None else None)
+    head = getattr(model, "classifier", None)  # dense -> GELU -> out_proj on the first token
+    return _Parts(config, e.word_embeddings.weight, e.position_embeddings.weight, e.token_type_embeddings.weight, e.LayerNorm,
+                  _bert_like_layers(encoder), head.dense if head is not None else None, head.out_proj if head is not None else None,
+                  projection)
+
+
+_PARTS = {"bert": _bert_parts, "roberta": _roberta_parts, "distilbert": _distilbert_parts, "electra": _electra_parts}
 
 
 def _convert(model, family: str, num_labels, exit_start, exit_pooler_dense, missing_pooler: bool, config_overrides) -> CostEffForSequenceClassification:
@@ -165,6 +180,8 @@ def _convert(model, family: str, num_labels, exit_start, exit_pooler_dense, miss
         else:
             e.token_type_embeddings.weight.copy_(parts.token_type)
         e.LayerNorm.load_state_dict(parts.embedding_norm.state_dict())
+        if parts.projection is not None:
+            e.embedding_projection.load_state_dict(parts.projection.state_dict())
         for layer, (q, k, v, o, n1, fi, fo, n2) in zip(out.costeff.layers, parts.layers):
             layer.attention.qkv_weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
             layer.attention.qkv_bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
@@ -200,7 +217,9 @@ def from_pretrained_encoder(
 
     Families: BERT (also with a non-zero pad id or without pooler weights), RoBERTa / XLM-R /
     CamemBERT (positions counted over the mask from padding_idx + 1; head dense -> tanh -> out_proj),
-    DistilBERT (no token types; head pre_classifier -> ReLU -> classifier). The last exit takes the
+    DistilBERT (no token types; head pre_classifier -> ReLU -> classifier), ELECTRA discriminators
+    (embeddings at embedding_size, LayerNorm, then embeddings_project to hidden; head dense -> GELU ->
+    out_proj). The last exit takes the
     source's pooler or classification head; intermediate exits (and the head of a bare encoder) are
     freshly initialized. ``num_labels`` defaults to the source config's."""
     missing_pooler = False
@@ -283,8 +302,10 @@ def slenderize(
         raise ValueError("slenderize: hidden_keep must keep at least one dimension")
     new_hidden = cfg.hidden_size if hk is None else len(hk)
     rank = embedding_rank if embedding_rank is not None else cfg.embedding_rank
-    if rank is not None and not 1 <= rank <= min(cfg.vocab_size, new_hidden):
-        raise ValueError(f"slenderize: embedding_rank must be in [1, {min(cfg.vocab_size, new_hidden)}], got {rank}")
+    projected = cfg.embedding_size is not None  # tables stay embedding_size wide; only the projection's output is sliced
+    width = cfg.embedding_size if projected else new_hidden
+    if rank is not None and not 1 <= rank <= min(cfg.vocab_size, width):
+        raise ValueError(f"slenderize: embedding_rank must be in [1, {min(cfg.vocab_size, width)}], got {rank}")
     new_cfg = CostEffConfig.from_dict(
         {
             **cfg.to_dict(),
@@ -298,6 +319,7 @@ def slenderize(
     device = next(model.parameters()).device
     new = type(model)(new_cfg).to(device=device, dtype=dtype)
     hsel = (lambda t, dim: t) if hk is None else (lambda t, dim: t.index_select(dim, torch.tensor(hk, device=t.device)))
+    esel = (lambda t, dim: t) if projected else hsel  # the embedding side of the residual
 
     with torch.no_grad():
         new_enc = new.costeff if isinstance(new, CostEffForSequenceClassification) else new
@@ -305,17 +327,20 @@ def slenderize(
         if embedding_rank is None and cfg.embedding_rank is not None:
             # keep the factors; only the hidden side of the r x hidden factor is sliced
             ne.word_embeddings.weight.copy_(e.word_embeddings.weight)
-            ne.word_projection.weight.copy_(hsel(e.word_projection.weight, 0))
+            ne.word_projection.weight.copy_(esel(e.word_projection.weight, 0))
         elif rank is None:
-            ne.word_embeddings.weight.copy_(hsel(e.word_embeddings.weight, 1))
+            ne.word_embeddings.weight.copy_(esel(e.word_embeddings.weight, 1))
         else:
-            a, b = factorize_embedding(hsel(e.word_matrix(), 1), rank)
+            a, b = factorize_embedding(esel(e.word_matrix(), 1), rank)
             ne.word_embeddings.weight.copy_(a)
             ne.word_projection.weight.copy_(b.t())
-        ne.position_embeddings.weight.copy_(hsel(e.position_embeddings.weight, 1))
-        ne.token_type_embeddings.weight.copy_(hsel(e.token_type_embeddings.weight, 1))
-        ne.LayerNorm.weight.copy_(hsel(e.LayerNorm.weight, 0))
-        ne.LayerNorm.bias.copy_(hsel(e.LayerNorm.bias, 0))
+        ne.position_embeddings.weight.copy_(esel(e.position_embeddings.weight, 1))
+        ne.token_type_embeddings.weight.copy_(esel(e.token_type_embeddings.weight, 1))
+        ne.LayerNorm.weight.copy_(esel(e.LayerNorm.weight, 0))
+        ne.LayerNorm.bias.copy_(esel(e.LayerNorm.bias, 0))
+        if projected:
+            ne.embedding_projection.weight.copy_(hsel(e.embedding_projection.weight, 0))
+            ne.embedding_projection.bias.copy_(hsel(e.embedding_projection.bias, 0))
         for i in range(n):
             old, nl = encoder.layers[i], new_enc.layers[i]
             nh, d = cfg.num_attention_heads[i], cfg.attention_head_size[i]

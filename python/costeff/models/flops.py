@@ -37,8 +37,12 @@ def exit_macs(config: CostEffConfig, layer: int) -> int:
 
 
 def embedding_macs(config: CostEffConfig, seq_len: int) -> int:
-    """The factorized word embedding's r x hidden projection (lookups are free)."""
-    return int(seq_len) * config.embedding_rank * config.hidden_size if config.embedding_rank else 0
+    """The factorized word embedding's r x width projection and ELECTRA's width x hidden projection
+    (lookups are free)."""
+    w = config.embedding_width
+    macs = config.embedding_rank * w if config.embedding_rank else 0
+    macs += w * config.hidden_size if config.embedding_size is not None else 0
+    return int(seq_len) * macs
 
 
 def macs_per_sample(config: CostEffConfig, seq_len: int, exit_layer: Optional[int] = None, include_exits: bool = True) -> int:
@@ -65,13 +69,14 @@ def flops_per_sample(config: CostEffConfig, seq_len: int, exit_layer: Optional[i
 
 def parameter_count(config: CostEffConfig, include_embeddings: bool = True, include_exits: bool = True) -> int:
     """Parameters implied by the config (equals the model's numel). Embeddings = word factor(s),
-    position and token-type tables and the embedding LayerNorm."""
-    h = config.hidden_size
+    position and token-type tables, the embedding LayerNorm and ELECTRA's projection."""
+    h, w = config.hidden_size, config.embedding_width
     total = 0
     if include_embeddings:
         r = config.embedding_rank
-        total += config.vocab_size * (r if r else h) + (r * h if r else 0)
-        total += (config.max_position_embeddings + config.type_vocab_size) * h + 2 * h
+        total += config.vocab_size * (r if r else w) + (r * w if r else 0)
+        total += (config.max_position_embeddings + config.type_vocab_size) * w + 2 * w
+        total += w * h + h if config.embedding_size is not None else 0
     for i in range(config.num_hidden_layers):
         inner = config.num_attention_heads[i] * config.attention_head_size[i]
         inter = config.intermediate_size[i]

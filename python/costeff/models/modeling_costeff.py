@@ -103,14 +103,16 @@ def _resolve_kernels(use_kernels: Optional[bool]) -> bool:
 class CostEffEmbeddings(nn.Module):
     """Word (optionally factorized: vocab x r then r x hidden), position and token-type embeddings,
     summed and layer-normalized. Positions are column indices, or with ``position_offset`` counted
-    over the real tokens of the attention mask (RoBERTa)."""
+    over the real tokens of the attention mask (RoBERTa). With ``embedding_size`` the tables are that
+    wide and ``embedding_projection`` maps the normalized sum to hidden_size (ELECTRA)."""
 
     def __init__(self, config: CostEffConfig):
         super().__init__()
-        h, r = config.hidden_size, config.embedding_rank
+        h, r = config.embedding_width, config.embedding_rank
         self.word_embeddings = nn.Embedding(config.vocab_size, r if r is not None else h)
-        # Linear(r, hidden) without bias: weight [hidden, r] (the r x hidden factor, transposed)
+        # Linear(r, width) without bias: weight [width, r] (the r x width factor, transposed)
         self.word_projection = nn.Linear(r, h, bias=False) if r is not None else None
+        self.embedding_projection = nn.Linear(h, config.hidden_size) if config.embedding_size is not None else None
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h)
         self.LayerNorm = nn.LayerNorm(h, eps=config.layer_norm_eps)
@@ -118,7 +120,7 @@ class CostEffEmbeddings(nn.Module):
         self.position_offset = config.position_offset
 
     def word_matrix(self) -> torch.Tensor:
-        """The full vocab x hidden word-embedding matrix (the product when factorized)."""
+        """The full vocab x width word-embedding matrix (the product when factorized)."""
         w = self.word_embeddings.weight
         return w if self.word_projection is None else w @ self.word_projection.weight.t()
 
@@ -136,7 +138,8 @@ class CostEffEmbeddings(nn.Module):
             x = words + self.position_embeddings(real.cumsum(1) * real + (self.position_offset - 1))
         ln = add_layer_norm if use_kernels else add_layer_norm_reference
         out = ln(x, self.token_type_embeddings(token_type_ids), self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
-        return self.dropout(out) if dropout else out
+        out = self.dropout(out) if dropout else out
+        return self.embedding_projection(out) if self.embedding_projection is not None else out
 
 
 class CostEffAttention(nn.Module):
