@@ -168,3 +168,15 @@ def test_unsupported_families_say_what_is_missing():
         from_bert(roberta())
     with pytest.raises(FileNotFoundError, match="not a local model directory"):
         from_pretrained_encoder("/nonexistent/model")
+
+
+def test_pruning_schedule_factorizes_electra_at_its_embedding_width():
+    from costeff.pipeline.prune import PruneTarget, plan_events
+
+    model = from_pretrained_encoder(electra())  # embedding_size 16 < hidden 32
+    events = plan_events(model, PruneTarget(heads=1, ffn=8, embedding_rank=8))
+    ranks = [e["embedding_rank"] for e in events]
+    assert ranks == sorted(ranks, reverse=True) and ranks[-1] == 8 and max(ranks) < 16
+    for e in events:  # every planned size is one slenderize accepts
+        model = slenderize(model, embedding_rank=e["embedding_rank"])
+    assert model.config.embedding_rank == 8

@@ -101,7 +101,7 @@ def plan_events(student: CostEffForSequenceClassification, target: PruneTarget) 
     """The per-event sizes: heads drop by one per event, FFN and rank shrink linearly."""
     cfg = student.config
     n_events = max(max(h - target.heads for h in cfg.num_attention_heads), 1)
-    full_rank = cfg.embedding_rank or cfg.hidden_size
+    full_rank = cfg.embedding_rank or cfg.embedding_width  # ELECTRA: the tables are narrower than hidden
     target_rank = None if target.embedding_rank is None else min(target.embedding_rank, full_rank)
     events = []
     for e in range(1, n_events + 1):
@@ -162,7 +162,7 @@ def iterative_prune(
         heads_keep = [top_indices(s, k) for s, k in zip(head_scores, ev["heads"])]
         ffn_keep = [top_indices(s, k) for s, k in zip(ffn_scores, ev["ffn"])]
         rank = ev["embedding_rank"]
-        cur_rank = student.config.embedding_rank or student.config.hidden_size
+        cur_rank = student.config.embedding_rank or student.config.embedding_width
         student = slenderize(student, heads_keep, ffn_keep, embedding_rank=rank if rank is not None and rank < cur_rank else None)
         student.train()
         opt = make_optimizer(student, lr, 0.01)
