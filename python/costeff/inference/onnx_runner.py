@@ -56,6 +56,12 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def _reads_mask(session) -> bool:
+    # the exporter drops unused inputs: a graph that never reads the mask (a segment with 0 heads and a
+    # CLS exit; embeddings without RoBERTa positions) has no attention_mask input
+    return "attention_mask" in {i.name for i in session.get_inputs()}
+
+
 class OnnxEarlyExit:
     """Entropy early exit over the exported segment graphs on ONNX Runtime (CPU by default).
 
@@ -89,7 +95,7 @@ class OnnxEarlyExit:
                 raise ValueError(f"{self.path / name}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from None
 
         self._embeddings = session(self.manifest["embeddings"])
-        self._embeddings_read_mask = "attention_mask" in {i.name for i in self._embeddings.get_inputs()}
+        self._embeddings_read_mask = _reads_mask(self._embeddings)
         self._steps = [self._step(session(s["file"])) for s in self.manifest["segments"]]
         self.exit_layers = [int(s["exit_layer"]) for s in self.manifest["segments"]]
         if self.exit_layers != self.config.exit_layers():
@@ -101,8 +107,7 @@ class OnnxEarlyExit:
 
     @staticmethod
     def _step(session):
-        # a segment that never reads the mask (0 heads and a CLS exit) has no attention_mask input
-        wants_mask = "attention_mask" in {i.name for i in session.get_inputs()}
+        wants_mask = _reads_mask(session)
 
         def run(hidden, mask):
             feeds = {"hidden": np.ascontiguousarray(hidden.numpy())}

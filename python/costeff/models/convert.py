@@ -20,17 +20,21 @@ _log = logging.getLogger("costeff")
 FAMILIES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta", "distilbert": "distilbert",
             "electra": "electra"}
 _UNSUPPORTED = {
-    "albert": "ALBERT shares one set of layer weights across all layers and factorizes its embedding before a "
-              "projection; costeff prunes every layer separately",
+    "albert": "ALBERT shares one set of layer weights across all layers; costeff prunes every layer separately",
     "deberta": "DeBERTa's disentangled relative-position attention is not the absolute-position attention of costeff's kernels",
     "deberta-v2": "DeBERTa-v2's disentangled relative-position attention is not the absolute-position attention of costeff's kernels",
 }
 
 
-def _load_pretrained(path):
-    """The model at a local ``path`` (a classifier when its config says so), plus whether the
-    checkpoint lacked pooler weights (transformers then initializes them randomly, and the CLI
-    silences its warning)."""
+def _load_pretrained(model_or_path, who: str):
+    """``(model, missing_pooler)``: a model passes through; a local path is loaded (a classifier when
+    its config says so), noting whether the checkpoint lacked pooler weights (transformers then
+    initializes them randomly, and the CLI silences its warning)."""
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        return model_or_path, False
+    path = model_or_path
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{who}: {path} is not a local model directory (config.json + weights)")
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path)
@@ -222,13 +226,8 @@ def from_pretrained_encoder(
     out_proj). The last exit takes the
     source's pooler or classification head; intermediate exits (and the head of a bare encoder) are
     freshly initialized. ``num_labels`` defaults to the source config's."""
-    missing_pooler = False
-    if isinstance(model_or_path, (str, os.PathLike)):
-        if not os.path.isdir(model_or_path) or not os.path.isfile(os.path.join(model_or_path, "config.json")):
-            raise FileNotFoundError(f"from_pretrained_encoder: {model_or_path} is not a local model directory (config.json + weights)")
-        model_or_path, missing_pooler = _load_pretrained(model_or_path)
-    family = _check_family(model_or_path)
-    return _convert(model_or_path, family, num_labels, exit_start, exit_pooler_dense, missing_pooler, config_overrides)
+    model, missing_pooler = _load_pretrained(model_or_path, "from_pretrained_encoder")
+    return _convert(model, _check_family(model), num_labels, exit_start, exit_pooler_dense, missing_pooler, config_overrides)
 
 
 def from_bert(
@@ -240,9 +239,7 @@ def from_bert(
 ) -> CostEffForSequenceClassification:
     """Converts a transformers ``BertModel`` / ``BertForSequenceClassification`` (or a local path to
     one): :func:`from_pretrained_encoder` restricted to BERT."""
-    missing_pooler = False
-    if isinstance(bert, (str, os.PathLike)):
-        bert, missing_pooler = _load_pretrained(bert)
+    bert, missing_pooler = _load_pretrained(bert, "from_bert")
     from transformers import BertModel
 
     encoder = bert if isinstance(bert, BertModel) else getattr(bert, "bert", None)

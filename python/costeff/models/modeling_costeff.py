@@ -205,11 +205,15 @@ class CostEffLayer(nn.Module):
             f = F.dropout(slim_ffn_reference(h1, *self.ffn.args()), self.hidden_dropout)
             return add_layer_norm_reference(f, h1, fn.weight, fn.bias, fn.eps)
         if use_kernels:
-            attn, ln, ffn = slim_attention, add_layer_norm, slim_ffn
-        else:
-            attn, ln, ffn = slim_attention_reference, add_layer_norm_reference, slim_ffn_reference
-        h1 = ln(attn(hidden, mask, *self.attention.args()), hidden, an.weight, an.bias, an.eps)
-        return ln(ffn(h1, *self.ffn.args()), h1, fn.weight, fn.bias, fn.eps)
+            h1 = add_layer_norm(slim_attention(hidden, mask, *self.attention.args()), hidden, an.weight, an.bias, an.eps)
+            return add_layer_norm(slim_ffn(h1, *self.ffn.args()), h1, fn.weight, fn.bias, fn.eps)
+        # the reference path skips a removed block (its output is its bias), so that torch.export and the
+        # ONNX tracer (costeff.models.segments) see no zero-size weight
+        att = self.attention
+        a = slim_attention_reference(hidden, mask, *att.args()) if att.num_heads else att.out_bias.expand_as(hidden)
+        h1 = add_layer_norm_reference(a, hidden, an.weight, an.bias, an.eps)
+        f = slim_ffn_reference(h1, *self.ffn.args()) if self.ffn.in_weight.shape[0] else self.ffn.out_bias.expand_as(h1)
+        return add_layer_norm_reference(f, h1, fn.weight, fn.bias, fn.eps)
 
 
 class CostEffExit(nn.Module):

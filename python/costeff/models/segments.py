@@ -10,10 +10,10 @@ calls (:func:`costeff.models.modeling_costeff.run_exit_segments`), which is how 
 ``torch.export`` and ONNX: each graph is static, the loop around them is the caller's. Segment k's
 exit reads the state ``early_exit`` reads (CLS, or the mean of real tokens for ``exit_pooling="mean"``).
 
-The segments use the reference math (the ``costeff::*`` ops have no ONNX form) without the eager
-entry points' input checks, so ``torch.export.export`` traces them with dynamic batch and sequence
-sizes; check inputs with :func:`costeff.models.prepare_inputs` first. A layer with 0 heads or 0 FFN
-neurons skips that block (its output is the block's bias), so no zero-size weight is traced.
+The segments run the layers' reference path (the ``costeff::*`` ops have no ONNX form) without the
+eager entry points' input checks, so ``torch.export.export`` traces them with dynamic batch and
+sequence sizes; check inputs with :func:`costeff.models.prepare_inputs` first. That path skips a block
+with 0 heads or 0 FFN neurons (its output is the block's bias), so no zero-size weight is traced.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from costeff.models.modeling_costeff import exit_input, segment_spans
-from costeff.ops import add_layer_norm_reference, slim_attention_reference, slim_ffn_reference
 from costeff.ops.exit_head import exit_head_logits_entropy
 
 
@@ -56,14 +55,7 @@ class ExitSegment(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
         for layer in self.layers:
-            att, an, ffn, fn = layer.attention, layer.attention_norm, layer.ffn, layer.ffn_norm
-            if att.num_heads:
-                a = slim_attention_reference(hidden, attention_mask, *att.args())
-            else:
-                a = att.out_bias.expand_as(hidden)
-            h1 = add_layer_norm_reference(a, hidden, an.weight, an.bias, an.eps)
-            f = slim_ffn_reference(h1, *ffn.args()) if ffn.in_weight.shape[0] else ffn.out_bias.expand_as(h1)
-            hidden = add_layer_norm_reference(f, h1, fn.weight, fn.bias, fn.eps)
+            hidden = layer(hidden, attention_mask, use_kernels=False)
         state = exit_input(hidden, attention_mask, self.config, self.last)
         pooler = self.exit.pooler
         logits, entropy = exit_head_logits_entropy(
