@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from costeff.models import CostEffConfig, CostEffForSequenceClassification
-from costeff.pipeline.prune import PruneTarget, importance_scores, plan_events, top_indices
+from costeff.pipeline.prune import PruneTarget, global_top_indices, importance_scores, iterative_prune, plan_events, top_indices
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,41 @@ def test_importance_scores_and_schedule():
     assert [e["ffn"][0] for e in events] == [9, 6, 3] and [e["embedding_rank"] for e in events] == [12, 8, 4]
 
 
+def test_global_allocation_ranks_across_layers(tmp_path):
+    scores = [torch.tensor([0.1, 5.0, 0.2]), torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.3, 0.3, 0.3])]
+    assert global_top_indices(scores, 4) == [[1], [0, 1], [0]]  # the tie among layer 2's 0.3s: lowest index
+    assert global_top_indices(scores, 0) == [[], [], []]
+    assert global_top_indices(scores, 9) == [[0, 1, 2]] * 3
+
+    # a pruning run whose layer 1 carries nothing (zero output weights): the global allocation moves
+    # layer 1's budget to layer 0; the totals per event equal the uniform schedule's
+    torch.manual_seed(0)
+    cfg = CostEffConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, attention_head_size=4,
+                        intermediate_size=12, max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    teacher = CostEffForSequenceClassification(cfg).eval()
+    student = CostEffForSequenceClassification(cfg)
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        student.costeff.layers[1].attention.out_weight.zero_()
+        student.costeff.layers[1].ffn.out_weight.zero_()
+
+    class Data:
+        def train(self, epoch):
+            g = torch.Generator().manual_seed(epoch)
+            for _ in range(3):
+                yield {"input_ids": torch.randint(0, 50, (4, 7), generator=g), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+                       "labels": torch.randint(0, 2, (4,), generator=g)}
+
+    target = PruneTarget(heads=2, ffn=6, embedding_rank=None)
+    pruned, history = iterative_prune(student, teacher, Data(), target, str(tmp_path / "p"), steps_per_event=0, score_batches=2,
+                                      progress=False, allocation="global")
+    assert [h["heads_per_layer"] for h in history] == [[4, 2], [4, 0]]
+    assert pruned.config.num_attention_heads == [4, 0] and pruned.config.intermediate_size == [12, 0]
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        iterative_prune(student, teacher, Data(), target, str(tmp_path / "q"), steps_per_event=0, allocation="per-layer")
+
+
 def test_clear_errors(tiny_backbone, tmp_path):
     res = cli("teacher", "--backbone", tiny_backbone, "--output", str(tmp_path / "x"), "--task", "nope", *COMMON, check=False)
     assert res.returncode == 2 and "unknown task 'nope'" in res.stderr
@@ -157,12 +192,13 @@ def test_sweep_thresholds_scale_with_the_class_count():
 
 def test_cli_overrides_reach_the_config():
     from costeff.cli import _pipeline_config, build_parser
-    from costeff.pipeline.run import PRESETS
+    from costeff.pipeline.run import PRESETS, preset
 
     args = build_parser().parse_args(["prune", "--output", "x", "--preset", "full", "--prune-lr", "1e-4", "--student-pred-lr", "2e-5",
-                                      "--heads", "3", "--embedding-rank", "0", "--thresholds", "0,0.25"])
+                                      "--heads", "3", "--embedding-rank", "0", "--thresholds", "0,0.25", "--prune-allocation", "global"])
     c = _pipeline_config(args)
     assert (c.prune_lr, c.student_pred_lr, c.heads, c.embedding_rank, c.thresholds) == (1e-4, 2e-5, 3, None, (0.0, 0.25))
+    assert c.prune_allocation == "global" and preset("full").prune_allocation == "uniform"
     # everything not given on the command line keeps the preset's value
     assert c.student_repr_lr == PRESETS["full"].get("student_repr_lr", type(c)().student_repr_lr)
     assert c.max_length == PRESETS["full"]["max_length"] and c.ta_init == PRESETS["full"]["ta_init"]

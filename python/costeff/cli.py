@@ -83,7 +83,7 @@ LEARNING_RATES = ("teacher_lr", "ta_lr", "prune_lr", "student_repr_lr", "student
 _PASS_THROUGH = ("max_length", "batch_size", "eval_batch_size", "max_train_examples", "max_eval_examples", "seed", "heads", "ffn",
                  "exit_start", "max_steps_per_epoch", "save_every", "temperature", "latency_examples", "ta_init", "teacher_epochs",
                  "ta_pred_epochs", "ta_repr_epochs", "student_repr_epochs", "student_pred_epochs", "prune_steps_per_event",
-                 *LEARNING_RATES)
+                 "prune_allocation", *LEARNING_RATES)
 
 
 def _pipeline_config(args):
@@ -192,6 +192,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-start", type=int, help="1-based layer of the first exit")
     g.add_argument("--ta-init", choices=["pretrained", "teacher"], help="initialise the TA from the pretrained backbone (official) or the teacher")
     g.add_argument("--last-exit-importance", action="store_true", help="ablation: importance from the last exit's loss only")
+    g.add_argument("--prune-allocation", choices=["uniform", "global"],
+                   help="uniform: every layer keeps --heads/--ffn; global: the same totals, ranked across layers by importance")
     g.add_argument("--temperature", type=float, help="distillation temperature")
     g.add_argument("--thresholds", help="comma-separated entropy thresholds for the sweep")
     g.add_argument("--latency-examples", type=int, help="test examples timed per latency measurement")

@@ -8,7 +8,9 @@ The loss is "exit-aware" (0.9 * soft-CE of every exit against the TA's matching 
 of every exit + hidden-state MSE) or, for the ablation, the last exit's losses only.
 
 Schedule: E events (E = the largest number of heads a layer must lose), each removing one head per
-layer while the FFN size and the embedding rank shrink linearly towards their targets; scores are
+layer while the FFN size and the embedding rank shrink linearly towards their targets. With the
+"global" allocation an event keeps the same totals (heads, FFN neurons) but ranks them across
+layers, so layers that matter more keep more (a layer may lose all its heads). Scores are
 recomputed before every event; between events the student trains (representation-only for the first
 share of the steps, then prediction + representation) with a fresh AdamW (shapes changed) whose
 learning rate restarts at `lr` and decays linearly. Each event is checkpointed (save_pretrained, then
@@ -97,6 +99,19 @@ def top_indices(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
+def global_top_indices(scores: list[torch.Tensor], k: int) -> list[list[int]]:
+    """The k highest scores over all layers, as each layer's kept indices in ascending order (ties:
+    lower layer, then lower index first)."""
+    flat = [(-float(v), layer, j) for layer, s in enumerate(scores) for j, v in enumerate(s.tolist())]
+    keep = [[] for _ in scores]
+    for _, layer, j in sorted(flat)[:max(k, 0)]:
+        keep[layer].append(j)
+    return [sorted(k_) for k_ in keep]
+
+
+ALLOCATIONS = ("uniform", "global")
+
+
 def plan_events(student: CostEffForSequenceClassification, target: PruneTarget) -> list[dict]:
     """The per-event sizes: heads drop by one per event, FFN and rank shrink linearly."""
     cfg = student.config
@@ -132,7 +147,10 @@ def iterative_prune(
     seed: int = 0,
     resume: bool = False,
     progress: bool = True,
+    allocation: str = "uniform",
 ) -> tuple[CostEffForSequenceClassification, list]:
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"iterative_prune: allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     os.makedirs(output_dir, exist_ok=True)
     cur = os.path.join(output_dir, "current")
     state_path = os.path.join(cur, "prune_state.json")  # inside the checkpoint: model and state swap together
@@ -159,8 +177,12 @@ def iterative_prune(
         ev = events[e]
         scoring = [next(stream) for _ in range(score_batches)]
         head_scores, ffn_scores = importance_scores(student, teacher, scoring, exit_aware, temperature)
-        heads_keep = [top_indices(s, k) for s, k in zip(head_scores, ev["heads"])]
-        ffn_keep = [top_indices(s, k) for s, k in zip(ffn_scores, ev["ffn"])]
+        if allocation == "global":
+            heads_keep = global_top_indices(head_scores, sum(ev["heads"]))
+            ffn_keep = global_top_indices(ffn_scores, sum(ev["ffn"]))
+        else:
+            heads_keep = [top_indices(s, k) for s, k in zip(head_scores, ev["heads"])]
+            ffn_keep = [top_indices(s, k) for s, k in zip(ffn_scores, ev["ffn"])]
         rank = ev["embedding_rank"]
         cur_rank = student.config.embedding_rank or student.config.embedding_width
         student = slenderize(student, heads_keep, ffn_keep, embedding_rank=rank if rank is not None and rank < cur_rank else None)
@@ -182,7 +204,8 @@ def iterative_prune(
             sched.step()
             total += loss.item()
         record = {"event": e + 1, "heads": ev["heads"][0], "ffn": ev["ffn"][0], "embedding_rank": student.config.embedding_rank,
-                  "params": sum(p.numel() for p in student.parameters()), "train_loss": total / max(steps_per_event, 1)}
+                  "params": sum(p.numel() for p in student.parameters()), "train_loss": total / max(steps_per_event, 1),
+                  "heads_per_layer": list(student.config.num_attention_heads), "ffn_per_layer": list(student.config.intermediate_size)}
         history.append(record)
         if is_main_process():
             tmp = temp_dir(output_dir, "current")
@@ -191,8 +214,10 @@ def iterative_prune(
                 data.save_tokenizer(tmp)
             atomic_write_json(os.path.join(tmp, "prune_state.json"), {"events_done": e + 1, "events": len(events), "history": history})
             replace_dir(tmp, cur)
-            log.info("prune event %d/%d: heads %d, ffn %d, embedding rank %s, %d params, loss %.4f",
-                     e + 1, len(events), record["heads"], record["ffn"], record["embedding_rank"], record["params"], record["train_loss"])
+            sizes = (f"heads {record['heads_per_layer']}, ffn {record['ffn_per_layer']}" if allocation == "global"
+                     else f"heads {record['heads']}, ffn {record['ffn']}")
+            log.info("prune event %d/%d: %s, embedding rank %s, %d params, loss %.4f",
+                     e + 1, len(events), sizes, record["embedding_rank"], record["params"], record["train_loss"])
         bar.update(1)
     bar.close()
     return student, history

@@ -69,6 +69,7 @@ class PipelineConfig:
     prune_lr: float = 3e-5
     prune_repr_share: float = 0.5
     exit_aware: bool = True
+    prune_allocation: str = "uniform"  # "uniform": every layer keeps heads/ffn; "global": same totals, ranked across layers
     # student distillation from the TA
     student_repr_epochs: int = 4
     student_pred_epochs: int = 3
@@ -169,7 +170,8 @@ def stage_prune(c: PipelineConfig, data, out: str, resume: bool = False) -> dict
     student = load_costeff(out, "ta").train()
     target = PruneTarget(heads=c.heads, ffn=c.ffn, embedding_rank=c.embedding_rank)
     student, history = iterative_prune(student, ta, data, target, os.path.join(out, "prune"), c.prune_steps_per_event, c.prune_lr,
-                                       c.prune_repr_share, c.prune_score_batches, c.exit_aware, c.temperature, c.seed, resume, c.progress)
+                                       c.prune_repr_share, c.prune_score_batches, c.exit_aware, c.temperature, c.seed, resume, c.progress,
+                                       c.prune_allocation)
     return {"events": history}
 
 
