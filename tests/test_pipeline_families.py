@@ -62,7 +62,8 @@ def bert12_backbone(path):
 BACKBONES = {
     "roberta_bpe": (roberta_backbone, ["--heads", "1", "--ffn", "16", "--embedding-rank", "16"]),
     "distilbert": (distilbert_backbone, ["--heads", "1", "--ffn", "16", "--embedding-rank", "16"]),
-    "bert_12_layers": (bert12_backbone, ["--heads", "2", "--ffn", "128", "--embedding-rank", "64"]),
+    # the 12-layer recipe ranks heads and neurons across layers (docs/pipeline.md, Backbones)
+    "bert_12_layers": (bert12_backbone, ["--heads", "2", "--ffn", "128", "--embedding-rank", "64", "--prune-allocation", "global"]),
 }
 
 
@@ -84,6 +85,8 @@ def test_tiny_pipeline_runs_on_the_family(name, tmp_path):
         assert student.position_offset == 2 and student.type_vocab_size == 1
     if name == "distilbert":
         assert student.pooler_activation == "relu" and student.type_vocab_size == 1
+    if name == "bert_12_layers":  # global allocation: per-layer sizes vary, the totals are the uniform target's
+        assert sum(student.num_attention_heads) == 2 * 12 and sum(student.intermediate_size) == 128 * 12
     rows = json.loads((out / "eval" / "pareto.json").read_text())
     slim = {r["threshold"]: r for r in rows if r["model"] in ("slim static", "COST-EFF slim")}
     assert slim[0.0]["avg_exit_layer"] == layers and slim[100.0]["avg_exit_layer"] == 1
