@@ -101,7 +101,8 @@ def test_stages_one_by_one_then_whole_pipeline_resume(tiny_backbone, tmp_path):
     assert "COST-EFF slim" in res.stdout
 
 
-def test_importance_scores_and_schedule():
+def _teacher_and_copy():
+    """A 2-layer costeff model (4 heads, FFN 12) and a student copy of it."""
     torch.manual_seed(0)
     cfg = CostEffConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, attention_head_size=4,
                         intermediate_size=12, max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0,
@@ -109,6 +110,11 @@ def test_importance_scores_and_schedule():
     teacher = CostEffForSequenceClassification(cfg).eval()
     student = CostEffForSequenceClassification(cfg)
     student.load_state_dict(teacher.state_dict())
+    return teacher, student
+
+
+def test_importance_scores_and_schedule():
+    teacher, student = _teacher_and_copy()
     with torch.no_grad():  # head 2 of layer 0 and FFN neuron 5 of layer 1 contribute nothing
         student.costeff.layers[0].attention.out_weight[:, 8:12] = 0
         student.costeff.layers[1].ffn.out_weight[:, 5] = 0
@@ -140,13 +146,7 @@ def test_global_allocation_ranks_across_layers(tmp_path):
 
     # a pruning run whose layer 1 carries nothing (zero output weights): the global allocation moves
     # layer 1's budget to layer 0; the totals per event equal the uniform schedule's
-    torch.manual_seed(0)
-    cfg = CostEffConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, attention_head_size=4,
-                        intermediate_size=12, max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    teacher = CostEffForSequenceClassification(cfg).eval()
-    student = CostEffForSequenceClassification(cfg)
-    student.load_state_dict(teacher.state_dict())
+    teacher, student = _teacher_and_copy()
     with torch.no_grad():
         student.costeff.layers[1].attention.out_weight.zero_()
         student.costeff.layers[1].ffn.out_weight.zero_()
