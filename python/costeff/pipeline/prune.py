@@ -106,7 +106,7 @@ def global_top_indices(scores: list[torch.Tensor], k: int) -> list[list[int]]:
     keep = [[] for _ in scores]
     for _, layer, j in sorted(flat)[:max(k, 0)]:
         keep[layer].append(j)
-    return [sorted(k_) for k_ in keep]
+    return [sorted(indices) for indices in keep]
 
 
 ALLOCATIONS = ("uniform", "global")
