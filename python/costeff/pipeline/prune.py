@@ -91,14 +91,6 @@ def importance_scores(student: CostEffForSequenceClassification, teacher, batche
     return heads, ffn
 
 
-def top_indices(scores: torch.Tensor, k: int) -> list[int]:
-    """Indices of the k highest scores, in ascending index order (ties: lower index first)."""
-    if k >= scores.numel():
-        return list(range(scores.numel()))
-    order = sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j))
-    return sorted(order[:k])
-
-
 def global_top_indices(scores: list[torch.Tensor], k: int) -> list[list[int]]:
     """The k highest scores over all layers, as each layer's kept indices in ascending order (ties:
     lower layer, then lower index first)."""
@@ -107,6 +99,11 @@ def global_top_indices(scores: list[torch.Tensor], k: int) -> list[list[int]]:
     for _, layer, j in sorted(flat)[:max(k, 0)]:
         keep[layer].append(j)
     return [sorted(indices) for indices in keep]
+
+
+def top_indices(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k highest scores, in ascending index order (ties: lower index first)."""
+    return global_top_indices([scores], k)[0]
 
 
 ALLOCATIONS = ("uniform", "global")
