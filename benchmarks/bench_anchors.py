@@ -119,7 +119,8 @@ def main(argv=None) -> int:
         sys.exit(f"bench_anchors: {cfg_path} not found: train a run first (bash scripts/demo.sh) or pass --run DIR")
     run_cfg = json.loads(cfg_path.read_text())
     c = run_cfg["config"]
-    data = prepare_data(c.get("task", "rotten_tomatoes"), run_cfg["backbone"], max_length=c["max_length"], eval_batch_size=64, seed=c["seed"])
+    data = prepare_data(c.get("task", "rotten_tomatoes"), run_cfg["backbone"], max_length=c["max_length"], eval_batch_size=64, seed=c["seed"],
+                        split_seed=c.get("split_seed", c["seed"]))  # runs before split_seed existed split by seed
     thresholds = [float(t) for t in args.thresholds.split(",")]
     precisions = [p for p in args.precisions.split(",") if p]
     thread_counts = [int(t) for t in args.threads.split(",")]

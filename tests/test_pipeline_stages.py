@@ -101,6 +101,16 @@ def test_stages_one_by_one_then_whole_pipeline_resume(tiny_backbone, tmp_path):
     assert "COST-EFF slim" in res.stdout
 
 
+class RandomBatches:
+    """Training batches for pruning runs on the 2-layer model: a fixed function of the epoch."""
+
+    def train(self, epoch):
+        g = torch.Generator().manual_seed(epoch)
+        for _ in range(3):
+            yield {"input_ids": torch.randint(0, 50, (4, 7), generator=g), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+                   "labels": torch.randint(0, 2, (4,), generator=g)}
+
+
 def _teacher_and_copy():
     """A 2-layer costeff model (4 heads, FFN 12) and a student copy of it."""
     torch.manual_seed(0)
@@ -151,20 +161,51 @@ def test_global_allocation_ranks_across_layers(tmp_path):
         student.costeff.layers[1].attention.out_weight.zero_()
         student.costeff.layers[1].ffn.out_weight.zero_()
 
-    class Data:
-        def train(self, epoch):
-            g = torch.Generator().manual_seed(epoch)
-            for _ in range(3):
-                yield {"input_ids": torch.randint(0, 50, (4, 7), generator=g), "attention_mask": torch.ones(4, 7, dtype=torch.long),
-                       "labels": torch.randint(0, 2, (4,), generator=g)}
-
     target = PruneTarget(heads=2, ffn=6, embedding_rank=None)
-    pruned, history = iterative_prune(student, teacher, Data(), target, str(tmp_path / "p"), steps_per_event=0, score_batches=2,
+    pruned, history = iterative_prune(student, teacher, RandomBatches(), target, str(tmp_path / "p"), steps_per_event=0, score_batches=2,
                                       progress=False, allocation="global")
     assert [h["heads_per_layer"] for h in history] == [[4, 2], [4, 0]]
     assert pruned.config.num_attention_heads == [4, 0] and pruned.config.intermediate_size == [12, 0]
     with pytest.raises(ValueError, match="allocation must be one of"):
-        iterative_prune(student, teacher, Data(), target, str(tmp_path / "q"), steps_per_event=0, allocation="per-layer")
+        iterative_prune(student, teacher, RandomBatches(), target, str(tmp_path / "q"), steps_per_event=0, allocation="per-layer")
+
+
+def test_one_shot_schedule_prunes_once_with_all_the_steps(tmp_path):
+    target = PruneTarget(heads=2, ffn=6, embedding_rank=None)
+    teacher, student = _teacher_and_copy()
+    _, iterative = iterative_prune(student, teacher, RandomBatches(), target, str(tmp_path / "it"), steps_per_event=1, score_batches=1,
+                                   progress=False)
+    teacher, student = _teacher_and_copy()
+    pruned, one_shot = iterative_prune(student, teacher, RandomBatches(), target, str(tmp_path / "os"), steps_per_event=1, score_batches=1,
+                                       progress=False, schedule="one_shot")
+    assert [h["heads"] for h in iterative] == [3, 2] and len(one_shot) == 1
+    assert one_shot[0]["steps"] == sum(h["steps"] for h in iterative) == 2
+    assert one_shot[0]["heads_per_layer"] == iterative[-1]["heads_per_layer"] == [2, 2]
+    assert pruned.config.intermediate_size == [6, 6]
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        iterative_prune(student, teacher, RandomBatches(), target, str(tmp_path / "q"), steps_per_event=0, schedule="oneshot")
+
+
+def test_a_single_exit_teacher_is_every_exits_target():
+    from costeff.pipeline.losses import exitwise_soft_cross_entropy, soft_cross_entropy
+
+    torch.manual_seed(0)
+    student, teacher = [torch.randn(4, 3) for _ in range(3)], torch.randn(4, 3)
+    torch.testing.assert_close(exitwise_soft_cross_entropy(student, (teacher,)), sum(soft_cross_entropy(s, teacher) for s in student))
+    with pytest.raises(ValueError, match="use the same exit_start"):
+        exitwise_soft_cross_entropy(student, (teacher, teacher))
+
+
+def test_split_seed_fixes_the_split_while_seed_orders_the_batches(tiny_backbone):
+    from costeff.pipeline.context import prepare_data
+
+    def data(**kw):
+        return prepare_data("rotten_tomatoes", tiny_backbone, max_length=24, batch_size=16, **kw)
+
+    base, other_seed, old_style = data(seed=0, split_seed=0), data(seed=1, split_seed=0), data(seed=1)
+    assert base.encoded["test"]["input_ids"] == other_seed.encoded["test"]["input_ids"]
+    assert base.encoded["test"]["input_ids"] != old_style.encoded["test"]["input_ids"]  # split_seed None: the seed splits
+    assert not torch.equal(next(iter(base.train(0)))["input_ids"], next(iter(other_seed.train(0)))["input_ids"])
 
 
 def test_clear_errors(tiny_backbone, tmp_path):
@@ -199,6 +240,78 @@ def test_cli_overrides_reach_the_config():
     c = _pipeline_config(args)
     assert (c.prune_lr, c.student_pred_lr, c.heads, c.embedding_rank, c.thresholds) == (1e-4, 2e-5, 3, None, (0.0, 0.25))
     assert c.prune_allocation == "global" and preset("full").prune_allocation == "uniform"
+    assert (c.split_seed, c.gradient_equilibrium, c.teacher_assistant, c.prune_schedule) == (0, True, True, "iterative")
+    args = build_parser().parse_args(["pipeline", "--output", "x", "--seed", "3", "--split-seed", "5", "--no-gradient-equilibrium", "--no-ta",
+                                      "--prune-schedule", "one-shot"])
+    switches = _pipeline_config(args)
+    assert (switches.seed, switches.split_seed, switches.gradient_equilibrium, switches.teacher_assistant,
+            switches.prune_schedule) == (3, 5, False, False, "one_shot")
     # everything not given on the command line keeps the preset's value
     assert c.student_repr_lr == PRESETS["full"].get("student_repr_lr", type(c)().student_repr_lr)
     assert c.max_length == PRESETS["full"]["max_length"] and c.ta_init == PRESETS["full"]["ta_init"]
+
+
+def test_ablation_summary_statistics():
+    from costeff.pipeline.ablate import summarize
+
+    def row(arm, seed, full, cal):
+        return {"arm": arm, "seed": seed, "full_depth": full, "calibrated": cal, "flops_ratio_calibrated": 10.0, "avg_exit_layer": 2.0,
+                "teacher": 84.0}
+
+    rows = [row("baseline", 0, 80.0, 79.0), row("baseline", 1, 82.0, 81.0), row("baseline", 2, 84.0, 80.0),
+            row("no_ta", 0, 79.0, 79.0), row("no_ta", 1, 83.0, 79.0), row("no_ta", 2, 81.0, 77.0)]
+    s = summarize(rows, ["baseline", "no_ta"])
+    assert s["baseline"]["full_depth"] == {"mean": 82.0, "std": 2.0, "n": 3}  # sample std of 80, 82, 84
+    d = s["no_ta"]["paired_diff_full_depth"]
+    assert d["per_seed"] == [-1.0, 1.0, -3.0] and d["mean"] == -1.0 and d["std"] == pytest.approx(2.0)
+    assert s["no_ta"]["paired_diff_calibrated"]["per_seed"] == [0.0, -2.0, -3.0]
+    one = summarize(rows[:1] + rows[3:4], ["baseline", "no_ta"])  # one seed: no spread to report
+    assert one["no_ta"]["paired_diff_full_depth"] == {"mean": -1.0, "std": None, "n": 1, "per_seed": [-1.0]}
+
+
+def test_ablate_runner_on_tiny_runs(tiny_backbone, tmp_path):
+    from costeff.pipeline.ablate import ARMS
+    from costeff.cli import ABLATION_ARMS
+
+    assert tuple(ARMS) == ABLATION_ARMS
+    out = tmp_path / "abl"
+    base = ["ablate", "--backbone", tiny_backbone, "--output", str(out), "--seeds", "0,1", *COMMON]
+    res = cli(*base)
+    assert "| baseline | 2 |" in res.stdout
+    result = json.load(open(out / "ablation.json"))
+    assert sorted((r["arm"], r["seed"]) for r in result["rows"]) == sorted((a, s) for a in ARMS for s in (0, 1))
+    by = {(r["arm"], r["seed"]): r for r in result["rows"]}
+    for arm in ARMS:
+        e = result["summary"][arm]
+        assert e["seeds"] == [0, 1] and e["latency_ms_b1"]["n"] == 2
+        if arm != "baseline":
+            assert e["paired_diff_full_depth"]["per_seed"] == [by[(arm, s)]["full_depth"] - by[("baseline", s)]["full_depth"] for s in (0, 1)]
+    for r in result["rows"]:
+        assert 0 <= r["full_depth"] <= 100 and r["flops_ratio_full_depth"] > 1 and set(r["dev_exits"]) == {"exit1_accuracy", "exit2_accuracy",
+                                                                                                          "exit3_accuracy"}
+    # one teacher per training seed, shared by every arm; the TA shared except where the arm changes it
+    seed0 = out / "seed0"
+    assert (seed0 / "teacher").is_dir() and not (seed0 / "teacher").is_symlink()
+    assert (seed0 / "baseline" / "teacher").is_symlink() and (seed0 / "one_shot" / "ta").resolve() == (seed0 / "ta").resolve()
+    assert not os.path.exists(seed0 / "no_ta" / "ta")
+    assert not (seed0 / "no_gradient_equilibrium" / "ta").is_symlink()
+    ge = {arm: CostEffConfig.from_pretrained(seed0 / arm / "student" / "model").gradient_equilibrium for arm in ARMS}
+    assert ge == {arm: arm != "no_gradient_equilibrium" for arm in ARMS}
+    history = json.load(open(seed0 / "one_shot" / "prune" / "current" / "prune_state.json"))["history"]
+    assert len(history) == 1 and history[0]["steps"] == 3 * 2  # the iterative schedule: 3 events x 2 steps
+    assert json.load(open(seed0 / "last_exit_importance" / "run_config.json"))["config"]["exit_aware"] is False
+    assert json.load(open(seed0 / "teacher_test.json"))["avg_gflops"] > 0
+    from safetensors.torch import load_file
+
+    w0, w1 = (load_file(out / s / "teacher" / "model" / "model.safetensors") for s in ("seed0", "seed1"))
+    assert not torch.equal(w0["classifier.weight"], w1["classifier.weight"])  # each training seed its own teacher
+    latency = json.load(open(out / "latency.json"))
+    assert len(latency["rows"]) == 1 + 2 * len(ARMS) and all(r["latency_ms_b1"] > 0 for r in latency["rows"])
+    assert "paired diff" in open(out / "ablation.md").read()
+    # the same command again: every arm is done, nothing retrains
+    weights = seed0 / "baseline" / "student" / "model" / "model.safetensors"
+    mtime = os.path.getmtime(weights)
+    cli(*base, "--no-latency")
+    assert os.path.getmtime(weights) == mtime
+    res = cli(*base, "--arms", "baseline,nope", check=False)
+    assert res.returncode == 2 and "unknown arm(s) ['nope']" in res.stderr

@@ -67,7 +67,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="run directory (checkpoints, logs, results)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="training seed (initialisation, batch order); the data split has --split-seed")
+    p.add_argument("--split-seed", type=int, help="seed of the train/dev/test split of tasks without fixed splits (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
@@ -78,12 +79,14 @@ def cmd_info(args) -> int:
     return 0
 
 
+# costeff.pipeline.ablate.ARMS, named here so building the parser imports no pipeline code
+ABLATION_ARMS = ("baseline", "last_exit_importance", "no_gradient_equilibrium", "no_ta", "one_shot")
 LEARNING_RATES = ("teacher_lr", "ta_lr", "prune_lr", "student_repr_lr", "student_pred_lr")
 # options copied as given into PipelineConfig fields of the same name (None: not on the command line)
 _PASS_THROUGH = ("max_length", "batch_size", "eval_batch_size", "max_train_examples", "max_eval_examples", "seed", "heads", "ffn",
                  "exit_start", "max_steps_per_epoch", "save_every", "temperature", "latency_examples", "ta_init", "teacher_epochs",
                  "ta_pred_epochs", "ta_repr_epochs", "student_repr_epochs", "student_pred_epochs", "prune_steps_per_event",
-                 "prune_allocation", *LEARNING_RATES)
+                 "prune_allocation", "split_seed", *LEARNING_RATES)
 
 
 def _pipeline_config(args):
@@ -96,6 +99,12 @@ def _pipeline_config(args):
         over["thresholds"] = tuple(float(t) for t in args.thresholds.split(","))
     if getattr(args, "last_exit_importance", False):
         over["exit_aware"] = False
+    if getattr(args, "no_gradient_equilibrium", False):
+        over["gradient_equilibrium"] = False
+    if getattr(args, "no_ta", False):
+        over["teacher_assistant"] = False
+    if getattr(args, "prune_schedule", None):
+        over["prune_schedule"] = args.prune_schedule.replace("-", "_")
     if getattr(args, "bucket_by_length", False):
         over["bucket_by_length"] = True
     if getattr(args, "no_progress", False):
@@ -115,7 +124,7 @@ def _data_for(args, c):
 
     kw = _task_kwargs(args)
     return prepare_data(args.task, backbone_of(args), max_length=c.max_length, batch_size=c.batch_size,
-                        eval_batch_size=c.eval_batch_size, seed=c.seed, data_dir=args.data_dir, max_train_examples=c.max_train_examples,
+                        eval_batch_size=c.eval_batch_size, seed=c.seed, split_seed=c.split_seed, data_dir=args.data_dir, max_train_examples=c.max_train_examples,
                         max_eval_examples=c.max_eval_examples, bucket_by_length=c.bucket_by_length, **kw)
 
 
@@ -194,6 +203,11 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--last-exit-importance", action="store_true", help="ablation: importance from the last exit's loss only")
     g.add_argument("--prune-allocation", choices=["uniform", "global"],
                    help="uniform: every layer keeps --heads/--ffn; global: the same totals, ranked across layers by importance")
+    g.add_argument("--prune-schedule", choices=["iterative", "one-shot"],
+                   help="iterative (default): one head per layer per event; one-shot (ablation): one event, the same training steps")
+    g.add_argument("--no-gradient-equilibrium", action="store_true", help="ablation: train the TA (and so the student) without gradient equilibrium")
+    g.add_argument("--no-ta", action="store_true",
+                   help="ablation: no teacher assistant; prune the teacher with fresh exits and distill the student from the teacher")
     g.add_argument("--temperature", type=float, help="distillation temperature")
     g.add_argument("--thresholds", help="comma-separated entropy thresholds for the sweep")
     g.add_argument("--latency-examples", type=int, help="test examples timed per latency measurement")
@@ -232,13 +246,30 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", default="test", choices=["dev", "test"])
         p.set_defaults(func=cmd_pipeline if name == "pipeline" else cmd_stage)
 
+    help_text = "design ablations: each COST-EFF choice switched off, over several training seeds on one data split"
+    p = sub.add_parser("ablate", help=help_text, description=help_text + " (resumable: run the same command again to continue). "
+                       "Arms: " + ", ".join(ABLATION_ARMS) + " (docs/ablations.md says what each switches off).")
+    p.add_argument("--output", required=True, help="ablation directory (one run directory per seed and arm, ablation.md)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--arms", default="all", help="comma-separated arms, or all")
+    p.add_argument("--split-seed", type=int, help="seed of the train/dev/test split, the same for every arm (default 0)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-latency", action="store_true", help="skip the final side-by-side timing of every student")
+    _add_pipeline_args(p)
+    _add_data_args(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch")
+    g.add_argument("--save-every", type=int, help="steps between mid-epoch checkpoints (0: epoch ends only)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.set_defaults(func=cmd_ablate)
+
     p = sub.add_parser("calibrate", help="pick the entropy threshold of a model directory on the dev split",
                        description="Pick the entropy threshold (nats) of a saved model directory on a task's dev split and "
                                    "write it into its config.json (inference_threshold) and calibration.json.")
     p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model)")
     _add_data_args(p)
     p.add_argument("--split", default="dev", choices=["dev", "test"])
-    p.add_argument("--seed", type=int, default=0, help="the split seed the model was trained with")
+    p.add_argument("--split-seed", "--seed", dest="split_seed", type=int, default=0, help="the split seed the model was trained with")
     p.add_argument("--max-drop", type=float, help="largest threshold within this many metric points of full depth (default 0.5)")
     p.add_argument("--latency-ms", type=float, help="most accurate threshold within this latency per sample, measured here")
     p.add_argument("--latency-batch-size", type=int, default=1, help="batch size of the latency measurement")
@@ -281,6 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_ablate(args) -> int:
+    from costeff.pipeline.ablate import ARMS, format_summary, run_ablation
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    arms = list(ARMS) if args.arms == "all" else [a.strip() for a in args.arms.split(",") if a.strip()]
+    c = _pipeline_config(args)
+    data = _data_for(args, c)
+    result = run_ablation(c, data, backbone_of(args), args.output, seeds, arms, latency=not args.no_latency)
+    print(format_summary(result["summary"], result["metric"]))
+    print(f"\n{os.path.join(args.output, 'ablation.md')}, {os.path.join(args.output, 'ablation.json')}")
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from costeff.inference.calibrate import calibrate_directory
 
@@ -288,7 +335,7 @@ def cmd_calibrate(args) -> int:
         raise ValueError("give --max-drop or --latency-ms, not both")
     max_drop = args.max_drop if args.max_drop is not None or args.latency_ms is not None else 0.5
     kw = _task_kwargs(args)
-    res = calibrate_directory(args.model, args.task, args.data_dir, args.seed, args.split, max_drop, args.latency_ms,
+    res = calibrate_directory(args.model, args.task, args.data_dir, args.split_seed, args.split, max_drop, args.latency_ms,
                               args.latency_batch_size, args.precision, args.max_eval_examples or 0, tokenizer=args.tokenizer,
                               max_length=args.max_length, **kw)
     lat = f", {res['latency_ms']:.3f} ms/sample at batch {res['batch_size']}" if res["latency_ms"] is not None else ""

@@ -82,9 +82,13 @@ def prepare_data(
     max_train_examples: int = 0,
     max_eval_examples: int = 0,
     bucket_by_length: bool = False,
+    split_seed: Optional[int] = None,
     **task_kwargs,
 ) -> RunData:
-    dd, num_labels, metric, names = load_task(task, data_dir=data_dir, seed=seed, **task_kwargs)
+    """Tokenized splits and seeded loaders. ``split_seed`` fixes the train/dev/test split (None: ``seed``),
+    ``seed`` the batch order, so training seeds can vary on one test set."""
+    split_seed = seed if split_seed is None else split_seed
+    dd, num_labels, metric, names = load_task(task, data_dir=data_dir, seed=split_seed, **task_kwargs)
     if max_train_examples:
         dd["train"] = dd["train"].select(range(min(max_train_examples, len(dd["train"]))))
     if max_eval_examples:

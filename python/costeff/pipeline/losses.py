@@ -16,7 +16,10 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 def exitwise_soft_cross_entropy(student_exits: Sequence[torch.Tensor], teacher_exits: Sequence[torch.Tensor],
                                 temperature: float = 1.0) -> torch.Tensor:
-    """Sum over exits of soft_cross_entropy(student exit i, teacher exit i)."""
+    """Sum over exits of soft_cross_entropy(student exit i, teacher exit i). A single-exit teacher (a
+    fine-tuned HF classifier, the "no TA" ablation) is every student exit's target."""
+    if len(teacher_exits) == 1:
+        teacher_exits = list(teacher_exits) * len(student_exits)
     if len(student_exits) != len(teacher_exits):
         raise ValueError(f"the student has {len(student_exits)} exits but the teacher {len(teacher_exits)}; use the same exit_start")
     return sum(soft_cross_entropy(s, t, temperature) for s, t in zip(student_exits, teacher_exits))

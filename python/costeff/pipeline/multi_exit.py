@@ -59,7 +59,7 @@ def _dev_repr_score(wrapper: StudentWithProjections, teacher, loader) -> dict:
     return {"dev_repr_loss": total / max(n, 1), "score": -total / max(n, 1)}
 
 
-def _dev_exit_scores(student: CostEffForSequenceClassification, loader, metric: str) -> dict:
+def dev_exit_scores(student: CostEffForSequenceClassification, loader, metric: str) -> dict:
     student.eval()
     with torch.no_grad():
         per_exit = [[] for _ in range(student.config.num_exits)]
@@ -119,7 +119,7 @@ def distill(
     if pred_cfg.epochs > 0:
         out = os.path.join(output_dir, "pred")
         summaries["pred"] = train(wrapper, data.train, pred_loss_fn, pred_cfg, out,
-                                  lambda m: _dev_exit_scores(m.student, data.dev, data.metric), resume, stage=f"{stage}/pred")
+                                  lambda m: dev_exit_scores(m.student, data.dev, data.metric), resume, stage=f"{stage}/pred")
         load_best(wrapper, out)
     student.save_pretrained(os.path.join(output_dir, "model"))
     if hasattr(data, "save_tokenizer"):

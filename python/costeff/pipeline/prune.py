@@ -10,7 +10,9 @@ of every exit + hidden-state MSE) or, for the ablation, the last exit's losses o
 Schedule: E events (E = the largest number of heads a layer must lose), each removing one head per
 layer while the FFN size and the embedding rank shrink linearly towards their targets. With the
 "global" allocation an event keeps the same totals (heads, FFN neurons) but ranks them across
-layers, so layers that matter more keep more (a layer may lose all its heads). Scores are
+layers, so layers that matter more keep more (a layer may lose all its heads). The "one_shot"
+schedule (an ablation) jumps to the final sizes in a single event and trains for all the steps the
+iterative schedule would have spread over its events. Scores are
 recomputed before every event; between events the student trains (representation-only for the first
 share of the steps, then prediction + representation) with a fresh AdamW (shapes changed) whose
 learning rate restarts at `lr` and decays linearly. Each event is checkpointed (save_pretrained, then
@@ -107,6 +109,7 @@ def top_indices(scores: torch.Tensor, k: int) -> list[int]:
 
 
 ALLOCATIONS = ("uniform", "global")
+SCHEDULES = ("iterative", "one_shot")
 
 
 def plan_events(student: CostEffForSequenceClassification, target: PruneTarget) -> list[dict]:
@@ -145,13 +148,19 @@ def iterative_prune(
     resume: bool = False,
     progress: bool = True,
     allocation: str = "uniform",
+    schedule: str = "iterative",
 ) -> tuple[CostEffForSequenceClassification, list]:
     if allocation not in ALLOCATIONS:
         raise ValueError(f"iterative_prune: allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"iterative_prune: schedule must be one of {SCHEDULES}, got {schedule!r}")
     os.makedirs(output_dir, exist_ok=True)
     cur = os.path.join(output_dir, "current")
     state_path = os.path.join(cur, "prune_state.json")  # inside the checkpoint: model and state swap together
     events = plan_events(student, target)
+    if schedule == "one_shot":  # the final sizes at once, trained for the whole schedule's steps
+        steps_per_event *= len(events)
+        events = events[-1:]
     done, history = 0, []
     if resume and os.path.exists(state_path):
         with open(state_path) as f:
@@ -201,7 +210,7 @@ def iterative_prune(
             sched.step()
             total += loss.item()
         record = {"event": e + 1, "heads": ev["heads"][0], "ffn": ev["ffn"][0], "embedding_rank": student.config.embedding_rank,
-                  "params": sum(p.numel() for p in student.parameters()), "train_loss": total / max(steps_per_event, 1),
+                  "params": sum(p.numel() for p in student.parameters()), "steps": steps_per_event, "train_loss": total / max(steps_per_event, 1),
                   "heads_per_layer": list(student.config.num_attention_heads), "ffn_per_layer": list(student.config.intermediate_size)}
         history.append(record)
         if is_main_process():

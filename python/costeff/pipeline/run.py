@@ -49,6 +49,7 @@ class PipelineConfig:
     max_train_examples: int = 0
     max_eval_examples: int = 0
     bucket_by_length: bool = False
+    split_seed: int = 0  # the train/dev/test split of tasks without fixed splits; `seed` varies training only
     # teacher
     teacher_epochs: int = 3
     teacher_lr: float = 5e-5
@@ -60,6 +61,8 @@ class PipelineConfig:
     ta_repr_epochs: int = 1
     ta_pred_epochs: int = 3
     ta_lr: float = 5e-5
+    teacher_assistant: bool = True  # False ("no TA" ablation): prune the teacher with fresh exits, distill from the teacher
+    gradient_equilibrium: bool = True  # the multi-exit models' training forward (TA, inherited by the student)
     # slenderization target (per layer) and schedule
     heads: int = 2
     ffn: int = 256
@@ -70,6 +73,7 @@ class PipelineConfig:
     prune_repr_share: float = 0.5
     exit_aware: bool = True
     prune_allocation: str = "uniform"  # "uniform": every layer keeps heads/ffn; "global": same totals, ranked across layers
+    prune_schedule: str = "iterative"  # "iterative" (one head per layer per event) or "one_shot" (one event, the same steps)
     # student distillation from the TA
     student_repr_epochs: int = 4
     student_pred_epochs: int = 3
@@ -157,29 +161,49 @@ def stage_ta(c: PipelineConfig, data, backbone: str, out: str, resume: bool = Fa
     teacher = load_teacher(out)
     torch.manual_seed(c.seed)
     init = teacher if c.ta_init == "teacher" else backbone
-    ta = from_pretrained_encoder(init, num_labels=data.num_labels, exit_start=c.exit_start, gradient_equilibrium=True, exit_pooling=c.exit_pooling)
-    ta.config.id2label, ta.config.label2id = dict(teacher.config.id2label), dict(teacher.config.label2id)
+    ta = multi_exit_from(init, teacher, c, data.num_labels)
     _, summary = distill(ta, teacher, data, _train_cfg(c, c.ta_repr_epochs, c.ta_lr, c.exit_lr_multiplier),
                          _train_cfg(c, c.ta_pred_epochs, c.ta_lr, c.exit_lr_multiplier),
                          os.path.join(out, "ta"), mode="ta", temperature=c.temperature, resume=resume, stage="ta")
     return summary
 
 
+def multi_exit_from(init, teacher, c: PipelineConfig, num_labels: int) -> CostEffForSequenceClassification:
+    """``init`` (the teacher or the pretrained backbone) converted to multi-exit with fresh exits and
+    the teacher's label names."""
+    model = from_pretrained_encoder(init, num_labels=num_labels, exit_start=c.exit_start, gradient_equilibrium=c.gradient_equilibrium,
+                                    exit_pooling=c.exit_pooling)
+    model.config.id2label, model.config.label2id = dict(teacher.config.id2label), dict(teacher.config.label2id)
+    return model
+
+
+def distillation_reference(c: PipelineConfig, out: str):
+    """What pruning and student distillation learn from: the TA, or the fine-tuned teacher itself
+    (every student exit against its final logits) when the TA is switched off."""
+    return load_costeff(out, "ta") if c.teacher_assistant else load_teacher(out)
+
+
 def stage_prune(c: PipelineConfig, data, out: str, resume: bool = False) -> dict:
-    ta = load_costeff(out, "ta")
-    student = load_costeff(out, "ta").train()
+    reference = distillation_reference(c, out)
+    if c.teacher_assistant:
+        student = load_costeff(out, "ta").train()
+    else:
+        torch.manual_seed(c.seed)
+        student = multi_exit_from(reference, reference, c, data.num_labels).train()
     target = PruneTarget(heads=c.heads, ffn=c.ffn, embedding_rank=c.embedding_rank)
-    student, history = iterative_prune(student, ta, data, target, os.path.join(out, "prune"), c.prune_steps_per_event, c.prune_lr,
+    student, history = iterative_prune(student, reference, data, target, os.path.join(out, "prune"), c.prune_steps_per_event, c.prune_lr,
                                        c.prune_repr_share, c.prune_score_batches, c.exit_aware, c.temperature, c.seed, resume, c.progress,
-                                       c.prune_allocation)
+                                       c.prune_allocation, c.prune_schedule)
     return {"events": history}
 
 
 def stage_distill(c: PipelineConfig, data, out: str, resume: bool = False) -> dict:
-    ta = load_costeff(out, "ta")
+    reference = distillation_reference(c, out)
     student = load_costeff(out, "prune", "current").train()
-    _, summary = distill(student, ta, data, _train_cfg(c, c.student_repr_epochs, c.student_repr_lr),
-                         _train_cfg(c, c.student_pred_epochs, c.student_pred_lr), os.path.join(out, "student"), mode="student",
+    # without a TA the intermediate exits have only had the pruning steps: they get the TA stage's faster rate
+    exit_lr = 1.0 if c.teacher_assistant else c.exit_lr_multiplier
+    _, summary = distill(student, reference, data, _train_cfg(c, c.student_repr_epochs, c.student_repr_lr, exit_lr),
+                         _train_cfg(c, c.student_pred_epochs, c.student_pred_lr, exit_lr), os.path.join(out, "student"), mode="student",
                          temperature=c.temperature, resume=resume, stage="student")
     if is_main_process() and c.calibrate_max_drop is not None:
         # the threshold a user gets by default: largest within calibrate_max_drop points of full depth on dev
@@ -194,14 +218,14 @@ def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> di
     # HF's default (sdpa) attention for the shipped teacher, what a user would run (TA training keeps
     # eager); the attention implementation does not matter to the weight conversion
     teacher = load_teacher(out, attn_implementation="sdpa")
-    ta = load_costeff(out, "ta")
     student = load_costeff(out, "student")
     thresholds = tuple(c.thresholds) if c.thresholds else sweep_thresholds(c.threshold_fractions, data.num_labels)
     teacher_costeff = from_pretrained_encoder(teacher, exit_start=teacher.config.num_hidden_layers).eval()
     timed = latency_batches(data, split, c.latency_examples)  # the same batches time every model
     systems = [evaluate_hf_teacher(teacher, teacher_costeff.config, data, split, "teacher (HF)")]
     systems += sweep_costeff(teacher_costeff, data, split, (0.0,), "teacher (costeff kernels)")
-    systems += sweep_costeff(ta, data, split, thresholds, "TA early exit (DeeBERT)")
+    if c.teacher_assistant:
+        systems += sweep_costeff(load_costeff(out, "ta"), data, split, thresholds, "TA early exit (DeeBERT)")
     systems += sweep_costeff(student, data, split, (0.0,), "slim static")
     systems += sweep_costeff(student, data, split, [t for t in thresholds if t > 0], "COST-EFF slim")
     calibrated = student.config.inference_threshold
@@ -282,6 +306,9 @@ def run_pipeline(c: PipelineConfig, data, backbone: str, out: str, resume: bool 
         done_marker = os.path.join(out, f".{stage}.done")
         if resume and os.path.exists(done_marker) and stage != "evaluate":
             log.info("%s: already finished, skipped (--resume)", stage)
+            continue
+        if stage == "ta" and not c.teacher_assistant:
+            log.info("ta: skipped (no teacher assistant: pruning starts from the teacher with fresh exits)")
             continue
         log.info("=== stage %s ===", stage)
         if stage == "teacher":
