@@ -252,7 +252,7 @@ def test_cli_overrides_reach_the_config():
 
 
 def test_ablation_summary_statistics():
-    from costeff.pipeline.ablate import summarize
+    from costeff.pipeline.ablate import format_summary, summarize
 
     def row(arm, seed, full, cal):
         return {"arm": arm, "seed": seed, "full_depth": full, "calibrated": cal, "flops_ratio_calibrated": 10.0, "avg_exit_layer": 2.0,
@@ -267,6 +267,8 @@ def test_ablation_summary_statistics():
     assert s["no_ta"]["paired_diff_calibrated"]["per_seed"] == [0.0, -2.0, -3.0]
     one = summarize(rows[:1] + rows[3:4], ["baseline", "no_ta"])  # one seed: no spread to report
     assert one["no_ta"]["paired_diff_full_depth"] == {"mean": -1.0, "std": None, "n": 1, "per_seed": [-1.0]}
+    table = format_summary(s, "accuracy")
+    assert "| no_ta | 3 | 81.00 ± 2.00 | -1.00 ± 2.00 | 78.33 ± 1.15 | -1.67 ± 1.53 | 10.0 ± 0.0x |" in table
 
 
 def test_ablate_runner_on_tiny_runs(tiny_backbone, tmp_path):
@@ -315,3 +317,5 @@ def test_ablate_runner_on_tiny_runs(tiny_backbone, tmp_path):
     assert os.path.getmtime(weights) == mtime
     res = cli(*base, "--arms", "baseline,nope", check=False)
     assert res.returncode == 2 and "unknown arm(s) ['nope']" in res.stderr
+    res = cli(*base, "--ffn", "8", check=False)  # resuming with other settings would mix incomparable arms
+    assert res.returncode == 2 and "started with other settings (ffn differ)" in res.stderr

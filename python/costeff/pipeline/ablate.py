@@ -62,6 +62,24 @@ def _link(target: str, link: str) -> None:
     os.symlink(os.path.relpath(target, os.path.dirname(link)), link)
 
 
+def _check_same_settings(out: str, c: PipelineConfig, backbone: str) -> None:
+    """A resumed ablation must train with the settings it started with, or its arms would not compare."""
+    path = os.path.join(out, "ablation_config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        before = json.load(f)
+    now = json.loads(json.dumps({"config": c.__dict__, "backbone": backbone}))
+    ignored = {"progress"}  # display only
+    changed = sorted(k for k in set(before["config"]) | set(now["config"])
+                     if k not in ignored and before["config"].get(k) != now["config"].get(k))
+    if before["backbone"] != backbone:
+        changed.append("backbone")
+    if changed:
+        raise ValueError(f"ablate: {out} was started with other settings ({', '.join(changed)} differ); "
+                         "rerun with the same flags to resume, or use a fresh --output")
+
+
 def _teacher_row(data, seed_dir: str) -> dict:
     path = os.path.join(seed_dir, "teacher_test.json")
     if os.path.exists(path):
@@ -108,6 +126,7 @@ def run_ablation(c: PipelineConfig, data, backbone: str, out: str, seeds: Sequen
     if not seeds:
         raise ValueError("ablate: no seeds given")
     os.makedirs(out, exist_ok=True)
+    _check_same_settings(out, c, backbone)
     atomic_write_json(os.path.join(out, "ablation_config.json"), {"config": c.__dict__, "backbone": backbone, "seeds": list(seeds),
                                                                   "arms": list(arms)})
     total, n = len(seeds) * len(arms), 0
@@ -217,12 +236,12 @@ def summarize(rows: Sequence[dict], arms: Sequence[str], latency: Optional[dict]
     return out
 
 
-def _pm(s: dict, digits: int = 2, suffix: str = "") -> str:
+def _pm(s: Optional[dict], digits: int = 2, suffix: str = "", signed: bool = False) -> str:
+    """``mean ± std`` (just the mean for one value; ``-`` for none)."""
     if not s or s.get("mean") is None:
         return "-"
-    if s.get("std") is None:
-        return f"{s['mean']:.{digits}f}{suffix}"
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}{suffix}"
+    mean = f"{s['mean']:{'+' if signed else ''}.{digits}f}"
+    return f"{mean}{suffix}" if s.get("std") is None else f"{mean} ± {s['std']:.{digits}f}{suffix}"
 
 
 def format_summary(summary: dict, metric: str, latency: Optional[dict] = None) -> str:
@@ -231,8 +250,8 @@ def format_summary(summary: dict, metric: str, latency: Optional[dict] = None) -
              "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, e in summary.items():
         d_full, d_cal = e.get("paired_diff_full_depth"), e.get("paired_diff_calibrated")
-        lines.append(f"| {arm} | {len(e['seeds'])} | {_pm(e['full_depth'])} | {_pm(d_full, suffix='') if d_full else '-'} | "
-                     f"{_pm(e['calibrated'])} | {_pm(d_cal) if d_cal else '-'} | {_pm(e['flops_ratio_calibrated'], 1, 'x')} | "
+        lines.append(f"| {arm} | {len(e['seeds'])} | {_pm(e['full_depth'])} | {_pm(d_full, signed=True)} | "
+                     f"{_pm(e['calibrated'])} | {_pm(d_cal, signed=True)} | {_pm(e['flops_ratio_calibrated'], 1, 'x')} | "
                      f"{_pm(e['avg_exit_layer'])} | {_pm(e.get('latency_ms_b1'), 3)} | {_pm(e.get('latency_ms_b32'), 3)} |")
     if latency:
         t = next((r for r in latency["rows"] if r["arm"] == "teacher (HF)"), None)
