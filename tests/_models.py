@@ -29,6 +29,9 @@ def make_model(seed=0, scale=6.0, **overrides) -> CostEffForSequenceClassificati
                 p.normal_(0, 0.5)
             else:  # LayerNorm gains
                 p.uniform_(0.5, 1.5)
+        token_id_map = model.costeff.embeddings.token_id_map
+        if token_id_map is not None:  # a pruned vocabulary: many ids share a row, as [UNK]'s would
+            token_id_map.copy_(torch.randint(0, model.config.pruned_vocab_size, token_id_map.shape))
     return model
 
 
@@ -88,4 +91,5 @@ CONFIGS = {
                                intermediate_size=[0, 1, 33, 131], embedding_rank=None, exit_pooling="mean"),
     "dense_relu_exits_start3": dict(exit_pooler_dense=True, exit_start=3, num_labels=5, pooler_activation="relu"),
     "all_pruned": dict(num_attention_heads=0, intermediate_size=0, num_labels=2),
+    "pruned_vocabulary_roberta_positions": dict(pruned_vocab_size=31, position_offset=2, pad_token_id=1),
 }

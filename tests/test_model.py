@@ -28,6 +28,7 @@ from costeff.models import (
     from_bert,
     macs_per_sample,
     parameter_count,
+    prune_vocabulary,
     slenderize,
 )
 
@@ -252,6 +253,43 @@ def test_hidden_pruning_shrinks_everything_and_counts_match():
         slenderize(model, heads_keep=[[4], None, None])
     with pytest.raises(ValueError, match="has 2 entries but the model has 3 layers"):
         slenderize(model, ffn_keep=[None, None])
+
+
+def test_pruned_vocabulary_keeps_its_tokens_and_reads_unk_for_the_rest(tmp_path):
+    from costeff.models import check_checkpoint
+
+    model = slenderize(from_bert(tiny_bert()).eval(), embedding_rank=8)
+    keep, unk = [0, 7, 8, 9, 30, 31, 50], 100
+    small = prune_vocabulary(model, keep, unk_token_id=unk, max_position_embeddings=16).eval()
+    assert small.config.pruned_vocab_size == 8 and small.config.vocab_size == VOCAB and small.config.max_position_embeddings == 16
+    assert count_parameters(small) == parameter_count(small.config) == count_parameters(model) - (VOCAB - 8) * 8 - (MAXPOS - 16) * 32
+    ids = torch.tensor([[0, 7, 8, 9, 30, 31, 50, 0], [0, 3, 99, 8, 100, 64, 1, 0]])
+    unk_ids = torch.where(torch.isin(ids, torch.tensor(keep)), ids, torch.full_like(ids, unk))
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, model(unk_ids).logits, rtol=0, atol=0)  # kept rows copied exactly
+    with pytest.raises(ValueError, match="at most 16 tokens"):
+        small(torch.zeros(1, 17, dtype=torch.long))
+    # pruning again composes: 8 and 31 now read [UNK]; slenderizing afterwards keeps the map
+    smaller = slenderize(prune_vocabulary(small, [0, 7, 9], unk_token_id=unk), heads_keep=[[0], [1], [2, 3]]).eval()
+    assert smaller.config.pruned_vocab_size == 4
+    ids2 = torch.tensor([[0, 7, 8, 9, 31, 5]])
+    with torch.no_grad():
+        ref = slenderize(model, heads_keep=[[0], [1], [2, 3]]).eval()(torch.tensor([[0, 7, unk, 9, unk, unk]])).logits
+        torch.testing.assert_close(smaller(ids2).logits, ref, rtol=0, atol=0)
+    smaller.save_pretrained(tmp_path / "m")
+    check_checkpoint(tmp_path / "m", CostEffForSequenceClassification)
+    loaded = CostEffForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids2).logits, smaller(ids2).logits, rtol=0, atol=0)
+    state = load_file(tmp_path / "m" / "model.safetensors")
+    state["costeff.embeddings.token_id_map"][5] = 4  # a row past the 4-row table
+    save_file(state, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"token_id_map holds rows outside \[0, pruned_vocab_size=4\)"):
+        check_checkpoint(tmp_path / "m", CostEffForSequenceClassification)
+    with pytest.raises(ValueError, match=r"keep_token_ids indices must be in \[0, 101\)"):
+        prune_vocabulary(model, [5, 101], unk_token_id=unk)
+    with pytest.raises(ValueError, match="max_position_embeddings must be in"):
+        prune_vocabulary(model, [5], unk_token_id=unk, max_position_embeddings=MAXPOS + 1)
 
 
 # ------------------------------------------------------------------------------------------ kernels vs reference

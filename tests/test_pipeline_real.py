@@ -13,14 +13,25 @@ def test_pipeline_on_minilm_and_rotten_tomatoes(tmp_path):
     out = tmp_path / "run"
     res = subprocess.run(
         [sys.executable, "-m", "costeff.cli", "pipeline", "--preset", "tiny", "--output", str(out), "--no-progress",
-         "--max-train-examples", "64", "--max-eval-examples", "32", "--thresholds", "0,0.4,10", "--threads", "2"],
+         "--max-train-examples", "64", "--max-eval-examples", "32", "--thresholds", "0,0.4,10", "--threads", "2", "--prune-vocabulary"],
         capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "COST-EFF slim" in res.stdout and "plot:" in res.stdout
     summary = json.load(open(out / "eval" / "summary.json"))
     p = summary["params"]
     # MiniLM-L6: 12 heads x 32, FFN 1536 -> 2 heads, FFN 256 per layer; word embedding rank 384 -> 64
-    assert p["encoder_ratio"] > 5.5 and p["total_ratio"] > 4
+    assert p["encoder_ratio"] > 5.5 and p["total_ratio"] > 8
+    # --prune-vocabulary: word rows for the 64 training sentences' tokens and the special tokens, positions up to 24
+    from transformers import AutoTokenizer
+
+    from costeff.data import load_task
+    from costeff.models import CostEffConfig
+
+    tok = AutoTokenizer.from_pretrained(out / "student" / "model")
+    texts = load_task("rotten_tomatoes", seed=0)[0]["train"]["text"][:64]
+    seen = {i for row in tok(texts, truncation=True, max_length=24)["input_ids"] for i in row} | set(tok.all_special_ids)
+    config = CostEffConfig.from_pretrained(out / "student" / "model")
+    assert config.pruned_vocab_size == len(seen) < 1000 and config.vocab_size == tok.vocab_size and config.max_position_embeddings == 24
     rows = summary["rows"]
     teacher = rows[0]
     static = next(r for r in rows if r["model"] == "slim static")

@@ -57,6 +57,21 @@ at::Tensor fetch(const c10::Dict<std::string, at::Tensor>& weights, const std::s
   return f;
 }
 
+// The integer tensor `name` [n] of `weights`, every value checked to index a table of `rows` rows.
+std::vector<int64_t> fetch_rows(const c10::Dict<std::string, at::Tensor>& weights, const std::string& name, int64_t n, int64_t rows) {
+  TORCH_CHECK_VALUE(weights.contains(name), "costeff engine: tensor '", name, "' is missing (config.pruned_vocab_size is set)");
+  const at::Tensor t = weights.at(name);
+  TORCH_CHECK_VALUE(t.defined() && t.dim() == 1 && t.size(0) == n, "costeff engine: tensor '", name, "' must have shape [", n, "]");
+  TORCH_CHECK_TYPE(!t.is_floating_point() && !t.is_complex() && t.scalar_type() != at::kBool, "costeff engine: tensor '", name,
+                   "' must hold integers, got ", t.scalar_type());
+  const auto l = t.to(at::kCPU, at::kLong).contiguous();
+  std::vector<int64_t> out(l.data_ptr<int64_t>(), l.data_ptr<int64_t>() + n);
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_VALUE(out[i] >= 0 && out[i] < rows, "costeff engine: '", name, "'[", i, "] = ", out[i], " is not a row of the ", rows,
+                      "-row word embedding");
+  return out;
+}
+
 // Per-call scratch (the engine itself is never written during run()).
 struct Scratch {
   std::vector<float> rounded;
@@ -228,6 +243,10 @@ EngineConfig EngineConfig::from_json(const std::string& text) {
     c.position_offset = offset.is_null() ? 0 : offset.as_int("config.position_offset");
     TORCH_CHECK_VALUE(c.position_offset >= 0 && c.position_offset < c.max_positions,
                       "costeff engine: config.position_offset must be null or in [1, max_position_embeddings)");
+    const json::Value& pruned = cfg.has("pruned_vocab_size") ? cfg.at("pruned_vocab_size", "config") : json::Value();
+    c.pruned_vocab_size = pruned.is_null() ? 0 : pruned.as_int("config.pruned_vocab_size");
+    TORCH_CHECK_VALUE(c.pruned_vocab_size >= 0 && c.pruned_vocab_size <= c.vocab_size,
+                      "costeff engine: config.pruned_vocab_size must be null or in [1, vocab_size]");
     const json::Value& emb_size = cfg.has("embedding_size") ? cfg.at("embedding_size", "config") : json::Value();
     c.embedding_size = emb_size.is_null() ? 0 : emb_size.as_int("config.embedding_size");
     TORCH_CHECK_VALUE(c.embedding_size >= 0, "costeff engine: config.embedding_size must be positive or null");
@@ -252,7 +271,9 @@ InferenceEngine::InferenceEngine(const c10::Dict<std::string, at::Tensor>& weigh
   const std::string e = "costeff.embeddings.";
   const int64_t E = c.embedding_size > 0 ? c.embedding_size : H;  // ELECTRA: tables narrower than hidden
   const int64_t word_width = c.embedding_rank > 0 ? c.embedding_rank : E;
-  word_embeddings_ = to_vector(fetch(weights, e + "word_embeddings.weight", {c.vocab_size, word_width}));
+  const int64_t word_rows = c.pruned_vocab_size > 0 ? c.pruned_vocab_size : c.vocab_size;
+  word_embeddings_ = to_vector(fetch(weights, e + "word_embeddings.weight", {word_rows, word_width}));
+  if (c.pruned_vocab_size > 0) token_id_map_ = fetch_rows(weights, e + "token_id_map", c.vocab_size, word_rows);
   if (c.embedding_rank > 0) {
     word_projection_ = PackedLinear(fetch(weights, e + "word_projection.weight", {E, c.embedding_rank}), std::nullopt, precision_, e + "word_projection.weight");
   }
@@ -405,7 +426,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
     const int64_t E = c.embedding_size > 0 ? c.embedding_size : H;  // width of the tables and their LayerNorm
     const int64_t wd = c.embedding_rank > 0 ? c.embedding_rank : E;
     std::vector<float> words(T * wd), x;
-    for (int64_t t = 0; t < T; ++t) std::memcpy(&words[t * wd], &word_embeddings_[idp[tok_pos[t]] * wd], wd * sizeof(float));
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t id = idp[tok_pos[t]];
+      const int64_t row = token_id_map_.empty() ? id : token_id_map_[id];
+      std::memcpy(&words[t * wd], &word_embeddings_[row * wd], wd * sizeof(float));
+    }
     if (c.embedding_rank > 0) {
       x.resize(T * E);
       run_linear(word_projection_, isa_, words.data(), wd, T, x.data(), E, Activation::kNone, scratch);

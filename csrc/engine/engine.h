@@ -28,6 +28,7 @@ namespace costeff::engine {
 struct EngineConfig {
   int64_t vocab_size = 0, hidden_size = 0, num_layers = 0, max_positions = 0, type_vocab_size = 0, num_labels = 0;
   int64_t embedding_rank = 0;  // 0: plain vocab x hidden word embedding
+  int64_t pruned_vocab_size = 0;  // 0: one word row per token id; n: n rows, token_id_map picks the row
   int64_t exit_start = 1;
   bool exit_pooler_dense = false;
   bool mean_pooling = false;  // exit_pooling == "mean" (intermediate exits)
@@ -90,7 +91,8 @@ class InferenceEngine : public torch::CustomClassHolder {
   EngineConfig config_;
   Precision precision_;
   Isa isa_;
-  std::vector<float> word_embeddings_;  // [vocab, rank or hidden]
+  std::vector<float> word_embeddings_;  // [vocab or pruned_vocab_size, rank or hidden]
+  std::vector<int64_t> token_id_map_;   // [vocab] token id -> word row; empty: the id is the row
   PackedLinear word_projection_;        // rank -> embedding width when factorized
   PackedLinear embedding_projection_;   // embedding_size -> hidden (ELECTRA), after the embedding LayerNorm
   std::vector<float> position_embeddings_, token_type_embeddings_, embed_norm_weight_, embed_norm_bias_;

@@ -103,6 +103,8 @@ def _pipeline_config(args):
         over["gradient_equilibrium"] = False
     if getattr(args, "no_ta", False):
         over["teacher_assistant"] = False
+    if getattr(args, "prune_vocabulary", False):
+        over["prune_vocabulary"] = True
     if getattr(args, "prune_schedule", None):
         over["prune_schedule"] = args.prune_schedule.replace("-", "_")
     if getattr(args, "bucket_by_length", False):
@@ -208,6 +210,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-gradient-equilibrium", action="store_true", help="ablation: train the TA (and so the student) without gradient equilibrium")
     g.add_argument("--no-ta", action="store_true",
                    help="ablation: no teacher assistant; prune the teacher with fresh exits and distill the student from the teacher")
+    g.add_argument("--prune-vocabulary", action="store_true",
+                   help="after distillation keep only the word-embedding rows of the training split's tokens (others read [UNK]) "
+                        "and the positions up to --max-length")
     g.add_argument("--temperature", type=float, help="distillation temperature")
     g.add_argument("--thresholds", help="comma-separated entropy thresholds for the sweep")
     g.add_argument("--latency-examples", type=int, help="test examples timed per latency measurement")

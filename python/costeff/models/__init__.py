@@ -4,7 +4,7 @@ and models with transformers' Auto classes (model_type ``costeff_bert``)."""
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from costeff.models.configuration_costeff import MODEL_TYPE, CostEffConfig
-from costeff.models.convert import factorize_embedding, from_bert, from_pretrained_encoder, slenderize
+from costeff.models.convert import factorize_embedding, from_bert, from_pretrained_encoder, prune_vocabulary, slenderize
 from costeff.models.flops import (
     count_parameters,
     exit_macs,
@@ -51,5 +51,6 @@ __all__ = [
     "macs_per_sample",
     "parameter_count",
     "prepare_inputs",
+    "prune_vocabulary",
     "slenderize",
 ]

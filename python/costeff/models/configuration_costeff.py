@@ -61,6 +61,10 @@ class CostEffConfig(PreTrainedConfig):
         embedding_size: None: the embedding tables and their LayerNorm are hidden_size wide (BERT); an int e:
             they are e wide and a Linear(e, hidden_size) with bias (``embedding_projection``) follows the
             LayerNorm (ELECTRA's embeddings_project).
+        pruned_vocab_size: None: one word-embedding row per token id (vocab_size rows); an int n: the
+            vocabulary was pruned (``prune_vocabulary``) to n rows and the buffer ``token_id_map``
+            [vocab_size] maps every token id to its row (ids left out map to the [UNK] row). vocab_size
+            stays the tokenizer's, so input ids keep their range.
         position_offset: None for BERT's positions (column index 0, 1, ...); an int p for RoBERTa-style
             positions from the attention mask: the k-th real token (1-based) gets p - 1 + k, padding gets
             p - 1 (RoBERTa / XLM-R: p = padding_idx + 1 = 2), so at most max_position_embeddings - p tokens.
@@ -93,6 +97,7 @@ class CostEffConfig(PreTrainedConfig):
     pooler_activation: str = "tanh"
     position_offset: int | None = None
     embedding_size: int | None = None
+    pruned_vocab_size: int | None = None
     gradient_equilibrium: bool = False
     inference_threshold: float | None = None
 
@@ -122,13 +127,18 @@ class CostEffConfig(PreTrainedConfig):
         self.intermediate_size = _per_layer("intermediate_size", self.intermediate_size, n)
         if self.embedding_size is not None:
             _positive_int("embedding_size", self.embedding_size)
+        if self.pruned_vocab_size is not None:
+            _positive_int("pruned_vocab_size", self.pruned_vocab_size)
+            if self.pruned_vocab_size > self.vocab_size:
+                raise ValueError(f"CostEffConfig: pruned_vocab_size {self.pruned_vocab_size} exceeds vocab_size {self.vocab_size}")
         if self.embedding_rank is not None:
             _positive_int("embedding_rank", self.embedding_rank)
             width = self.embedding_width
-            if self.embedding_rank > min(self.vocab_size, width):
+            # (rows may be fewer than the rank once a factorized vocabulary is pruned)
+            if self.embedding_rank > width:
                 raise ValueError(
-                    f"CostEffConfig: embedding_rank {self.embedding_rank} exceeds min(vocab_size, "
-                    f"{'embedding_size' if self.embedding_size is not None else 'hidden_size'}) = {min(self.vocab_size, width)}"
+                    f"CostEffConfig: embedding_rank {self.embedding_rank} exceeds "
+                    f"{'embedding_size' if self.embedding_size is not None else 'hidden_size'} = {width}"
                 )
         _positive_int("exit_start", self.exit_start)
         if self.exit_start > n:
@@ -161,6 +171,11 @@ class CostEffConfig(PreTrainedConfig):
     def embedding_width(self) -> int:
         """Width of the embedding tables and their LayerNorm (before ``embedding_projection``)."""
         return self.embedding_size if self.embedding_size is not None else self.hidden_size
+
+    @property
+    def word_rows(self) -> int:
+        """Rows of the word-embedding table: pruned_vocab_size, or vocab_size when not pruned."""
+        return self.pruned_vocab_size if self.pruned_vocab_size is not None else self.vocab_size
 
     @property
     def num_exits(self) -> int:

@@ -301,8 +301,10 @@ def slenderize(
     rank = embedding_rank if embedding_rank is not None else cfg.embedding_rank
     projected = cfg.embedding_size is not None  # tables stay embedding_size wide; only the projection's output is sliced
     width = cfg.embedding_size if projected else new_hidden
-    if rank is not None and not 1 <= rank <= min(cfg.vocab_size, width):
-        raise ValueError(f"slenderize: embedding_rank must be in [1, {min(cfg.vocab_size, width)}], got {rank}")
+    # a new factorization needs rank <= rows; kept factors may have fewer rows than their rank (pruned vocabulary)
+    most = min(cfg.word_rows, width) if embedding_rank is not None else width
+    if rank is not None and not 1 <= rank <= most:
+        raise ValueError(f"slenderize: embedding_rank must be in [1, {most}], got {rank}")
     new_cfg = CostEffConfig.from_dict(
         {
             **cfg.to_dict(),
@@ -331,6 +333,8 @@ def slenderize(
             a, b = factorize_embedding(esel(e.word_matrix(), 1), rank)
             ne.word_embeddings.weight.copy_(a)
             ne.word_projection.weight.copy_(b.t())
+        if e.token_id_map is not None:
+            ne.token_id_map.copy_(e.token_id_map)
         ne.position_embeddings.weight.copy_(esel(e.position_embeddings.weight, 1))
         ne.token_type_embeddings.weight.copy_(esel(e.token_type_embeddings.weight, 1))
         ne.LayerNorm.weight.copy_(esel(e.LayerNorm.weight, 0))
@@ -363,5 +367,41 @@ def slenderize(
                     nx.pooler.bias.copy_(hsel(old.pooler.bias, 0))
                 nx.classifier.weight.copy_(hsel(old.classifier.weight, 1))
                 nx.classifier.bias.copy_(old.classifier.bias)
+    new.train(model.training)
+    return new
+
+
+def prune_vocabulary(model, keep_token_ids, unk_token_id: int, max_position_embeddings: Optional[int] = None):
+    """Returns a copy of ``model`` whose word embedding keeps only the rows of ``keep_token_ids`` (e.g.
+    the tokens of the training split plus the tokenizer's special tokens) and of ``unk_token_id``;
+    every other token id is mapped to [UNK]'s row by the ``token_id_map`` buffer, so the tokenizer and
+    input ids stay as they are. Kept tokens embed exactly as before. ``max_position_embeddings``
+    (optional) also truncates the position table, e.g. to the length the model was trained at."""
+    if not isinstance(model, (CostEffModel, CostEffForSequenceClassification)):
+        raise TypeError(f"prune_vocabulary: expected a costeff model, got {type(model).__name__}")
+    cfg = model.config
+    keep = _keep_list("keep_token_ids", list(keep_token_ids) + [unk_token_id], cfg.vocab_size)
+    positions = cfg.max_position_embeddings if max_position_embeddings is None else int(max_position_embeddings)
+    if not (cfg.position_offset or 0) < positions <= cfg.max_position_embeddings:
+        raise ValueError(f"prune_vocabulary: max_position_embeddings must be in ({cfg.position_offset or 0}, "
+                         f"{cfg.max_position_embeddings}], got {positions}")
+    encoder = model.costeff if isinstance(model, CostEffForSequenceClassification) else model
+    e = encoder.embeddings
+    device = e.word_embeddings.weight.device
+    old_map = e.token_id_map.long() if e.token_id_map is not None else torch.arange(cfg.vocab_size, device=device)
+    kept = torch.tensor(keep, dtype=torch.long, device=device)
+    rows = torch.unique(old_map[kept])  # the old table's rows still used, in order (kept ids may share [UNK]'s row)
+    new_row = torch.full((cfg.word_rows,), -1, dtype=torch.long, device=device)
+    new_row[rows] = torch.arange(len(rows), device=device)
+    token_id_map = new_row[old_map[unk_token_id]].repeat(cfg.vocab_size)
+    token_id_map[kept] = new_row[old_map[kept]]
+    new_cfg = CostEffConfig.from_dict({**cfg.to_dict(), "pruned_vocab_size": len(rows), "max_position_embeddings": positions})
+    prefix = "costeff.embeddings." if isinstance(model, CostEffForSequenceClassification) else "embeddings."
+    state = dict(model.state_dict())
+    state[prefix + "word_embeddings.weight"] = e.word_embeddings.weight.detach()[rows]
+    state[prefix + "token_id_map"] = token_id_map.to(torch.int32)
+    state[prefix + "position_embeddings.weight"] = e.position_embeddings.weight.detach()[:positions]
+    new = type(model)(new_cfg).to(device=device, dtype=e.word_embeddings.weight.dtype)
+    new.load_state_dict(state)
     new.train(model.training)
     return new

@@ -74,7 +74,7 @@ def parameter_count(config: CostEffConfig, include_embeddings: bool = True, incl
     total = 0
     if include_embeddings:
         r = config.embedding_rank
-        total += config.vocab_size * (r if r else w) + (r * w if r else 0)
+        total += config.word_rows * (r if r else w) + (r * w if r else 0)
         total += (config.max_position_embeddings + config.type_vocab_size) * w + 2 * w
         total += w * h + h if config.embedding_size is not None else 0
     for i in range(config.num_hidden_layers):

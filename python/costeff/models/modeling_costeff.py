@@ -109,7 +109,9 @@ class CostEffEmbeddings(nn.Module):
     def __init__(self, config: CostEffConfig):
         super().__init__()
         h, r = config.embedding_width, config.embedding_rank
-        self.word_embeddings = nn.Embedding(config.vocab_size, r if r is not None else h)
+        self.word_embeddings = nn.Embedding(config.word_rows, r if r is not None else h)
+        # a pruned vocabulary: token id -> row (int32: the ONNX/engine-friendly index type)
+        self.register_buffer("token_id_map", torch.zeros(config.vocab_size, dtype=torch.int32) if config.pruned_vocab_size else None)
         # Linear(r, width) without bias: weight [width, r] (the r x width factor, transposed)
         self.word_projection = nn.Linear(r, h, bias=False) if r is not None else None
         self.embedding_projection = nn.Linear(h, config.hidden_size) if config.embedding_size is not None else None
@@ -125,7 +127,7 @@ class CostEffEmbeddings(nn.Module):
         return w if self.word_projection is None else w @ self.word_projection.weight.t()
 
     def forward(self, input_ids, token_type_ids, use_kernels: bool, dropout: bool, attention_mask=None):
-        words = self.word_embeddings(input_ids)
+        words = self.word_embeddings(input_ids if self.token_id_map is None else self.token_id_map[input_ids])
         if self.word_projection is not None:
             words = self.word_projection(words)
         # the position add materializes [batch, seq, hidden] once; token types are the residual
@@ -341,7 +343,25 @@ def check_checkpoint(path, model_class) -> CostEffConfig:
         problems.append(f"unexpected tensors: {unexpected[:6]}" + (" ..." if len(unexpected) > 6 else ""))
     if problems:
         raise ValueError(f"costeff checkpoint {path} does not match its config.json: " + " | ".join(problems))
+    if config.pruned_vocab_size:
+        _check_token_id_map(path, config, prefix)
     return config
+
+
+def _check_token_id_map(path: Path, config: CostEffConfig, prefix: str) -> None:
+    """A pruned vocabulary's id map must be integers indexing the table's rows."""
+    from safetensors import safe_open
+
+    for f in _checkpoint_files(path):
+        with safe_open(str(f), framework="pt") as fh:
+            for name in (prefix + "embeddings.token_id_map", "embeddings.token_id_map"):
+                if name in fh.keys():
+                    m = fh.get_tensor(name)
+                    if m.dtype.is_floating_point or m.dtype == torch.bool:
+                        raise ValueError(f"costeff checkpoint {path}: {name} must hold integer rows, got {m.dtype}")
+                    if m.numel() and (int(m.min()) < 0 or int(m.max()) >= config.pruned_vocab_size):
+                        raise ValueError(f"costeff checkpoint {path}: {name} holds rows outside [0, pruned_vocab_size="
+                                         f"{config.pruned_vocab_size}): corrupt or mismatched")
 
 
 # ----------------------------------------------------------------------------------------------

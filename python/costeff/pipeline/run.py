@@ -18,8 +18,8 @@ from transformers import AutoModelForSequenceClassification
 from costeff._extension import extension_loaded
 from costeff.inference import InferenceEngine
 from costeff.inference.calibrate import calibrate_on_batches
-from costeff.models import CostEffForSequenceClassification, count_parameters, from_pretrained_encoder, parameter_count
-from costeff.pipeline.checkpoint import atomic_write_json
+from costeff.models import CostEffForSequenceClassification, count_parameters, from_pretrained_encoder, parameter_count, prune_vocabulary
+from costeff.pipeline.checkpoint import atomic_write_json, replace_dir, temp_dir
 from costeff.pipeline.evaluate import (
     DEFAULT_THRESHOLD_FRACTIONS,
     add_latency,
@@ -80,6 +80,7 @@ class PipelineConfig:
     student_repr_lr: float = 1e-4
     student_pred_lr: float = 5e-5
     temperature: float = 1.0
+    prune_vocabulary: bool = False  # after distillation: word rows of the training split's tokens only, positions up to max_length
     # evaluation
     thresholds: Optional[tuple] = None  # sweep thresholds in nats; None: threshold_fractions x ln(num_labels)
     threshold_fractions: tuple = DEFAULT_THRESHOLD_FRACTIONS
@@ -205,6 +206,8 @@ def stage_distill(c: PipelineConfig, data, out: str, resume: bool = False) -> di
     _, summary = distill(student, reference, data, _train_cfg(c, c.student_repr_epochs, c.student_repr_lr, exit_lr),
                          _train_cfg(c, c.student_pred_epochs, c.student_pred_lr, exit_lr), os.path.join(out, "student"), mode="student",
                          temperature=c.temperature, resume=resume, stage="student")
+    if is_main_process() and c.prune_vocabulary:
+        summary["vocabulary"] = prune_student_vocabulary(os.path.join(out, "student", "model"), data, c.max_length)
     if is_main_process() and c.calibrate_max_drop is not None:
         # the threshold a user gets by default: largest within calibrate_max_drop points of full depth on dev
         cal = calibrate_on_batches(os.path.join(out, "student", "model"), data.dev, data.metric, max_drop=c.calibrate_max_drop, write=True)
@@ -212,6 +215,31 @@ def stage_distill(c: PipelineConfig, data, out: str, resume: bool = False) -> di
                  data.metric, cal["dev_metric"], cal["full_depth_dev_metric"], cal["avg_exit_layer"])
         summary["calibration"] = cal
     return summary
+
+
+def prune_student_vocabulary(path: str, data, max_length: int) -> dict:
+    """Rewrites the model directory ``path`` with the word-embedding rows of the training split's
+    tokens and the tokenizer's special tokens only (any other token reads [UNK]'s row) and the
+    position table cut to ``max_length`` tokens (what the saved tokenizer truncates to)."""
+    tok = data.tokenizer
+    if tok.unk_token_id is None:
+        raise ValueError("prune_vocabulary: the tokenizer has no unknown token, so tokens outside the training split would have "
+                         "no row; train without --prune-vocabulary")
+    model = CostEffForSequenceClassification.from_pretrained(path)
+    ids = set(tok.all_special_ids)
+    for row in data.encoded["train"]["input_ids"]:
+        ids.update(row)
+    positions = min(model.config.max_position_embeddings, max_length + (model.config.position_offset or 0))
+    pruned = prune_vocabulary(model, sorted(ids), tok.unk_token_id, positions)
+    tmp = temp_dir(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+    pruned.save_pretrained(tmp)
+    data.save_tokenizer(tmp)
+    replace_dir(tmp, path)
+    before, after = count_parameters(model), count_parameters(pruned)
+    log.info("vocabulary pruned to the training split: %d of %d word rows, %d positions; %d -> %d parameters",
+             pruned.config.pruned_vocab_size, model.config.word_rows, positions, before, after)
+    return {"word_rows": pruned.config.pruned_vocab_size, "vocab_size": model.config.vocab_size, "max_position_embeddings": positions,
+            "params_before": before, "params_after": after}
 
 
 def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> dict:
