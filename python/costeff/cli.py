@@ -161,7 +161,9 @@ def cmd_stage(args) -> int:
         _print_result(stage, out)
     elif stage == "evaluate":
         _report(R.stage_evaluate(c, data, args.output, args.split))
-    R.mark_done(args.output, stage, time.time() - t0)
+    seconds = time.time() - t0
+    R.mark_done(args.output, stage, seconds)
+    R.log.info("stage %s finished in %.0fs", stage, seconds)  # as `costeff pipeline` logs each stage
     return 0
 
 
