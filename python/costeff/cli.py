@@ -224,6 +224,14 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{name.replace('_', '-')}", type=float, help="peak learning rate of that stage (AdamW)")
 
 
+def _add_training_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("training")
+    g.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch")
+    g.add_argument("--save-every", type=int, help="steps between mid-epoch checkpoints (0: epoch ends only)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    return g
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="costeff", description="COST-EFF: slenderized multi-exit BERT classifiers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
@@ -244,11 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
         _add_pipeline_args(p)
         _add_data_args(p)
-        g = p.add_argument_group("training")
-        g.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch")
-        g.add_argument("--save-every", type=int, help="steps between mid-epoch checkpoints (0: epoch ends only)")
+        g = _add_training_args(p)
         g.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
-        g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
         if name == "evaluate":
             p.add_argument("--split", default="test", choices=["dev", "test"])
         p.set_defaults(func=cmd_pipeline if name == "pipeline" else cmd_stage)
@@ -264,10 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true", help="skip the final side-by-side timing of every student")
     _add_pipeline_args(p)
     _add_data_args(p)
-    g = p.add_argument_group("training")
-    g.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch")
-    g.add_argument("--save-every", type=int, help="steps between mid-epoch checkpoints (0: epoch ends only)")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    _add_training_args(p)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("calibrate", help="pick the entropy threshold of a model directory on the dev split",
