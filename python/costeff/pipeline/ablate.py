@@ -103,6 +103,7 @@ def evaluate_arm(arm_dir: str, data, teacher_row: dict) -> dict:
     metric = data.metric
     full, cal = rows[0], rows[-1]
     dev = dev_exit_scores(student, data.dev, metric)
+    params = count_parameters(student)
     return {
         "metric": metric,
         "full_depth": 100 * full[metric],
@@ -111,8 +112,8 @@ def evaluate_arm(arm_dir: str, data, teacher_row: dict) -> dict:
         "avg_exit_layer": cal["avg_exit_layer"],
         "flops_ratio_full_depth": teacher_row["avg_gflops"] / full["avg_gflops"],
         "flops_ratio_calibrated": teacher_row["avg_gflops"] / cal["avg_gflops"],
-        "params": count_parameters(student),
-        "params_ratio": teacher_row["params"] / count_parameters(student),
+        "params": params,
+        "params_ratio": teacher_row["params"] / params,
         "dev_exits": {k: 100 * v for k, v in dev.items() if k.startswith("exit")},
         "teacher": 100 * teacher_row[metric],
     }
