@@ -242,8 +242,9 @@ def test_cli_overrides_reach_the_config():
     assert c.prune_allocation == "global" and preset("full").prune_allocation == "uniform"
     assert (c.split_seed, c.gradient_equilibrium, c.teacher_assistant, c.prune_schedule) == (0, True, True, "iterative")
     args = build_parser().parse_args(["pipeline", "--output", "x", "--seed", "3", "--split-seed", "5", "--no-gradient-equilibrium", "--no-ta",
-                                      "--prune-schedule", "one-shot"])
+                                      "--prune-schedule", "one-shot", "--exit-warmup-epochs", "2", "--exit-hint-weight", "0.5"])
     switches = _pipeline_config(args)
+    assert (switches.exit_warmup_epochs, switches.exit_hint_weight, c.exit_warmup_epochs, c.exit_hint_weight) == (2, 0.5, 0, 0.0)
     assert (switches.seed, switches.split_seed, switches.gradient_equilibrium, switches.teacher_assistant,
             switches.prune_schedule) == (3, 5, False, False, "one_shot")
     # everything not given on the command line keeps the preset's value
@@ -319,3 +320,92 @@ def test_ablate_runner_on_tiny_runs(tiny_backbone, tmp_path):
     assert res.returncode == 2 and "unknown arm(s) ['nope']" in res.stderr
     res = cli(*base, "--ffn", "8", check=False)  # resuming with other settings would mix incomparable arms
     assert res.returncode == 2 and "started with other settings (ffn differ)" in res.stderr
+
+
+class RandomData:
+    """RandomBatches as lists, plus a dev split and a metric: enough of prepare_data's result for distill."""
+    metric = "accuracy"
+
+    def train(self, epoch):
+        return list(RandomBatches().train(epoch))
+
+    @property
+    def dev(self):
+        return self.train(99)
+
+
+def test_exit_warmup_trains_only_the_intermediate_exits(tmp_path):
+    from costeff.pipeline.multi_exit import StudentWithProjections, distill
+    from costeff.pipeline.trainer import TrainConfig, fresh_head_prefixes
+
+    teacher, student = _teacher_and_copy()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    off = TrainConfig(epochs=0, progress=False)
+    _, summary = distill(student, teacher, RandomData(), off, off, str(tmp_path), mode="ta",
+                         exit_warmup_cfg=TrainConfig(epochs=1, lr=1e-2, progress=False))
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("exits.0.") for k in changed)  # the 2-layer model's first exit, nothing else
+    assert all(p.requires_grad for p in student.parameters())  # unfrozen again for the phases that follow
+    assert len(summary["exit_warmup"]["history"]) == 1 and "exit1_accuracy" in summary["exit_warmup"]["best"]
+    assert fresh_head_prefixes(StudentWithProjections(student, 16, hints=True)) == ("student.exits.0.", "hint_projections.")
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_exit_hint_loss_against_a_direct_computation(pooling):
+    from costeff.pipeline.multi_exit import StudentWithProjections, exit_hint_loss
+
+    torch.manual_seed(0)
+    cfg = CostEffConfig(vocab_size=50, hidden_size=8, num_hidden_layers=3, num_attention_heads=2, attention_head_size=4,
+                        intermediate_size=12, max_position_embeddings=16, num_labels=2, exit_pooling=pooling)
+    wrapper = StudentWithProjections(CostEffForSequenceClassification(cfg), teacher_hidden=6, hints=True)
+    assert len(wrapper.hint_projections) == 2  # exits after layers 1 and 2; the last exit has the label
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    student_states = [torch.randn(2, 4, 8) for _ in range(4)]
+    teacher_states = [torch.randn(2, 4, 6) for _ in range(4)]
+
+    def pool(h):
+        if pooling == "cls":
+            return h[:, 0]
+        return torch.stack([h[0, :3].mean(0), h[1, :2].mean(0)])
+
+    target = pool(teacher_states[-1])
+    expected = sum(((wrapper.hint_projections[i](pool(student_states[i + 1])) - target) ** 2).mean() for i in range(2)) / (target ** 2).mean()
+    torch.testing.assert_close(exit_hint_loss(wrapper, student_states, teacher_states, mask), expected)
+
+
+def test_exit_hint_weight_reaches_the_trunk_and_stays_out_of_the_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from costeff.pipeline.multi_exit import distill
+    from costeff.pipeline.trainer import TrainConfig
+
+    off, pred = TrainConfig(epochs=0, progress=False), TrainConfig(epochs=1, lr=1e-2, progress=False)
+    teacher, student = _teacher_and_copy()
+    with pytest.raises(ValueError, match="exit_hint_weight must be >= 0"):
+        distill(student, teacher, RandomData(), off, off, str(tmp_path / "bad"), mode="ta", exit_hint_weight=-1.0)
+    layer0 = {}
+    for weight in (0.0, 1.0):
+        teacher, student = _teacher_and_copy()
+        torch.manual_seed(0)
+        distill(student, teacher, RandomData(), off, pred, str(tmp_path / str(weight)), mode="ta", exit_hint_weight=weight)
+        layer0[weight] = student.costeff.layers[0].attention.qkv_weight.detach().clone()
+    assert not torch.allclose(layer0[0.0], layer0[1.0])  # the hint's gradient reaches the layers under the first exit
+    checkpoint = load_file(os.path.join(tmp_path, "1.0", "pred", "best", "model.safetensors"))
+    assert sorted(k for k in checkpoint if k.startswith("hint_projections.")) == ["hint_projections.0.bias", "hint_projections.0.weight"]
+    saved = load_file(os.path.join(tmp_path, "1.0", "model", "model.safetensors"))
+    assert not any("hint" in k for k in saved)  # the hint maps only help training
+
+
+def test_resumed_ablation_accepts_fields_added_since_with_their_defaults(tmp_path):
+    from dataclasses import asdict
+
+    from costeff.pipeline.ablate import _check_same_settings
+    from costeff.pipeline.run import preset
+
+    c = preset("demo")
+    saved = asdict(c)
+    del saved["exit_hint_weight"]  # as written by a version without the field
+    (tmp_path / "ablation_config.json").write_text(json.dumps({"config": saved, "backbone": "b"}))
+    _check_same_settings(str(tmp_path), c, "b")
+    with pytest.raises(ValueError, match=r"\(exit_hint_weight differ\)"):
+        _check_same_settings(str(tmp_path), preset("demo", exit_hint_weight=1.0), "b")

@@ -86,7 +86,7 @@ LEARNING_RATES = ("teacher_lr", "ta_lr", "prune_lr", "student_repr_lr", "student
 _PASS_THROUGH = ("max_length", "batch_size", "eval_batch_size", "max_train_examples", "max_eval_examples", "seed", "heads", "ffn",
                  "exit_start", "max_steps_per_epoch", "save_every", "temperature", "latency_examples", "ta_init", "teacher_epochs",
                  "ta_pred_epochs", "ta_repr_epochs", "student_repr_epochs", "student_pred_epochs", "prune_steps_per_event",
-                 "prune_allocation", "split_seed", *LEARNING_RATES)
+                 "prune_allocation", "split_seed", "exit_warmup_epochs", "exit_hint_weight", *LEARNING_RATES)
 
 
 def _pipeline_config(args):
@@ -215,6 +215,10 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prune-vocabulary", action="store_true",
                    help="after distillation keep only the word-embedding rows of the training split's tokens (others read [UNK]) "
                         "and the positions up to --max-length")
+    g.add_argument("--exit-warmup-epochs", type=int,
+                   help="TA: epochs that train only the intermediate exits on the frozen trunk before joint training (default 0)")
+    g.add_argument("--exit-hint-weight", type=float,
+                   help="TA: weight of the hint loss, each intermediate exit's state predicting the teacher's final state (default 0)")
     g.add_argument("--temperature", type=float, help="distillation temperature")
     g.add_argument("--thresholds", help="comma-separated entropy thresholds for the sweep")
     g.add_argument("--latency-examples", type=int, help="test examples timed per latency measurement")

@@ -70,6 +70,9 @@ def _check_same_settings(out: str, c: PipelineConfig, backbone: str) -> None:
     with open(path) as f:
         before = json.load(f)
     now = json.loads(json.dumps({"config": c.__dict__, "backbone": backbone}))
+    # a field added after the ablation started was not there to set: it ran with the field's default
+    defaults = json.loads(json.dumps(PipelineConfig().__dict__))
+    before["config"] = {**{k: v for k, v in defaults.items() if k not in before["config"]}, **before["config"]}
     ignored = {"progress"}  # display only
     changed = sorted(k for k in set(before["config"]) | set(now["config"])
                      if k not in ignored and before["config"].get(k) != now["config"].get(k))

@@ -6,7 +6,12 @@
 - The slim student, distilled from the TA: representation-only first (hidden-state MSE, with learned
   projections where widths differ), then prediction + representation: soft-CE of every student exit
   against the TA's corresponding exit, plus the hidden-state MSE.
-Gradient equilibrium (the model config's flag) is on for both, as in the official code."""
+Gradient equilibrium (the model config's flag) is on for both, as in the official code.
+
+Two options for stronger shallow exits (TA only, both off by default; docs/pipeline.md has their
+measured effect): an exit warm-up phase that trains the intermediate exits alone on the frozen trunk
+before joint training, and a hint loss that asks each intermediate exit's input state to predict,
+through a learned linear map (discarded after training), the teacher's final state pooled the same way."""
 from __future__ import annotations
 
 import os
@@ -15,9 +20,10 @@ import torch
 from torch import nn
 
 from costeff.models import CostEffForSequenceClassification
+from costeff.models.modeling_costeff import exit_input
 from costeff.pipeline.evaluate_utils import model_inputs, score_logits
 from costeff.pipeline.losses import exitwise_soft_cross_entropy, hidden_mse, soft_cross_entropy
-from costeff.pipeline.trainer import TrainConfig, load_best, train, unwrap
+from costeff.pipeline.trainer import TrainConfig, fresh_head_prefixes, load_best, train, unwrap
 
 @torch.no_grad()
 def teacher_outputs(teacher: nn.Module, batch: dict):
@@ -29,15 +35,17 @@ def teacher_outputs(teacher: nn.Module, batch: dict):
 
 
 class StudentWithProjections(nn.Module):
-    """The student plus per-state linear maps student width -> teacher width (identity when equal),
-    so both train and checkpoint together."""
+    """The student plus per-state linear maps student width -> teacher width (identity when equal)
+    and, with ``hints``, one map per intermediate exit for the hint loss, so all train and checkpoint
+    together."""
 
-    def __init__(self, student: CostEffForSequenceClassification, teacher_hidden: int):
+    def __init__(self, student: CostEffForSequenceClassification, teacher_hidden: int, hints: bool = False):
         super().__init__()
         self.student = student
         hs = student.config.hidden_size
         n = student.config.num_hidden_layers + 1
         self.projections = nn.ModuleList(nn.Linear(hs, teacher_hidden) for _ in range(n)) if hs != teacher_hidden else None
+        self.hint_projections = nn.ModuleList(nn.Linear(hs, teacher_hidden) for _ in range(student.config.num_exits - 1)) if hints else None
 
     def forward(self, **kw):
         return self.student(**kw)
@@ -45,6 +53,20 @@ class StudentWithProjections(nn.Module):
 
 def _repr_loss(wrapper, student_states, teacher_states, mask):
     return hidden_mse(student_states, teacher_states, mask, unwrap(wrapper).projections)
+
+
+def exit_hint_loss(wrapper: StudentWithProjections, student_states, teacher_states, mask) -> torch.Tensor:
+    """Sum over intermediate exits of MSE(hint map(the state the exit reads), the teacher's final
+    state pooled the same way) / the target's mean square (so the weight does not depend on the
+    backbone's scale): a feature target richer than the label for the shallow layers."""
+    m = unwrap(wrapper)
+    cfg = m.student.config
+    target = exit_input(teacher_states[-1], mask, cfg, last=False).detach()
+    scale = target.pow(2).mean().clamp_min(1e-12)
+    total = target.new_zeros(())
+    for proj, layer in zip(m.hint_projections, cfg.exit_layers()[:-1]):
+        total = total + (proj(exit_input(student_states[layer], mask, cfg, last=False)) - target).pow(2).mean() / scale
+    return total
 
 
 def _dev_repr_score(wrapper: StudentWithProjections, teacher, loader) -> dict:
@@ -59,7 +81,9 @@ def _dev_repr_score(wrapper: StudentWithProjections, teacher, loader) -> dict:
     return {"dev_repr_loss": total / max(n, 1), "score": -total / max(n, 1)}
 
 
-def dev_exit_scores(student: CostEffForSequenceClassification, loader, metric: str) -> dict:
+def dev_exit_scores(student: CostEffForSequenceClassification, loader, metric: str, score: str = "last") -> dict:
+    """Dev metric of every exit; ``score`` (what selects the best checkpoint) is the last exit's
+    metric, or with score="intermediate" the mean over the other exits."""
     student.eval()
     with torch.no_grad():
         per_exit = [[] for _ in range(student.config.num_exits)]
@@ -73,6 +97,8 @@ def dev_exit_scores(student: CostEffForSequenceClassification, loader, metric: s
     res = score_logits(torch.cat(per_exit[-1]), labels, metric)
     for i, lg in enumerate(per_exit):
         res[f"exit{student.config.exit_layers()[i]}_{metric}"] = score_logits(torch.cat(lg), labels, metric)[metric]
+    if score == "intermediate" and len(per_exit) > 1:
+        res["score"] = sum(res[f"exit{layer}_{metric}"] for layer in student.config.exit_layers()[:-1]) / (len(per_exit) - 1)
     return res
 
 
@@ -87,14 +113,20 @@ def distill(
     temperature: float = 1.0,
     resume: bool = False,
     stage: str = "distill",
+    exit_warmup_cfg: TrainConfig | None = None,
+    exit_hint_weight: float = 0.0,
 ) -> tuple[CostEffForSequenceClassification, dict]:
     """mode "ta": prediction loss = (sum soft-CE vs the teacher's final logits + sum hard CE) / 2.
     mode "student": prediction loss = sum soft-CE vs the teacher's matching exits + representation.
-    Runs the representation-only phase (repr_cfg.epochs, may be 0) then the prediction phase."""
+    Runs the exit warm-up (exit_warmup_cfg.epochs, the prediction loss with only the intermediate exits
+    trainable), the representation-only phase (repr_cfg.epochs, may be 0), then the prediction phase;
+    exit_hint_weight > 0 adds that times exit_hint_loss to the prediction loss."""
     if mode not in ("ta", "student"):
         raise ValueError(f"distill: mode must be 'ta' or 'student', got {mode!r}")
+    if exit_hint_weight < 0:
+        raise ValueError(f"distill: exit_hint_weight must be >= 0, got {exit_hint_weight}")
     t_hidden = getattr(teacher.config, "hidden_size")
-    wrapper = StudentWithProjections(student, t_hidden)
+    wrapper = StudentWithProjections(student, t_hidden, hints=exit_hint_weight > 0 and student.config.num_exits > 1)
     summaries = {}
 
     def repr_loss_fn(m, batch):
@@ -107,10 +139,28 @@ def distill(
         s = m(**model_inputs(batch), output_hidden_states=True, labels=batch["labels"] if mode == "ta" else None)
         if mode == "ta":
             soft = sum(soft_cross_entropy(lg, t_exits[-1], temperature) for lg in s.exit_logits)
-            return (soft + s.loss) / 2, {}
-        soft = exitwise_soft_cross_entropy(s.exit_logits, t_exits, temperature)
-        return soft + _repr_loss(m, s.hidden_states, t_states, batch["attention_mask"]), {}
+            loss = (soft + s.loss) / 2
+        else:
+            soft = exitwise_soft_cross_entropy(s.exit_logits, t_exits, temperature)
+            loss = soft + _repr_loss(m, s.hidden_states, t_states, batch["attention_mask"])
+        if unwrap(m).hint_projections is not None:
+            loss = loss + exit_hint_weight * exit_hint_loss(m, s.hidden_states, t_states, batch["attention_mask"])
+        return loss, {}
 
+    if exit_warmup_cfg is not None and exit_warmup_cfg.epochs > 0 and student.config.num_exits > 1:
+        out = os.path.join(output_dir, "exit_warmup")
+        trainable = fresh_head_prefixes(wrapper)
+        frozen = [p for n, p in wrapper.named_parameters() if p.requires_grad and not n.startswith(trainable)]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            summaries["exit_warmup"] = train(wrapper, data.train, pred_loss_fn, exit_warmup_cfg, out,
+                                             lambda m: dev_exit_scores(m.student, data.dev, data.metric, score="intermediate"),
+                                             resume, stage=f"{stage}/exit_warmup")
+            load_best(wrapper, out)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
     if repr_cfg.epochs > 0:
         out = os.path.join(output_dir, "repr")
         summaries["repr"] = train(wrapper, data.train, repr_loss_fn, repr_cfg, out,

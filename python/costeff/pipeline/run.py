@@ -61,6 +61,8 @@ class PipelineConfig:
     ta_repr_epochs: int = 1
     ta_pred_epochs: int = 3
     ta_lr: float = 5e-5
+    exit_warmup_epochs: int = 0  # TA: epochs training only the intermediate exits on the frozen trunk, before joint training
+    exit_hint_weight: float = 0.0  # TA: weight of the hint loss (intermediate exits' states -> the teacher's final state)
     teacher_assistant: bool = True  # False ("no TA" ablation): prune the teacher with fresh exits, distill from the teacher
     gradient_equilibrium: bool = True  # the multi-exit models' training forward (TA, inherited by the student)
     # slenderization target (per layer) and schedule
@@ -165,7 +167,8 @@ def stage_ta(c: PipelineConfig, data, backbone: str, out: str, resume: bool = Fa
     ta = multi_exit_from(init, teacher, c, data.num_labels)
     _, summary = distill(ta, teacher, data, _train_cfg(c, c.ta_repr_epochs, c.ta_lr, c.exit_lr_multiplier),
                          _train_cfg(c, c.ta_pred_epochs, c.ta_lr, c.exit_lr_multiplier),
-                         os.path.join(out, "ta"), mode="ta", temperature=c.temperature, resume=resume, stage="ta")
+                         os.path.join(out, "ta"), mode="ta", temperature=c.temperature, resume=resume, stage="ta",
+                         exit_warmup_cfg=_train_cfg(c, c.exit_warmup_epochs, c.ta_lr, c.exit_lr_multiplier), exit_hint_weight=c.exit_hint_weight)
     return summary
 
 

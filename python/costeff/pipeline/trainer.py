@@ -64,17 +64,22 @@ def _no_decay(name: str) -> bool:
     return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or "norm." in name
 
 
-def _intermediate_exit_prefixes(model: torch.nn.Module) -> tuple:
-    """Name prefixes of every exit but the last (freshly initialised heads that may learn faster)."""
+def fresh_head_prefixes(model: torch.nn.Module) -> tuple:
+    """Name prefixes of the freshly initialised heads that may learn faster: every exit but the last,
+    and the hint maps of multi_exit.StudentWithProjections."""
+    prefixes = ()
     for name, module in model.named_modules():
-        if name.split(".")[-1] == "exits" and isinstance(module, torch.nn.ModuleList):
-            return tuple(f"{name}.{i}." for i in range(len(module) - 1))
-    return ()
+        last = name.split(".")[-1]
+        if last == "exits" and isinstance(module, torch.nn.ModuleList):
+            prefixes += tuple(f"{name}.{i}." for i in range(len(module) - 1))
+        elif last == "hint_projections":
+            prefixes += (f"{name}.",)
+    return prefixes
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, exit_lr_multiplier: float = 1.0) -> torch.optim.AdamW:
     groups = {}
-    fast_prefixes = _intermediate_exit_prefixes(model) if exit_lr_multiplier != 1.0 else ()
+    fast_prefixes = fresh_head_prefixes(model) if exit_lr_multiplier != 1.0 else ()
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
