@@ -292,6 +292,33 @@ def test_pruned_vocabulary_keeps_its_tokens_and_reads_unk_for_the_rest(tmp_path)
         prune_vocabulary(model, [5], unk_token_id=unk, max_position_embeddings=MAXPOS + 1)
 
 
+def test_resizing_a_pruned_vocabulary_keeps_its_tokens(tmp_path):
+    model = prune_vocabulary(slenderize(from_bert(tiny_bert()).eval(), embedding_rank=8), [0, 7, 9, 50], unk_token_id=100).eval()
+    ids = torch.tensor([[0, 7, 9, 50, 3, 100]])
+    with torch.no_grad():
+        before, short_before = model(ids).logits, model(ids[:, :5]).logits
+    assert model.config.pruned_vocab_size == 5
+    rows = model.get_input_embeddings().weight.detach().clone()
+    model.resize_token_embeddings(VOCAB + 3)  # e.g. three added special tokens
+    assert (model.config.vocab_size, model.config.pruned_vocab_size) == (VOCAB + 3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)  # old ids read their old rows
+        new_rows = model.get_input_embeddings().weight[model.costeff.embeddings.token_id_map[VOCAB:].long()]
+    torch.testing.assert_close(new_rows, rows.mean(0).expand(3, -1))  # one new row each, transformers' mean init
+    model.resize_token_embeddings(60)  # cut ids 60..: the new rows go, [UNK]'s stays (ids 1-6 still read it)
+    assert (model.config.vocab_size, model.config.pruned_vocab_size) == (60, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:, :5]).logits, short_before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"vocab_size=60\)"):
+        model(ids)  # 100 is no longer a token id
+    model.save_pretrained(tmp_path / "m")
+    loaded = CostEffForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids[:, :5]).logits, short_before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="new_num_tokens must be positive"):
+        model.resize_token_embeddings(0)
+
+
 # ------------------------------------------------------------------------------------------ kernels vs reference
 
 

@@ -396,6 +396,36 @@ class CostEffPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
 
+    def resize_token_embeddings(self, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None, mean_resizing: bool = True):
+        """transformers' resize, and with a pruned vocabulary (``token_id_map``) its equivalent: new
+        token ids get new rows (at the rows' mean with mean_resizing, where transformers samples around it), cut
+        ids drop the rows only they used."""
+        emb = self.base_model.embeddings
+        if emb.token_id_map is None:
+            return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        if new_num_tokens is None:
+            return self.get_input_embeddings()
+        if pad_to_multiple_of is not None:
+            new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        if new_num_tokens <= 0:
+            raise ValueError(f"resize_token_embeddings: new_num_tokens must be positive, got {new_num_tokens}")
+        old = emb.word_embeddings.weight.detach()
+        token_map = emb.token_id_map.long()
+        added = max(0, new_num_tokens - token_map.numel())
+        if added:
+            fresh = old.mean(0, keepdim=True).expand(added, -1) if mean_resizing else torch.randn(added, old.shape[1]) * self.config.initializer_range
+            old = torch.cat([old, fresh.to(old)])
+            token_map = torch.cat([token_map, torch.arange(self.config.word_rows, self.config.word_rows + added, device=token_map.device)])
+        token_map = token_map[:new_num_tokens]
+        used, new_map = torch.unique(token_map, return_inverse=True)  # rows still read by some id, in order
+        table = nn.Embedding(len(used), old.shape[1], device=old.device, dtype=old.dtype)
+        with torch.no_grad():
+            table.weight.copy_(old[used])
+        emb.word_embeddings = table
+        emb.token_id_map = new_map.to(torch.int32)
+        self.config.vocab_size, self.config.pruned_vocab_size = new_num_tokens, len(used)
+        return table
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
         """transformers' from_pretrained, safetensors only, after checking that every tensor in the
