@@ -253,11 +253,11 @@ def test_cli_overrides_reach_the_config():
 
 
 def test_ablation_summary_statistics():
-    from costeff.pipeline.ablate import format_summary, summarize
+    from costeff.pipeline.ablate import format_summary, metric_at_flops_ratio, summarize
 
     def row(arm, seed, full, cal):
         return {"arm": arm, "seed": seed, "full_depth": full, "calibrated": cal, "flops_ratio_calibrated": 10.0, "avg_exit_layer": 2.0,
-                "teacher": 84.0}
+                "teacher": 84.0, "at_matched_flops": cal + 0.5}
 
     rows = [row("baseline", 0, 80.0, 79.0), row("baseline", 1, 82.0, 81.0), row("baseline", 2, 84.0, 80.0),
             row("no_ta", 0, 79.0, 79.0), row("no_ta", 1, 83.0, 79.0), row("no_ta", 2, 81.0, 77.0)]
@@ -269,11 +269,18 @@ def test_ablation_summary_statistics():
     one = summarize(rows[:1] + rows[3:4], ["baseline", "no_ta"])  # one seed: no spread to report
     assert one["no_ta"]["paired_diff_full_depth"] == {"mean": -1.0, "std": None, "n": 1, "per_seed": [-1.0]}
     table = format_summary(s, "accuracy")
-    assert "| no_ta | 3 | 81.00 ± 2.00 | -1.00 ± 2.00 | 78.33 ± 1.15 | -1.67 ± 1.53 | 10.0 ± 0.0x |" in table
+    assert "| no_ta | 3 | 81.00 ± 2.00 | -1.00 ± 2.00 | 78.33 ± 1.15 | -1.67 ± 1.53 | 10.0 ± 0.0x | 2.00 ± 0.00 | 78.83 ± 1.15 | -1.67 ± 1.53 |" in table
+    assert s["no_ta"]["paired_diff_at_matched_flops"]["per_seed"] == [0.0, -2.0, -3.0]
+    del rows[0]["at_matched_flops"]  # a row from before the column: left out of that mean, not an error
+    assert summarize(rows, ["baseline"])["baseline"]["at_matched_flops"]["n"] == 2
+
+    curve = [(20.0, 75.0), (5.0, 80.0), (10.0, 79.0)]  # (FLOPs reduction, accuracy) in sweep order
+    assert metric_at_flops_ratio(curve, 10.0) == 79.0 and metric_at_flops_ratio(curve, 15.0) == 77.0
+    assert metric_at_flops_ratio(curve, 7.5) == 79.5 and metric_at_flops_ratio(curve, 4.0) is None and metric_at_flops_ratio(curve, 21) is None
 
 
 def test_ablate_runner_on_tiny_runs(tiny_backbone, tmp_path):
-    from costeff.pipeline.ablate import ARMS
+    from costeff.pipeline.ablate import ARMS, metric_at_flops_ratio
     from costeff.cli import ABLATION_ARMS
 
     assert tuple(ARMS) == ABLATION_ARMS
@@ -311,11 +318,18 @@ def test_ablate_runner_on_tiny_runs(tiny_backbone, tmp_path):
     latency = json.load(open(out / "latency.json"))
     assert len(latency["rows"]) == 1 + 2 * len(ARMS) and all(r["latency_ms_b1"] > 0 for r in latency["rows"])
     assert "paired diff" in open(out / "ablation.md").read()
-    # the same command again: every arm is done, nothing retrains
+    for r in result["rows"]:  # the matched-FLOPs column comes from the row's own sweep
+        points = [(p["flops_ratio"], p["accuracy"]) for p in r["sweep"]]
+        assert len(points) == 4 and r["at_matched_flops"] == metric_at_flops_ratio(points, r["matched_flops_ratio"])
+    # the same command again: every arm is done, nothing retrains; a row without the matched-FLOPs
+    # column (written before it existed) is evaluated again
     weights = seed0 / "baseline" / "student" / "model" / "model.safetensors"
     mtime = os.path.getmtime(weights)
+    row_path = seed0 / "baseline" / "ablation_row.json"
+    old = json.load(open(row_path))
+    json.dump({k: v for k, v in old.items() if k not in ("at_matched_flops", "sweep")}, open(row_path, "w"))
     cli(*base, "--no-latency")
-    assert os.path.getmtime(weights) == mtime
+    assert os.path.getmtime(weights) == mtime and json.load(open(row_path)) == old
     res = cli(*base, "--arms", "baseline,nope", check=False)
     assert res.returncode == 2 and "unknown arm(s) ['nope']" in res.stderr
     res = cli(*base, "--ffn", "8", check=False)  # resuming with other settings would mix incomparable arms

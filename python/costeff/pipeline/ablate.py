@@ -25,7 +25,7 @@ import torch
 
 from costeff._extension import extension_loaded
 from costeff.pipeline.checkpoint import atomic_write_json
-from costeff.pipeline.evaluate import add_latency, evaluate_hf_teacher, latency_batches, sweep_costeff
+from costeff.pipeline.evaluate import add_latency, evaluate_hf_teacher, latency_batches, sweep_costeff, sweep_thresholds
 from costeff.pipeline.evaluate_utils import model_inputs
 from costeff.pipeline.multi_exit import dev_exit_scores
 from costeff.pipeline.run import PipelineConfig, load_costeff, load_teacher, run_pipeline
@@ -96,15 +96,32 @@ def _teacher_row(data, seed_dir: str) -> dict:
     return row
 
 
-def evaluate_arm(arm_dir: str, data, teacher_row: dict) -> dict:
-    """The student's test metric at full depth and at its calibrated threshold, FLOPs against the
-    teacher, and the dev metric of every exit (how early rows can leave)."""
+# arms reach different FLOPs at their own calibrated thresholds; this compares them at the same cost
+MATCHED_FLOPS_RATIO = 10.0
+
+
+def metric_at_flops_ratio(points: Sequence[tuple], ratio: float) -> Optional[float]:
+    """The metric at FLOPs reduction ``ratio``, linearly interpolated between the two sweep points
+    (ratio, metric) around it (None when the sweep does not reach it)."""
+    points = sorted(points)
+    for (r0, m0), (r1, m1) in zip(points, points[1:]):
+        if r0 <= ratio <= r1:
+            return m0 if r1 == r0 else m0 + (m1 - m0) * (ratio - r0) / (r1 - r0)
+    return points[0][1] if len(points) == 1 and points[0][0] == ratio else None
+
+
+def evaluate_arm(arm_dir: str, data, teacher_row: dict, thresholds: Sequence[float] = ()) -> dict:
+    """The student's test metric at full depth, at its calibrated threshold and, over a sweep of
+    ``thresholds``, at MATCHED_FLOPS_RATIO; FLOPs against the teacher; the dev metric of every exit
+    (how early rows can leave)."""
     student = load_costeff(arm_dir, "student")
     calibrated = student.config.inference_threshold
-    thresholds = [0.0] + ([calibrated] if calibrated is not None else [])
-    rows = [r for r, _ in sweep_costeff(student, data, "test", thresholds, "student", use_kernels=extension_loaded())]
+    grid = sorted({float(t) for t in thresholds} - {0.0})
+    swept = [0.0] + grid + ([calibrated] if calibrated is not None else [])
+    rows = [r for r, _ in sweep_costeff(student, data, "test", swept, "student", use_kernels=extension_loaded())]
     metric = data.metric
     full, cal = rows[0], rows[-1]
+    curve = [(teacher_row["avg_gflops"] / r["avg_gflops"], 100 * r[metric]) for r in rows]
     dev = dev_exit_scores(student, data.dev, metric)
     params = count_parameters(student)
     return {
@@ -115,6 +132,9 @@ def evaluate_arm(arm_dir: str, data, teacher_row: dict) -> dict:
         "avg_exit_layer": cal["avg_exit_layer"],
         "flops_ratio_full_depth": teacher_row["avg_gflops"] / full["avg_gflops"],
         "flops_ratio_calibrated": teacher_row["avg_gflops"] / cal["avg_gflops"],
+        "matched_flops_ratio": MATCHED_FLOPS_RATIO,
+        "at_matched_flops": metric_at_flops_ratio(curve, MATCHED_FLOPS_RATIO),
+        "sweep": [{"threshold": t, "flops_ratio": r, metric: m} for t, (r, m) in zip(swept, curve)],
         "params": params,
         "params_ratio": teacher_row["params"] / params,
         "dev_exits": {k: 100 * v for k, v in dev.items() if k.startswith("exit")},
@@ -142,11 +162,18 @@ def run_ablation(c: PipelineConfig, data, backbone: str, out: str, seeds: Sequen
             else ("teacher",)
         run_pipeline(cs, ds, backbone, seed_dir, resume=True, stages=shared)
         teacher_row = _teacher_row(ds, seed_dir)
+        grid = tuple(c.thresholds) if c.thresholds else sweep_thresholds(c.threshold_fractions, data.num_labels)
         for arm in arms:
             n += 1
             spec, arm_dir = ARMS[arm], os.path.join(seed_dir, arm)
             row_path = os.path.join(arm_dir, "ablation_row.json")
             if os.path.exists(row_path):
+                with open(row_path) as f:
+                    if "at_matched_flops" in json.load(f):
+                        continue
+                # a row from before the matched-FLOPs column: evaluate the trained student again
+                atomic_write_json(row_path, {"arm": arm, "seed": seed, **evaluate_arm(arm_dir, ds, teacher_row, grid)})
+                write_summary(out, arms, seeds)
                 continue
             log.info("ablate: seed %d, arm %s (%d/%d)", seed, arm, n, total)
             ca = replace(cs, **spec.overrides)
@@ -159,7 +186,7 @@ def run_ablation(c: PipelineConfig, data, backbone: str, out: str, seeds: Sequen
                 else:
                     _link(os.path.join(seed_dir, "ta"), os.path.join(arm_dir, "ta"))
             run_pipeline(ca, ds, backbone, arm_dir, resume=True, stages=tuple(stages))
-            row = {"arm": arm, "seed": seed, **evaluate_arm(arm_dir, ds, teacher_row)}
+            row = {"arm": arm, "seed": seed, **evaluate_arm(arm_dir, ds, teacher_row, grid)}
             atomic_write_json(row_path, row)
             write_summary(out, arms, seeds)
     if latency and _timed_systems(out) != {(a, s) for a in arms for s in seeds}:
@@ -210,7 +237,8 @@ def mean_std(values: Sequence[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
 
 
-SUMMARY_KEYS = ("full_depth", "calibrated", "flops_ratio_calibrated", "avg_exit_layer", "teacher")
+SUMMARY_KEYS = ("full_depth", "calibrated", "flops_ratio_calibrated", "avg_exit_layer", "at_matched_flops", "teacher")
+PAIRED_KEYS = ("full_depth", "calibrated", "at_matched_flops")
 
 
 def summarize(rows: Sequence[dict], arms: Sequence[str], latency: Optional[dict] = None) -> dict:
@@ -227,11 +255,11 @@ def summarize(rows: Sequence[dict], arms: Sequence[str], latency: Optional[dict]
         mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])
         entry = {"what": ARMS[arm].what, "seeds": [r["seed"] for r in mine]}
         for k in SUMMARY_KEYS:
-            entry[k] = mean_std([r[k] for r in mine])
+            entry[k] = mean_std([r.get(k) for r in mine])
         if arm != "baseline":
-            for k in ("full_depth", "calibrated"):
+            for k in PAIRED_KEYS:
                 diffs = [r[k] - by[("baseline", r["seed"])][k] for r in mine
-                         if ("baseline", r["seed"]) in by and r[k] is not None and by[("baseline", r["seed"])][k] is not None]
+                         if ("baseline", r["seed"]) in by and r.get(k) is not None and by[("baseline", r["seed"])].get(k) is not None]
                 entry[f"paired_diff_{k}"] = {**mean_std(diffs), "per_seed": diffs}
         for k in ("latency_ms_b1", "latency_ms_b32"):
             if (arm, k) in ms:
@@ -250,19 +278,22 @@ def _pm(s: Optional[dict], digits: int = 2, suffix: str = "", signed: bool = Fal
 
 def format_summary(summary: dict, metric: str, latency: Optional[dict] = None) -> str:
     lines = [f"| arm | seeds | test {metric}, full depth | paired diff | test {metric}, calibrated | paired diff | "
-             f"FLOPs reduction (calibrated) | avg exit layer | ms/sample b1 | ms/sample b32 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"FLOPs reduction (calibrated) | avg exit layer | test {metric} at {MATCHED_FLOPS_RATIO:g}x fewer FLOPs | paired diff | "
+             "ms/sample b1 | ms/sample b32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, e in summary.items():
-        d_full, d_cal = e.get("paired_diff_full_depth"), e.get("paired_diff_calibrated")
+        d_full, d_cal, d_matched = (e.get(f"paired_diff_{k}") for k in PAIRED_KEYS)
         lines.append(f"| {arm} | {len(e['seeds'])} | {_pm(e['full_depth'])} | {_pm(d_full, signed=True)} | "
                      f"{_pm(e['calibrated'])} | {_pm(d_cal, signed=True)} | {_pm(e['flops_ratio_calibrated'], 1, 'x')} | "
-                     f"{_pm(e['avg_exit_layer'])} | {_pm(e.get('latency_ms_b1'), 3)} | {_pm(e.get('latency_ms_b32'), 3)} |")
+                     f"{_pm(e['avg_exit_layer'])} | {_pm(e.get('at_matched_flops'))} | {_pm(d_matched, signed=True)} | "
+                     f"{_pm(e.get('latency_ms_b1'), 3)} | {_pm(e.get('latency_ms_b32'), 3)} |")
     if latency:
         t = next((r for r in latency["rows"] if r["arm"] == "teacher (HF)"), None)
         if t:
             lines += ["", f"Teacher (HF, seed {t['seed']}) in the same timing run: {t['latency_ms_b1']:.3f} ms/sample at batch 1, "
                           f"{t['latency_ms_b32']:.3f} at batch 32 ({latency['runner']}, {latency['threads']} threads)."]
-    lines += ["", "mean ± sample std over seeds; paired diff: per seed, arm minus baseline on the same seed, then mean ± std."]
+    lines += ["", "mean ± sample std over seeds; paired diff: per seed, arm minus baseline on the same seed, then mean ± std. "
+                  f"At {MATCHED_FLOPS_RATIO:g}x: interpolated along each student's threshold sweep on test."]
     return "\n".join(lines)
 
 
