@@ -25,10 +25,10 @@ import torch
 
 from costeff._extension import extension_loaded
 from costeff.pipeline.checkpoint import atomic_write_json
-from costeff.pipeline.evaluate import add_latency, evaluate_hf_teacher, latency_batches, sweep_costeff, sweep_thresholds
+from costeff.pipeline.evaluate import add_latency, evaluate_hf_teacher, latency_batches, sweep_costeff
 from costeff.pipeline.evaluate_utils import model_inputs
 from costeff.pipeline.multi_exit import dev_exit_scores
-from costeff.pipeline.run import PipelineConfig, load_costeff, load_teacher, run_pipeline
+from costeff.pipeline.run import PipelineConfig, load_costeff, load_teacher, run_pipeline, threshold_grid
 from costeff.models import count_parameters, from_pretrained_encoder
 
 log = logging.getLogger("costeff")
@@ -154,6 +154,7 @@ def run_ablation(c: PipelineConfig, data, backbone: str, out: str, seeds: Sequen
     atomic_write_json(os.path.join(out, "ablation_config.json"), {"config": c.__dict__, "backbone": backbone, "seeds": list(seeds),
                                                                   "arms": list(arms)})
     total, n = len(seeds) * len(arms), 0
+    grid = threshold_grid(c, data.num_labels)
     for seed in seeds:
         cs = replace(c, seed=seed)
         ds = replace(data, seed=seed)  # the batch order follows the training seed; the split stays fixed
@@ -162,7 +163,6 @@ def run_ablation(c: PipelineConfig, data, backbone: str, out: str, seeds: Sequen
             else ("teacher",)
         run_pipeline(cs, ds, backbone, seed_dir, resume=True, stages=shared)
         teacher_row = _teacher_row(ds, seed_dir)
-        grid = tuple(c.thresholds) if c.thresholds else sweep_thresholds(c.threshold_fractions, data.num_labels)
         for arm in arms:
             n += 1
             spec, arm_dir = ARMS[arm], os.path.join(seed_dir, arm)

@@ -245,12 +245,17 @@ def prune_student_vocabulary(path: str, data, max_length: int) -> dict:
             "params_before": before, "params_after": after}
 
 
+def threshold_grid(c: PipelineConfig, num_labels: int) -> tuple:
+    """The sweep's entropy thresholds in nats: ``thresholds`` as given, or the fractions of ln C."""
+    return tuple(c.thresholds) if c.thresholds else sweep_thresholds(c.threshold_fractions, num_labels)
+
+
 def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> dict:
     # HF's default (sdpa) attention for the shipped teacher, what a user would run (TA training keeps
     # eager); the attention implementation does not matter to the weight conversion
     teacher = load_teacher(out, attn_implementation="sdpa")
     student = load_costeff(out, "student")
-    thresholds = tuple(c.thresholds) if c.thresholds else sweep_thresholds(c.threshold_fractions, data.num_labels)
+    thresholds = threshold_grid(c, data.num_labels)
     teacher_costeff = from_pretrained_encoder(teacher, exit_start=teacher.config.num_hidden_layers).eval()
     timed = latency_batches(data, split, c.latency_examples)  # the same batches time every model
     systems = [evaluate_hf_teacher(teacher, teacher_costeff.config, data, split, "teacher (HF)")]
