@@ -142,6 +142,20 @@ def evaluate_arm(arm_dir: str, data, teacher_row: dict, thresholds: Sequence[flo
     }
 
 
+def _train_arm(c: PipelineConfig, data, backbone: str, seed_dir: str, arm_dir: str, own_ta: bool) -> None:
+    """The arm's run directory: the seed's teacher (and TA, unless the arm trains its own or has
+    none) linked in, then its remaining stages."""
+    os.makedirs(arm_dir, exist_ok=True)
+    _link(os.path.join(seed_dir, "teacher"), os.path.join(arm_dir, "teacher"))
+    stages = ["prune", "distill"]
+    if c.teacher_assistant:
+        if own_ta:
+            stages.insert(0, "ta")
+        else:
+            _link(os.path.join(seed_dir, "ta"), os.path.join(arm_dir, "ta"))
+    run_pipeline(c, data, backbone, arm_dir, resume=True, stages=tuple(stages))
+
+
 def run_ablation(c: PipelineConfig, data, backbone: str, out: str, seeds: Sequence[int], arms: Sequence[str],
                  latency: bool = True) -> dict:
     unknown = [a for a in arms if a not in ARMS]
@@ -171,21 +185,10 @@ def run_ablation(c: PipelineConfig, data, backbone: str, out: str, seeds: Sequen
                 with open(row_path) as f:
                     if "at_matched_flops" in json.load(f):
                         continue
-                # a row from before the matched-FLOPs column: evaluate the trained student again
-                atomic_write_json(row_path, {"arm": arm, "seed": seed, **evaluate_arm(arm_dir, ds, teacher_row, grid)})
-                write_summary(out, arms, seeds)
-                continue
-            log.info("ablate: seed %d, arm %s (%d/%d)", seed, arm, n, total)
-            ca = replace(cs, **spec.overrides)
-            os.makedirs(arm_dir, exist_ok=True)
-            _link(os.path.join(seed_dir, "teacher"), os.path.join(arm_dir, "teacher"))
-            stages = ["prune", "distill"]
-            if ca.teacher_assistant:
-                if spec.own_ta:
-                    stages.insert(0, "ta")
-                else:
-                    _link(os.path.join(seed_dir, "ta"), os.path.join(arm_dir, "ta"))
-            run_pipeline(ca, ds, backbone, arm_dir, resume=True, stages=tuple(stages))
+                # a row from before the matched-FLOPs column: only evaluate the trained student again
+            else:
+                log.info("ablate: seed %d, arm %s (%d/%d)", seed, arm, n, total)
+                _train_arm(replace(cs, **spec.overrides), ds, backbone, seed_dir, arm_dir, spec.own_ta)
             row = {"arm": arm, "seed": seed, **evaluate_arm(arm_dir, ds, teacher_row, grid)}
             atomic_write_json(row_path, row)
             write_summary(out, arms, seeds)
