@@ -215,6 +215,22 @@ def test_clear_errors(tiny_backbone, tmp_path):
     assert res.returncode == 2 and "no fine-tuned teacher" in res.stderr
     res = cli("teacher", "--backbone", str(tmp_path / "nonexistent"), "--output", str(tmp_path / "z"), *COMMON, check=False)
     assert res.returncode == 2 and "is not a local model directory" in res.stderr and "Traceback" not in res.stderr
+    res = cli("pipeline", "--backbone", tiny_backbone, "--output", str(tmp_path / "w"), "--student-repr-epochs", "-1", *COMMON, check=False)
+    assert res.returncode == 2 and "student_repr_epochs must be an integer >= 0, got -1" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("field, value", [("teacher_epochs", -1), ("exit_warmup_epochs", -2), ("batch_size", 0), ("heads", -1),
+                                          ("max_length", 2.5), ("student_pred_lr", 0.0), ("ta_lr", float("nan")), ("temperature", -1.0),
+                                          ("exit_hint_weight", -0.1), ("prune_repr_share", 1.5), ("embedding_rank", 0),
+                                          ("exit_pooling", "max"), ("prune_schedule", "one-shot"), ("thresholds", (0.1, float("nan"))),
+                                          ("calibrate_max_drop", -1.0)])
+def test_config_refuses_values_that_would_train_nothing_or_diverge(field, value):
+    from costeff.pipeline.run import PRESETS, preset
+
+    with pytest.raises(ValueError, match=f"PipelineConfig: {field} must"):
+        preset("demo", **{field: value})
+    for name in PRESETS:  # every preset, with the values that mean "off", passes
+        preset(name, exit_warmup_epochs=0, ta_repr_epochs=0, max_grad_norm=0.0, embedding_rank=None, thresholds=(0.0, math.inf))
 
 
 def test_sweep_thresholds_scale_with_the_class_count():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -32,7 +33,7 @@ from costeff.pipeline.evaluate import (
     write_results,
 )
 from costeff.pipeline.multi_exit import distill
-from costeff.pipeline.prune import PruneTarget, iterative_prune
+from costeff.pipeline.prune import ALLOCATIONS, SCHEDULES, PruneTarget, iterative_prune
 from costeff.pipeline.teacher import finetune_teacher
 from costeff.pipeline.trainer import TrainConfig, is_main_process
 
@@ -99,6 +100,35 @@ class PipelineConfig:
     seed: int = 0
     progress: bool = True
     notes: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        # a negative count or rate would otherwise train nothing, or diverge, without a word
+        bounds = {1: ("max_length", "batch_size", "eval_batch_size", "exit_start", "prune_score_batches", "latency_rounds"),
+                  0: ("max_train_examples", "max_eval_examples", "teacher_epochs", "ta_repr_epochs", "ta_pred_epochs", "exit_warmup_epochs",
+                      "heads", "ffn", "prune_steps_per_event", "student_repr_epochs", "student_pred_epochs", "latency_examples",
+                      "max_steps_per_epoch", "save_every")}
+        for low, names in bounds.items():
+            for name in names:
+                v = getattr(self, name)
+                if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                    raise ValueError(f"PipelineConfig: {name} must be an integer >= {low}, got {v!r}")
+        for name in ("teacher_lr", "ta_lr", "prune_lr", "student_repr_lr", "student_pred_lr", "temperature", "exit_lr_multiplier"):
+            if not 0 < float(getattr(self, name)) < math.inf:
+                raise ValueError(f"PipelineConfig: {name} must be a finite number > 0, got {getattr(self, name)!r}")
+        for name, (low, high) in {"exit_hint_weight": (0.0, math.inf), "weight_decay": (0.0, math.inf), "max_grad_norm": (0.0, math.inf),
+                                  "prune_repr_share": (0.0, 1.0), "warmup_ratio": (0.0, 1.0)}.items():
+            if not low <= float(getattr(self, name)) <= high:
+                raise ValueError(f"PipelineConfig: {name} must be in [{low}, {high}], got {getattr(self, name)!r}")
+        if self.embedding_rank is not None and (not isinstance(self.embedding_rank, int) or self.embedding_rank < 1):
+            raise ValueError(f"PipelineConfig: embedding_rank must be None (no factorization) or an integer >= 1, got {self.embedding_rank!r}")
+        for name, known in {"exit_pooling": ("cls", "mean"), "ta_init": ("pretrained", "teacher"), "prune_allocation": ALLOCATIONS,
+                            "prune_schedule": SCHEDULES}.items():
+            if getattr(self, name) not in known:
+                raise ValueError(f"PipelineConfig: {name} must be one of {known}, got {getattr(self, name)!r}")
+        if self.thresholds is not None and not all(t >= 0 for t in self.thresholds):  # NaN fails too
+            raise ValueError(f"PipelineConfig: thresholds must be >= 0 (entropy in nats), got {self.thresholds!r}")
+        if self.calibrate_max_drop is not None and not self.calibrate_max_drop >= 0:
+            raise ValueError(f"PipelineConfig: calibrate_max_drop must be None or >= 0, got {self.calibrate_max_drop!r}")
 
 
 PRESETS = {
