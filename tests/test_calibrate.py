@@ -99,3 +99,54 @@ def test_calibrate_directory_writes_the_threshold(model_dir, tmp_path):  # noqa:
     csv_path.write_text("text,label\n" + "".join(f"review number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(60)))
     with pytest.raises(ValueError, match=r"the task's labels \['neg', 'pos'\] are not the model's \['rotten', 'fresh'\]"):
         calibrate_directory(d, "csv", data_dir=str(csv_path), max_drop=0.5)
+
+
+def test_gflops_budget_takes_the_most_accurate_threshold_within_it(case):
+    ents, preds, labels = case
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(5, 40, (len(labels),), generator=g).double()
+    gflops = lengths[:, None] * torch.arange(1, ents.shape[1] + 1, dtype=torch.float64)  # cost grows with length and depth
+    full = float(gflops[:, -1].mean())
+    res = choose_threshold(ents, preds, labels, "accuracy", exit_start=1, max_gflops=0.6 * full, gflops=gflops)
+    assert res["full_depth_gflops"] == pytest.approx(full) and res["avg_gflops"] <= 0.6 * full
+    assert res["criterion"] == {"max_gflops": 0.6 * full}
+
+    def cost(t):
+        _, idx = apply_threshold(ents, preds, t)
+        return float(gflops[torch.arange(len(labels)), idx].mean())
+
+    assert res["avg_gflops"] == pytest.approx(cost(res["threshold"]))
+    # no threshold on a fine grid within the budget is more accurate
+    for t in torch.linspace(0, math.log(3) + 0.01, 400, dtype=torch.float64).tolist():
+        if cost(t) <= 0.6 * full:
+            assert brute_force(ents, preds, labels, t)[0] <= res["dev_metric"] + 1e-9, t
+    cheapest = float(gflops[:, 0].mean())
+    with pytest.raises(ValueError, match="no threshold meets"):
+        choose_threshold(ents, preds, labels, "accuracy", exit_start=1, max_gflops=0.9 * cheapest, gflops=gflops)
+    with pytest.raises(ValueError, match="exactly one of"):
+        choose_threshold(ents, preds, labels, "accuracy", exit_start=1, max_drop=0.5, max_gflops=1.0, gflops=gflops)
+
+
+def test_gflops_budget_on_a_model_directory_matches_the_models_own_flops_count(model_dir, tmp_path):  # noqa: F811
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from costeff.data import load_task, make_loader, tokenize
+    from costeff.inference.calibrate import calibrate_on_batches
+    from costeff.models import CostEffForSequenceClassification
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    dd, _, metric, _ = load_task("rotten_tomatoes")
+    dev = type(dd)({"dev": dd["dev"].select(range(96))})
+    loader = list(make_loader(tokenize(dev, tok, 64)["dev"], tok, 32, shuffle=False))
+    full = calibrate_on_batches(d, loader, metric, max_drop=100.0)["full_depth_gflops"]
+    res = calibrate_on_batches(d, loader, metric, max_gflops=0.7 * full, write=True)
+    model = CostEffForSequenceClassification.from_pretrained(d).eval()
+    ref = model.average_flops(loader, res["threshold"])  # the model's own early exit and FLOPs count
+    assert ref["avg_full_flops"] / 1e9 == pytest.approx(full)
+    assert ref["avg_flops"] / 1e9 == pytest.approx(res["avg_gflops"]) and res["avg_gflops"] <= 0.7 * full
+    assert ref["avg_exit_layer"] == pytest.approx(res["avg_exit_layer"])
+    assert model.config.inference_threshold == res["threshold"]

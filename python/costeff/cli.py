@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", "--seed", dest="split_seed", type=int, default=0, help="the split seed the model was trained with")
     p.add_argument("--max-drop", type=float, help="largest threshold within this many metric points of full depth (default 0.5)")
     p.add_argument("--latency-ms", type=float, help="most accurate threshold within this latency per sample, measured here")
+    p.add_argument("--max-gflops", type=float, help="most accurate threshold within this many analytic GFLOPs per dev example "
+                                                   "(machine-independent; the full-depth cost is printed)")
     p.add_argument("--latency-batch-size", type=int, default=1, help="batch size of the latency measurement")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"], help="engine precision for the latency")
     p.add_argument("--tokenizer", help="tokenizer directory, for model directories saved without one")
@@ -344,14 +346,15 @@ def cmd_ablate(args) -> int:
 def cmd_calibrate(args) -> int:
     from costeff.inference.calibrate import calibrate_directory
 
-    if args.max_drop is not None and args.latency_ms is not None:
-        raise ValueError("give --max-drop or --latency-ms, not both")
-    max_drop = args.max_drop if args.max_drop is not None or args.latency_ms is not None else 0.5
+    if sum(x is not None for x in (args.max_drop, args.latency_ms, args.max_gflops)) > 1:
+        raise ValueError("give one of --max-drop, --latency-ms and --max-gflops")
+    max_drop = 0.5 if args.max_drop is None and args.latency_ms is None and args.max_gflops is None else args.max_drop
     kw = _task_kwargs(args)
     res = calibrate_directory(args.model, args.task, args.data_dir, args.split_seed, args.split, max_drop, args.latency_ms,
                               args.latency_batch_size, args.precision, args.max_eval_examples or 0, tokenizer=args.tokenizer,
-                              max_length=args.max_length, **kw)
+                              max_length=args.max_length, max_gflops=args.max_gflops, **kw)
     lat = f", {res['latency_ms']:.3f} ms/sample at batch {res['batch_size']}" if res["latency_ms"] is not None else ""
+    lat += f", {res['avg_gflops']:.4f} GFLOPs per example (full depth {res['full_depth_gflops']:.4f})"
     print(f"threshold {res['threshold']:.4f} nats: dev {res['metric']} {res['dev_metric']:.2f} (full depth "
           f"{res['full_depth_dev_metric']:.2f}), average exit layer {res['avg_exit_layer']:.2f}{lat}; written to {args.model}/config.json")
     return 0

@@ -3,11 +3,14 @@
 One full-depth pass gives every exit's entropy and prediction for every dev example; the exit rule
 (first exit whose entropy is below the threshold, else the last) then gives the exact predictions and
 exit layers at *any* threshold without running the model again, so the search tries every threshold at
-which some decision changes (fine-grained, not a grid). Two criteria:
+which some decision changes (fine-grained, not a grid). Three criteria:
 
   max_drop=0.5     the largest threshold whose dev metric is within 0.5 points of full depth;
   latency_ms=X     the most accurate threshold whose measured latency (ms per sample at `batch_size`)
-                   is within X, timed here on a grid of candidates (the timer is injectable).
+                   is within X, timed here on a grid of candidates (the timer is injectable);
+  max_gflops=G     the most accurate threshold whose average analytic GFLOPs per dev example (at each
+                   example's real length and exit layer) is within G: a budget that, unlike latency, is
+                   the same on every machine.
 
 The choice is written into the directory's config.json (``inference_threshold``, nats) and, with the
 dev numbers, into calibration.json; thresholds stay in nats, ``normalized_threshold`` = threshold / ln C.
@@ -26,9 +29,10 @@ from costeff.data import load_task, make_loader, tokenize
 from costeff.data import metrics as M
 
 
-def exit_table(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(entropies [n, exits] float64, predictions [n, exits], labels [n]) from one full-depth pass."""
-    ents, preds, labels = [], [], []
+def exit_table(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(entropies [n, exits] float64, predictions [n, exits], labels [n], real lengths [n]) from one
+    full-depth pass."""
+    ents, preds, labels, lengths = [], [], [], []
     model.eval()
     with torch.inference_mode():
         for b in loader:
@@ -38,7 +42,17 @@ def exit_table(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
             ents.append(-(logp.exp() * logp).sum(-1))
             preds.append(lg.argmax(-1))
             labels.append(b["labels"])
-    return torch.cat(ents), torch.cat(preds), torch.cat(labels)
+            lengths.append(b["attention_mask"].sum(1))
+    return torch.cat(ents), torch.cat(preds), torch.cat(labels), torch.cat(lengths)
+
+
+def exit_gflops_table(config, lengths: torch.Tensor) -> torch.Tensor:
+    """[n, exits] float64: analytic GFLOPs of each example (at its real length) when it leaves at each exit."""
+    from costeff.models.flops import flops_per_sample
+
+    layers = config.exit_layers()
+    per_length = {n: [flops_per_sample(config, n, layer) / 1e9 for layer in layers] for n in sorted(set(lengths.tolist()))}
+    return torch.tensor([per_length[n] for n in lengths.tolist()], dtype=torch.float64).reshape(len(lengths), len(layers))
 
 
 def apply_threshold(ents: torch.Tensor, preds: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,39 +64,62 @@ def apply_threshold(ents: torch.Tensor, preds: torch.Tensor, threshold: float) -
 
 
 def candidate_thresholds(ents: torch.Tensor, limit: int = 4000) -> list[float]:
-    """0 and, just above every distinct intermediate-exit entropy, the thresholds where a decision
-    changes (thinned evenly to `limit`)."""
+    """0 and one threshold per set of exit decisions: midway between consecutive distinct
+    intermediate-exit entropies (thinned evenly to `limit`), and just above the largest. Midway, not
+    just above an entropy, so the float32 entropies of the engine and kernels make the same decisions
+    as these float64 ones."""
     vals = torch.unique(ents[:, :-1].flatten())
     if len(vals) > limit:
         vals = vals[torch.linspace(0, len(vals) - 1, limit).long()]
-    return [0.0] + [float(v) * (1 + 1e-9) + 1e-12 for v in vals.tolist()]
+    if len(vals) == 0:
+        return [0.0]
+    mids = ((vals[:-1] + vals[1:]) / 2).tolist()
+    return [0.0] + mids + [float(vals[-1]) * (1 + 1e-6) + 1e-6]
 
 
 def choose_threshold(ents, preds, labels, metric: str, exit_start: int, max_drop: Optional[float] = None,
                      latency_ms: Optional[float] = None, measure: Optional[Callable[[float], float]] = None,
-                     latency_grid: int = 12) -> dict:
+                     latency_grid: int = 12, max_gflops: Optional[float] = None, gflops: Optional[torch.Tensor] = None) -> dict:
     """The calibration decision (see the module doc). `measure(threshold) -> ms per sample` is called
-    for the latency criterion only."""
-    if (max_drop is None) == (latency_ms is None):
-        raise ValueError("calibrate: give exactly one of max_drop (points) and latency_ms")
+    for the latency criterion only; `gflops` ([n, exits], :func:`exit_gflops_table`) serves the GFLOPs budget."""
+    if sum(x is not None for x in (max_drop, latency_ms, max_gflops)) != 1:
+        raise ValueError("calibrate: give exactly one of max_drop (points), latency_ms and max_gflops")
     if len(labels) == 0:
         raise ValueError("calibrate: the dev split is empty")
+    if gflops is not None and gflops.shape != ents.shape:
+        raise ValueError(f"calibrate: gflops has shape {tuple(gflops.shape)}, the entropies {tuple(ents.shape)}")
 
     def score(t):
         p, idx = apply_threshold(ents, preds, t)
         return 100 * M.compute(metric, p, labels)[metric], float(idx.double().mean()) + exit_start
 
+    def mean_gflops(t):
+        return float(gflops.gather(1, apply_threshold(ents, preds, t)[1][:, None]).mean()) if gflops is not None else None
+
     full_metric, _ = score(0.0)
     cands = candidate_thresholds(ents)
-    if max_drop is not None:
+    measured = []
+    latency = None
+    if max_gflops is not None:
+        if not (max_gflops > 0):
+            raise ValueError(f"calibrate: max_gflops must be > 0, got {max_gflops}")
+        if gflops is None:
+            raise ValueError("calibrate: the GFLOPs criterion needs the examples' GFLOPs by exit")
+        costs = {t: mean_gflops(t) for t in cands}
+        within = [t for t in cands if costs[t] <= max_gflops]
+        if not within:
+            cheapest = min(cands, key=costs.get)
+            raise ValueError(f"calibrate: no threshold meets {max_gflops} GFLOPs per example; the cheapest is "
+                             f"{costs[cheapest]:.4f} at threshold {cheapest:.4f} (full depth {costs[0.0]:.4f})")
+        chosen = max(within, key=lambda t: (score(t)[0], -costs[t]))
+    elif max_drop is not None:
         if not (max_drop >= 0):
             raise ValueError(f"calibrate: max_drop must be >= 0 points, got {max_drop}")
         best = 0.0
         for t in cands:
             if score(t)[0] >= full_metric - max_drop - 1e-9:
                 best = max(best, t)
-        chosen, latency = best, None
-        measured = []
+        chosen = best
     else:
         if not (latency_ms > 0):
             raise ValueError(f"calibrate: latency_ms must be > 0, got {latency_ms}")
@@ -100,9 +137,10 @@ def choose_threshold(ents, preds, labels, metric: str, exit_start: int, max_drop
         best = max(within, key=lambda m: (m["metric"], -m["latency_ms"]))
         chosen, latency = best["threshold"], best["latency_ms"]
     metric_at, layer_at = score(chosen)
+    criterion = {k: v for k, v in (("max_drop", max_drop), ("latency_ms", latency_ms), ("max_gflops", max_gflops)) if v is not None}
     return {"threshold": chosen, "metric": metric, "dev_metric": metric_at, "full_depth_dev_metric": full_metric,
-            "avg_exit_layer": layer_at, "latency_ms": latency, "measured": measured, "examples": len(labels),
-            "criterion": {"max_drop": max_drop} if max_drop is not None else {"latency_ms": latency_ms}}
+            "avg_exit_layer": layer_at, "latency_ms": latency, "avg_gflops": mean_gflops(chosen), "full_depth_gflops": mean_gflops(0.0),
+            "measured": measured, "examples": len(labels), "criterion": criterion}
 
 
 def normalized_threshold(threshold: float, num_labels: int) -> Optional[float]:
@@ -126,7 +164,7 @@ def write_calibration(model_dir, result: dict, num_labels: int) -> None:
 def calibrate_directory(model_dir, task: str, data_dir: Optional[str] = None, seed: int = 0, split: str = "dev",
                         max_drop: Optional[float] = None, latency_ms: Optional[float] = None, batch_size: int = 1,
                         precision: str = "fp32", max_examples: int = 0, timer: Optional[Callable[[Callable[[], None]], float]] = None,
-                        tokenizer=None, max_length: Optional[int] = None, **task_kwargs) -> dict:
+                        tokenizer=None, max_length: Optional[int] = None, max_gflops: Optional[float] = None, **task_kwargs) -> dict:
     """Calibrates a model directory on a task's split and writes the choice into it; returns the result.
     `timer(fn) -> seconds per call` measures a callable (default: median of interleaved wall-clock runs)."""
     from costeff.inference.predict import Predictor
@@ -147,20 +185,20 @@ def calibrate_directory(model_dir, task: str, data_dir: Optional[str] = None, se
     timed = None
     if latency_ms is not None:
         timed = list(make_loader(enc.select(range(min(128, len(enc)))), pred.tokenizer, batch_size, shuffle=False))
-    result = calibrate_on_batches(model_dir, loader, metric, max_drop, latency_ms, timed, pred, timer)
+    result = calibrate_on_batches(model_dir, loader, metric, max_drop, latency_ms, timed, pred, timer, max_gflops=max_gflops)
     result.update(task=task, split=split, precision=precision, batch_size=batch_size if latency_ms is not None else None)
     write_calibration(model_dir, result, cfg.num_labels)
     return result
 
 
 def calibrate_on_batches(model_dir, loader, metric: str, max_drop: Optional[float] = None, latency_ms: Optional[float] = None,
-                         timed_batches=None, predictor=None, timer=None, write: bool = False) -> dict:
+                         timed_batches=None, predictor=None, timer=None, write: bool = False, max_gflops: Optional[float] = None) -> dict:
     """The calibration on already-tokenized batches (the pipeline's dev loader); `timed_batches` and
     `predictor` (a costeff.inference.predict.Predictor of the directory) serve the latency criterion."""
     from costeff.models import CostEffForSequenceClassification
 
     model = CostEffForSequenceClassification.from_pretrained(model_dir).eval()
-    ents, preds, labels = exit_table(model, loader)
+    ents, preds, labels, lengths = exit_table(model, loader)
     measure = None
     if latency_ms is not None:
         if predictor is None or not timed_batches:
@@ -176,7 +214,8 @@ def calibrate_on_batches(model_dir, loader, metric: str, max_drop: Optional[floa
                     predictor._run(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
             return clock(run) * 1000 / n
 
-    result = choose_threshold(ents, preds, labels, metric, model.config.exit_start, max_drop, latency_ms, measure)
+    result = choose_threshold(ents, preds, labels, metric, model.config.exit_start, max_drop, latency_ms, measure,
+                              max_gflops=max_gflops, gflops=exit_gflops_table(model.config, lengths))
     if write:
         write_calibration(model_dir, result, model.config.num_labels)
     return result
