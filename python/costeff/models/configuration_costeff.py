@@ -10,6 +10,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 MODEL_TYPE = "costeff_bert"
+EXIT_POOLINGS = ("cls", "mean")  # what an intermediate exit reads: the CLS state or the real tokens' average
 
 
 def _per_layer(name: str, value, num_layers: int) -> list[int]:
@@ -143,7 +144,7 @@ class CostEffConfig(PreTrainedConfig):
         _positive_int("exit_start", self.exit_start)
         if self.exit_start > n:
             raise ValueError(f"CostEffConfig: exit_start {self.exit_start} is past the last layer ({n})")
-        if self.exit_pooling not in ("cls", "mean"):
+        if self.exit_pooling not in EXIT_POOLINGS:
             raise ValueError(f"CostEffConfig: exit_pooling must be 'cls' or 'mean', got {self.exit_pooling!r}")
         if self.pooler_activation not in ("tanh", "relu", "gelu"):
             raise ValueError(f"CostEffConfig: pooler_activation must be 'tanh', 'relu' or 'gelu', got {self.pooler_activation!r}")

@@ -20,6 +20,7 @@ from costeff._extension import extension_loaded
 from costeff.inference import InferenceEngine
 from costeff.inference.calibrate import calibrate_on_batches
 from costeff.models import CostEffForSequenceClassification, count_parameters, from_pretrained_encoder, parameter_count, prune_vocabulary
+from costeff.models.configuration_costeff import EXIT_POOLINGS
 from costeff.pipeline.checkpoint import atomic_write_json, replace_dir, temp_dir
 from costeff.pipeline.evaluate import (
     DEFAULT_THRESHOLD_FRACTIONS,
@@ -121,7 +122,7 @@ class PipelineConfig:
                 raise ValueError(f"PipelineConfig: {name} must be in [{low}, {high}], got {getattr(self, name)!r}")
         if self.embedding_rank is not None and (not isinstance(self.embedding_rank, int) or self.embedding_rank < 1):
             raise ValueError(f"PipelineConfig: embedding_rank must be None (no factorization) or an integer >= 1, got {self.embedding_rank!r}")
-        for name, known in {"exit_pooling": ("cls", "mean"), "ta_init": ("pretrained", "teacher"), "prune_allocation": ALLOCATIONS,
+        for name, known in {"exit_pooling": EXIT_POOLINGS, "ta_init": ("pretrained", "teacher"), "prune_allocation": ALLOCATIONS,
                             "prune_schedule": SCHEDULES}.items():
             if getattr(self, name) not in known:
                 raise ValueError(f"PipelineConfig: {name} must be one of {known}, got {getattr(self, name)!r}")
