@@ -258,8 +258,10 @@ def test_cli_overrides_reach_the_config():
     assert c.prune_allocation == "global" and preset("full").prune_allocation == "uniform"
     assert (c.split_seed, c.gradient_equilibrium, c.teacher_assistant, c.prune_schedule) == (0, True, True, "iterative")
     args = build_parser().parse_args(["pipeline", "--output", "x", "--seed", "3", "--split-seed", "5", "--no-gradient-equilibrium", "--no-ta",
-                                      "--prune-schedule", "one-shot", "--exit-warmup-epochs", "2", "--exit-hint-weight", "0.5"])
+                                      "--prune-schedule", "one-shot", "--exit-warmup-epochs", "2", "--exit-hint-weight", "0.5",
+                                      "--cache-teacher-outputs"])
     switches = _pipeline_config(args)
+    assert switches.cache_teacher_outputs and not c.cache_teacher_outputs
     assert (switches.exit_warmup_epochs, switches.exit_hint_weight, c.exit_warmup_epochs, c.exit_hint_weight) == (2, 0.5, 0, 0.0)
     assert (switches.seed, switches.split_seed, switches.gradient_equilibrium, switches.teacher_assistant,
             switches.prune_schedule) == (3, 5, False, False, "one_shot")
@@ -439,3 +441,81 @@ def test_resumed_ablation_accepts_fields_added_since_with_their_defaults(tmp_pat
     _check_same_settings(str(tmp_path), c, "b")
     with pytest.raises(ValueError, match=r"\(exit_hint_weight differ\)"):
         _check_same_settings(str(tmp_path), preset("demo", exit_hint_weight=1.0), "b")
+
+
+def _small_run_data(backbone):
+    from costeff.pipeline.context import prepare_data
+
+    return prepare_data("rotten_tomatoes", backbone, max_length=24, batch_size=8, eval_batch_size=16, seed=0,
+                        max_train_examples=40, max_eval_examples=24, bucket_by_length=True)
+
+
+def test_teacher_output_cache_gives_the_teachers_outputs_in_any_batch(tiny_backbone):
+    from costeff.models import from_pretrained_encoder
+    from costeff.pipeline.multi_exit import TeacherOutputCache, teacher_outputs
+
+    data = _small_run_data(tiny_backbone)
+    torch.manual_seed(0)
+    teacher = from_pretrained_encoder(tiny_backbone, num_labels=2, exit_start=1).eval()
+    cache = TeacherOutputCache(teacher)
+    first = list(data.train(0, with_index=True))
+    assert sorted(i for b in first for i in b["example_index"].tolist()) == list(range(40))
+    for batch in first:
+        cache(batch)
+    assert (cache.misses, cache.hits, len(cache.store)) == (len(first), 0, 40)
+    # another epoch regroups and repads the rows: every batch is rebuilt from the cache
+    again = list(data.train(1, with_index=True))
+    assert [b["input_ids"].shape for b in again] != [b["input_ids"].shape for b in first]
+    for batch in again:
+        exits, states = cache(batch)
+        want_exits, want_states = teacher_outputs(teacher, batch)
+        mask = batch["attention_mask"].bool()
+        assert len(exits) == len(want_exits) == 3 and len(states) == len(want_states) == 4
+        for got, want in zip(exits, want_exits):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for got, want in zip(states, want_states):
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got[mask], want[mask], rtol=2e-3, atol=2e-3)  # float16 storage
+            assert not got[~mask].any()  # padding is masked out of every loss that reads the states
+    assert cache.hits == len(again)
+    # batches without indices, and left padding (no CLS at position 0) are not cached
+    plain = next(iter(data.train(0)))
+    torch.testing.assert_close(cache(plain)[0][-1], teacher_outputs(teacher, plain)[0][-1])
+    padded = next(b for b in first if not b["attention_mask"].all())
+    left = dict(padded, example_index=padded["example_index"] + 1000, attention_mask=padded["attention_mask"].flip(1))
+    with pytest.raises(ValueError, match="right-padded"):
+        cache(left)
+
+
+def test_distillation_with_cached_teacher_outputs_matches_without(tiny_backbone, tmp_path):
+    from costeff.models import from_pretrained_encoder
+    from costeff.pipeline.multi_exit import distill
+    from costeff.pipeline.trainer import TrainConfig
+
+    data = _small_run_data(tiny_backbone)
+    torch.manual_seed(0)
+    teacher = from_pretrained_encoder(tiny_backbone, num_labels=2, exit_start=1).eval()
+    repr_cfg, pred_cfg = TrainConfig(epochs=2, lr=1e-3, progress=False), TrainConfig(epochs=2, lr=1e-3, progress=False)
+    runs = {}
+    for cached in (False, True):
+        student = from_pretrained_encoder(tiny_backbone, num_labels=2, exit_start=1)
+        student.load_state_dict(teacher.state_dict())
+        torch.manual_seed(1)
+        with torch.no_grad():  # start away from the teacher, so the representation loss has work to do
+            for p in student.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        torch.manual_seed(2)
+        _, summary = distill(student, teacher, data, repr_cfg, pred_cfg, str(tmp_path / str(cached)), mode="student",
+                             cache_teacher_outputs=cached)
+        runs[cached] = summary, student.state_dict()
+    (plain, w_plain), (cached, w_cached) = runs[False], runs[True]
+    steps = len(data.train(0))  # 5 batches per epoch; 4 epochs, the first runs the teacher
+    assert "teacher_cache" not in plain and cached["teacher_cache"]["examples"] == 40
+    assert (cached["teacher_cache"]["teacher_batches"], cached["teacher_cache"]["cached_batches"]) == (steps, 3 * steps)
+    assert plain["repr"]["history"][0]["train_loss"] == cached["repr"]["history"][0]["train_loss"]  # the first epoch runs the teacher
+    for phase in ("repr", "pred"):  # later epochs (and the prediction phase) read the float16 cache
+        losses = [[h["train_loss"] for h in s[phase]["history"]] for s in (plain, cached)]
+        torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3, atol=0)
+    torch.testing.assert_close(plain["repr"]["history"][-1]["dev_repr_loss"], cached["repr"]["history"][-1]["dev_repr_loss"], rtol=1e-3, atol=0)
+    for k in w_plain:
+        torch.testing.assert_close(w_cached[k], w_plain[k], rtol=0, atol=2e-3)

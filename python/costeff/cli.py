@@ -105,6 +105,8 @@ def _pipeline_config(args):
         over["teacher_assistant"] = False
     if getattr(args, "prune_vocabulary", False):
         over["prune_vocabulary"] = True
+    if getattr(args, "cache_teacher_outputs", False):
+        over["cache_teacher_outputs"] = True
     if getattr(args, "prune_schedule", None):
         over["prune_schedule"] = args.prune_schedule.replace("-", "_")
     if getattr(args, "bucket_by_length", False):
@@ -220,6 +222,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-hint-weight", type=float,
                    help="TA: weight of the hint loss, each intermediate exit's state predicting the teacher's final state (default 0)")
     g.add_argument("--temperature", type=float, help="distillation temperature")
+    g.add_argument("--cache-teacher-outputs", action="store_true",
+                   help="TA and student distillation: run the teacher once per training example and keep its outputs in memory "
+                        "(hidden states in float16; about half the time per epoch after the first)")
     g.add_argument("--thresholds", help="comma-separated entropy thresholds for the sweep")
     g.add_argument("--latency-examples", type=int, help="test examples timed per latency measurement")
     for name in ("teacher-epochs", "ta-repr-epochs", "ta-pred-epochs", "student-repr-epochs", "student-pred-epochs", "prune-steps-per-event"):

@@ -69,6 +69,20 @@ class GlobalBatchSampler(Sampler[list]):
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
 
 
+class WithExampleIndex(torch.utils.data.Dataset):
+    """``ds`` whose rows also carry ``example_index`` (the row's position in ``ds``), so per-example
+    state (the distillation's teacher-output cache) can follow a row through shuffled batches."""
+
+    def __init__(self, ds: datasets.Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.ds[i], "example_index": i}
+
+
 def make_loader(
     ds: datasets.Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -78,11 +92,13 @@ def make_loader(
     bucket_by_length: bool = False,
     rank: int = 0,
     world: int = 1,
+    with_index: bool = False,
 ) -> DataLoader:
-    """Dynamic padding (to the longest row of each batch); the batch order is a pure function of seed."""
+    """Dynamic padding (to the longest row of each batch); the batch order is a pure function of seed.
+    with_index: batches also hold ``example_index`` (LongTensor, each row's position in ``ds``)."""
     if len(ds) == 0:
         raise ValueError("cannot build a data loader over an empty split")
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     lengths = [len(x) for x in ds["input_ids"]] if bucket_by_length else [0] * len(ds)
     sampler = GlobalBatchSampler(lengths, batch_size, seed, shuffle, bucket_by_length, rank, world)
-    return DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
+    return DataLoader(WithExampleIndex(ds) if with_index else ds, batch_sampler=sampler, collate_fn=collate)

@@ -37,15 +37,17 @@ class RunData:
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
-    def train(self, epoch: int):
+    def train(self, epoch: int, with_index: bool = False):
         rank, world = self._rank_world()
         return make_loader(self.encoded["train"], self.tokenizer, self.batch_size, shuffle=True,
-                           seed=self.seed * 100003 + epoch, bucket_by_length=self.bucket_by_length, rank=rank, world=world)
+                           seed=self.seed * 100003 + epoch, bucket_by_length=self.bucket_by_length, rank=rank, world=world,
+                           with_index=with_index)
 
-    def split(self, name: str):
+    def split(self, name: str, with_index: bool = False):
         # evaluation runs unsharded on every rank (dev/test are small): identical metrics everywhere
         # batches of similar length (order is irrelevant to the metrics; padding costs time)
-        return make_loader(self.encoded[name], self.tokenizer, self.eval_batch_size, shuffle=False, bucket_by_length=True)
+        return make_loader(self.encoded[name], self.tokenizer, self.eval_batch_size, shuffle=False, bucket_by_length=True,
+                           with_index=with_index)
 
     @property
     def dev(self):

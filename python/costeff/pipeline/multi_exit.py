@@ -14,6 +14,7 @@ before joint training, and a hint loss that asks each intermediate exit's input 
 through a learned linear map (discarded after training), the teacher's final state pooled the same way."""
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -25,6 +26,9 @@ from costeff.pipeline.evaluate_utils import model_inputs, score_logits
 from costeff.pipeline.losses import exitwise_soft_cross_entropy, hidden_mse, soft_cross_entropy
 from costeff.pipeline.trainer import TrainConfig, fresh_head_prefixes, load_best, train, unwrap
 
+log = logging.getLogger("costeff")
+
+
 @torch.no_grad()
 def teacher_outputs(teacher: nn.Module, batch: dict):
     """(exit logits tuple, hidden states) of an HF BERT classifier or a costeff model, in eval mode."""
@@ -32,6 +36,57 @@ def teacher_outputs(teacher: nn.Module, batch: dict):
     out = teacher(**model_inputs(batch), output_hidden_states=True)
     exits = getattr(out, "exit_logits", None) or (out.logits,)
     return exits, out.hidden_states
+
+
+class TeacherOutputCache:
+    """``teacher_outputs`` memoized per example. The teacher is frozen, in eval mode and under no_grad,
+    so an example's outputs are the same in every epoch; from the second epoch on, distillation skips
+    the teacher's forward pass (about half of a student step). Each example keeps its exit logits and
+    its hidden states at real-token positions, the states in float16 (half the memory; relative
+    rounding 5e-4, far below the representation loss; float32 where float16 would overflow).
+
+    Batches need ``example_index`` (``RunData.train(epoch, with_index=True)``); one cache per split,
+    since indices are positions in a split. Batches without indices go to the teacher."""
+
+    def __init__(self, teacher: nn.Module):
+        self.teacher = teacher
+        self.store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.nbytes = 0
+        self.hits = self.misses = 0
+
+    def __call__(self, batch: dict):
+        index = batch.get("example_index")
+        if index is None:
+            return teacher_outputs(self.teacher, batch)
+        ids = index.tolist()
+        mask = batch["attention_mask"].bool()
+        if all(i in self.store for i in ids):
+            self.hits += 1
+            return self._gather(ids, mask)
+        self.misses += 1
+        exits, states = teacher_outputs(self.teacher, batch)
+        self._put(ids, mask, exits, states)
+        return exits, states
+
+    def _put(self, ids, mask, exits, states) -> None:
+        if (mask[:, 1:] > mask[:, :-1]).any():
+            # exit_input reads position 0 as the CLS state, which a left-padded row does not have
+            raise ValueError("TeacherOutputCache: batches must be right-padded (tokenizer.padding_side='right')")
+        logits = torch.stack(exits, 1).float()
+        stacked = torch.stack(states)  # [states, batch, tokens, hidden]
+        for r, i in enumerate(ids):
+            h = stacked[:, r, mask[r]]
+            h16 = h.to(torch.float16)
+            kept = h16 if torch.isfinite(h16).all() else h.clone()
+            self.store[i] = (logits[r].clone(), kept)
+            self.nbytes += kept.nbytes + logits[r].nbytes
+
+    def _gather(self, ids, mask):
+        logits = torch.stack([self.store[i][0] for i in ids])
+        packed = torch.cat([self.store[i][1].float() for i in ids], dim=1)  # [states, real tokens, hidden]
+        states = packed.new_zeros(packed.shape[0], *mask.shape, packed.shape[-1])
+        states[:, mask] = packed
+        return tuple(logits.unbind(1)), tuple(states.unbind(0))
 
 
 class StudentWithProjections(nn.Module):
@@ -69,12 +124,12 @@ def exit_hint_loss(wrapper: StudentWithProjections, student_states, teacher_stat
     return total
 
 
-def _dev_repr_score(wrapper: StudentWithProjections, teacher, loader) -> dict:
+def _dev_repr_score(wrapper: StudentWithProjections, teacher_out, loader) -> dict:
     wrapper.eval()
     total, n = 0.0, 0
     with torch.no_grad():
         for batch in loader:
-            _, t_states = teacher_outputs(teacher, batch)
+            _, t_states = teacher_out(batch)
             s = wrapper.student(**model_inputs(batch), output_hidden_states=True)
             total += _repr_loss(wrapper, s.hidden_states, t_states, batch["attention_mask"]).item()
             n += 1
@@ -115,12 +170,14 @@ def distill(
     stage: str = "distill",
     exit_warmup_cfg: TrainConfig | None = None,
     exit_hint_weight: float = 0.0,
+    cache_teacher_outputs: bool = False,
 ) -> tuple[CostEffForSequenceClassification, dict]:
     """mode "ta": prediction loss = (sum soft-CE vs the teacher's final logits + sum hard CE) / 2.
     mode "student": prediction loss = sum soft-CE vs the teacher's matching exits + representation.
     Runs the exit warm-up (exit_warmup_cfg.epochs, the prediction loss with only the intermediate exits
     trainable), the representation-only phase (repr_cfg.epochs, may be 0), then the prediction phase;
-    exit_hint_weight > 0 adds that times exit_hint_loss to the prediction loss."""
+    exit_hint_weight > 0 adds that times exit_hint_loss to the prediction loss. cache_teacher_outputs
+    computes the teacher's outputs once per example (TeacherOutputCache), for all phases."""
     if mode not in ("ta", "student"):
         raise ValueError(f"distill: mode must be 'ta' or 'student', got {mode!r}")
     if exit_hint_weight < 0:
@@ -128,14 +185,21 @@ def distill(
     t_hidden = getattr(teacher.config, "hidden_size")
     wrapper = StudentWithProjections(student, t_hidden, hints=exit_hint_weight > 0 and student.config.num_exits > 1)
     summaries = {}
+    if cache_teacher_outputs:
+        train_cache, dev_cache = TeacherOutputCache(teacher), TeacherOutputCache(teacher)
+        train_batches, dev_batches = (lambda epoch: data.train(epoch, with_index=True)), (lambda: data.split("dev", with_index=True))
+        train_out, dev_out = train_cache, dev_cache
+    else:
+        train_batches, dev_batches = data.train, (lambda: data.dev)
+        train_out = dev_out = lambda batch: teacher_outputs(teacher, batch)
 
     def repr_loss_fn(m, batch):
-        _, t_states = teacher_outputs(teacher, batch)
+        _, t_states = train_out(batch)
         s = m(**model_inputs(batch), output_hidden_states=True)
         return _repr_loss(m, s.hidden_states, t_states, batch["attention_mask"]), {}
 
     def pred_loss_fn(m, batch):
-        t_exits, t_states = teacher_outputs(teacher, batch)
+        t_exits, t_states = train_out(batch)
         s = m(**model_inputs(batch), output_hidden_states=True, labels=batch["labels"] if mode == "ta" else None)
         if mode == "ta":
             soft = sum(soft_cross_entropy(lg, t_exits[-1], temperature) for lg in s.exit_logits)
@@ -154,7 +218,7 @@ def distill(
         for p in frozen:
             p.requires_grad_(False)
         try:
-            summaries["exit_warmup"] = train(wrapper, data.train, pred_loss_fn, exit_warmup_cfg, out,
+            summaries["exit_warmup"] = train(wrapper, train_batches, pred_loss_fn, exit_warmup_cfg, out,
                                              lambda m: dev_exit_scores(m.student, data.dev, data.metric, score="intermediate"),
                                              resume, stage=f"{stage}/exit_warmup")
             load_best(wrapper, out)
@@ -163,14 +227,19 @@ def distill(
                 p.requires_grad_(True)
     if repr_cfg.epochs > 0:
         out = os.path.join(output_dir, "repr")
-        summaries["repr"] = train(wrapper, data.train, repr_loss_fn, repr_cfg, out,
-                                  lambda m: _dev_repr_score(m, teacher, data.dev), resume, stage=f"{stage}/repr")
+        summaries["repr"] = train(wrapper, train_batches, repr_loss_fn, repr_cfg, out,
+                                  lambda m: _dev_repr_score(m, dev_out, dev_batches()), resume, stage=f"{stage}/repr")
         load_best(wrapper, out)
     if pred_cfg.epochs > 0:
         out = os.path.join(output_dir, "pred")
-        summaries["pred"] = train(wrapper, data.train, pred_loss_fn, pred_cfg, out,
+        summaries["pred"] = train(wrapper, train_batches, pred_loss_fn, pred_cfg, out,
                                   lambda m: dev_exit_scores(m.student, data.dev, data.metric), resume, stage=f"{stage}/pred")
         load_best(wrapper, out)
+    if cache_teacher_outputs:
+        summaries["teacher_cache"] = {"examples": len(train_cache.store), "bytes": train_cache.nbytes,
+                                      "cached_batches": train_cache.hits, "teacher_batches": train_cache.misses}
+        log.info("%s: teacher outputs cached for %d training examples (%.2f GB); %d of %d batches read the cache", stage,
+                 len(train_cache.store), train_cache.nbytes / 1e9, train_cache.hits, train_cache.hits + train_cache.misses)
     student.save_pretrained(os.path.join(output_dir, "model"))
     if hasattr(data, "save_tokenizer"):
         data.save_tokenizer(os.path.join(output_dir, "model"))

@@ -84,6 +84,7 @@ class PipelineConfig:
     student_repr_lr: float = 1e-4
     student_pred_lr: float = 5e-5
     temperature: float = 1.0
+    cache_teacher_outputs: bool = False  # TA and student distillation: the teacher's outputs computed once per example (memory for time)
     prune_vocabulary: bool = False  # after distillation: word rows of the training split's tokens only, positions up to max_length
     # evaluation
     thresholds: Optional[tuple] = None  # sweep thresholds in nats; None: threshold_fractions x ln(num_labels)
@@ -199,7 +200,8 @@ def stage_ta(c: PipelineConfig, data, backbone: str, out: str, resume: bool = Fa
     _, summary = distill(ta, teacher, data, _train_cfg(c, c.ta_repr_epochs, c.ta_lr, c.exit_lr_multiplier),
                          _train_cfg(c, c.ta_pred_epochs, c.ta_lr, c.exit_lr_multiplier),
                          os.path.join(out, "ta"), mode="ta", temperature=c.temperature, resume=resume, stage="ta",
-                         exit_warmup_cfg=_train_cfg(c, c.exit_warmup_epochs, c.ta_lr, c.exit_lr_multiplier), exit_hint_weight=c.exit_hint_weight)
+                         exit_warmup_cfg=_train_cfg(c, c.exit_warmup_epochs, c.ta_lr, c.exit_lr_multiplier), exit_hint_weight=c.exit_hint_weight,
+                         cache_teacher_outputs=c.cache_teacher_outputs)
     return summary
 
 
@@ -239,7 +241,7 @@ def stage_distill(c: PipelineConfig, data, out: str, resume: bool = False) -> di
     exit_lr = 1.0 if c.teacher_assistant else c.exit_lr_multiplier
     _, summary = distill(student, reference, data, _train_cfg(c, c.student_repr_epochs, c.student_repr_lr, exit_lr),
                          _train_cfg(c, c.student_pred_epochs, c.student_pred_lr, exit_lr), os.path.join(out, "student"), mode="student",
-                         temperature=c.temperature, resume=resume, stage="student")
+                         temperature=c.temperature, resume=resume, stage="student", cache_teacher_outputs=c.cache_teacher_outputs)
     if is_main_process() and c.prune_vocabulary:
         summary["vocabulary"] = prune_student_vocabulary(os.path.join(out, "student", "model"), data, c.max_length)
     if is_main_process() and c.calibrate_max_drop is not None:
