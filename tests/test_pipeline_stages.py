@@ -46,7 +46,7 @@ def test_stages_one_by_one_then_whole_pipeline_resume(tiny_backbone, tmp_path):
     teacher_cfg = json.load(open(os.path.join(out, "teacher", "model", "config.json")))
     assert teacher_cfg["id2label"] == {"0": "rotten", "1": "fresh"}
     assert json.load(open(os.path.join(out, "teacher", "model", "tokenizer_config.json")))["model_max_length"] == 24
-    cli("ta", *base)
+    cli("ta", *base, "--cache-teacher-outputs")
     ta_cfg = CostEffConfig.from_pretrained(os.path.join(out, "ta", "model"))
     assert ta_cfg.num_attention_heads == [4, 4, 4] and ta_cfg.num_exits == 3
     res = cli("prune", *base)
@@ -55,7 +55,8 @@ def test_stages_one_by_one_then_whole_pipeline_resume(tiny_backbone, tmp_path):
     state = json.load(open(os.path.join(out, "prune", "current", "prune_state.json")))
     assert state["events_done"] == state["events"] == 3  # one head per layer per event: 4 -> 1
     assert [h["heads"] for h in state["history"]] == [3, 2, 1]
-    cli("distill", *base)
+    res = cli("distill", *base, "--cache-teacher-outputs")  # the summary's cache entry is no training phase
+    assert '"pred"' in res.stdout and '"calibrated_threshold"' in res.stdout
     student = CostEffForSequenceClassification.from_pretrained(os.path.join(out, "student", "model"))
     assert student.config.id2label == {0: "rotten", 1: "fresh"}
     for stage in ("ta/model", "prune/current", "student/model"):

@@ -116,6 +116,12 @@ def _pipeline_config(args):
     return preset(args.preset, **over)
 
 
+def _best_per_phase(summary: dict) -> dict:
+    """The best dev metrics of each training phase in a distill summary (which also holds calibration,
+    vocabulary and teacher-cache entries)."""
+    return {k: v["best"] for k, v in summary.items() if isinstance(v, dict) and "best" in v}
+
+
 def _task_kwargs(args) -> dict:
     """The CSV column options of --task csv (other tasks take none)."""
     if args.task == "csv":
@@ -151,13 +157,13 @@ def cmd_stage(args) -> int:
         _print_result(stage, {"best_dev": s["best"], "model": os.path.join(args.output, "teacher", "model")})
     elif stage == "ta":
         s = R.stage_ta(c, data, backbone, args.output, args.resume)
-        _print_result(stage, {"best_dev": {k: v["best"] for k, v in s.items()}, "model": os.path.join(args.output, "ta", "model")})
+        _print_result(stage, {"best_dev": _best_per_phase(s), "model": os.path.join(args.output, "ta", "model")})
     elif stage == "prune":
         s = R.stage_prune(c, data, args.output, args.resume)
         _print_result(stage, {"events": s["events"][-1:] , "model": os.path.join(args.output, "prune", "current")})
     elif stage == "distill":
         s = R.stage_distill(c, data, args.output, args.resume)
-        out = {"best_dev": {k: v["best"] for k, v in s.items() if k != "calibration"}, "model": os.path.join(args.output, "student", "model")}
+        out = {"best_dev": _best_per_phase(s), "model": os.path.join(args.output, "student", "model")}
         if "calibration" in s:
             out["calibrated_threshold"] = s["calibration"]["threshold"]
         _print_result(stage, out)
