@@ -186,9 +186,8 @@ def distill(
     wrapper = StudentWithProjections(student, t_hidden, hints=exit_hint_weight > 0 and student.config.num_exits > 1)
     summaries = {}
     if cache_teacher_outputs:
-        train_cache, dev_cache = TeacherOutputCache(teacher), TeacherOutputCache(teacher)
+        train_out, dev_out = TeacherOutputCache(teacher), TeacherOutputCache(teacher)
         train_batches, dev_batches = (lambda epoch: data.train(epoch, with_index=True)), (lambda: data.split("dev", with_index=True))
-        train_out, dev_out = train_cache, dev_cache
     else:
         train_batches, dev_batches = data.train, (lambda: data.dev)
         train_out = dev_out = lambda batch: teacher_outputs(teacher, batch)
@@ -236,10 +235,10 @@ def distill(
                                   lambda m: dev_exit_scores(m.student, data.dev, data.metric), resume, stage=f"{stage}/pred")
         load_best(wrapper, out)
     if cache_teacher_outputs:
-        summaries["teacher_cache"] = {"examples": len(train_cache.store), "bytes": train_cache.nbytes,
-                                      "cached_batches": train_cache.hits, "teacher_batches": train_cache.misses}
+        info = summaries["teacher_cache"] = {"examples": len(train_out.store), "bytes": train_out.nbytes,
+                                             "cached_batches": train_out.hits, "teacher_batches": train_out.misses}
         log.info("%s: teacher outputs cached for %d training examples (%.2f GB); %d of %d batches read the cache", stage,
-                 len(train_cache.store), train_cache.nbytes / 1e9, train_cache.hits, train_cache.hits + train_cache.misses)
+                 info["examples"], info["bytes"] / 1e9, info["cached_batches"], info["cached_batches"] + info["teacher_batches"])
     student.save_pretrained(os.path.join(output_dir, "model"))
     if hasattr(data, "save_tokenizer"):
         data.save_tokenizer(os.path.join(output_dir, "model"))
