@@ -58,7 +58,7 @@ def _pip_cuda_include_dirs() -> list:
 
 def _extension():
     with_cuda = _want_cuda()
-    sources = ["csrc/registration.cpp", "csrc/op_checks.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/engine/*.cpp"))
+    sources = ["csrc/registration.cpp", "csrc/op_checks.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/engine/**/*.cpp", recursive=True))
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp" if sys.platform != "darwin" else "-Xpreprocessor"]
     define_macros = [("COSTEFF_WITH_CUDA", "1" if with_cuda else "0")]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]

@@ -9,7 +9,7 @@
 #include "shared_rows.h"
 #include "costeff/add_layer_norm.h"
 #include "costeff/op_checks.h"
-#include "simd.h"
+#include "costeff/simd.h"
 
 namespace costeff {
 namespace {

@@ -16,7 +16,7 @@
 
 #include "costeff/exit_head.h"
 #include "costeff/op_checks.h"
-#include "simd.h"
+#include "costeff/simd.h"
 
 namespace costeff {
 namespace {

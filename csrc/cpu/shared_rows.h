@@ -3,7 +3,7 @@
 // attention core of slim_attention.cpp and the LayerNorm rows of add_layer_norm.cpp.
 #include <cstdint>
 
-#include "simd.h"
+#include "costeff/simd.h"
 
 namespace costeff {
 

@@ -17,7 +17,7 @@
 
 #include "shared_rows.h"
 #include "costeff/op_checks.h"
-#include "simd.h"
+#include "costeff/simd.h"
 
 namespace costeff {
 namespace {

@@ -20,7 +20,7 @@
 #include <tuple>
 #include <vector>
 
-#include "packed_linear.h"
+#include "linear/packed_linear.h"
 
 namespace costeff::engine {
 
@@ -82,7 +82,7 @@ class InferenceEngine : public torch::CustomClassHolder {
       std::map<std::string, double>* profile = nullptr) const;
 
   std::string precision() const { return precision_name(precision_); }
-  std::string isa() const { return isa_name(isa_); }
+  std::string isa() const { return kern_->name; }
   int64_t num_labels() const { return config_.num_labels; }
   int64_t num_layers() const { return config_.num_layers; }
   const EngineConfig& config() const { return config_; }
@@ -90,7 +90,7 @@ class InferenceEngine : public torch::CustomClassHolder {
  private:
   EngineConfig config_;
   Precision precision_;
-  Isa isa_;
+  const LinearKernels* kern_;  // chosen once, at construction (COSTEFF_ENGINE_ISA or the CPU's best)
   std::vector<float> word_embeddings_;  // [vocab or pruned_vocab_size, rank or hidden]
   std::vector<int64_t> token_id_map_;   // [vocab] token id -> word row; empty: the id is the row
   PackedLinear word_projection_;        // rank -> embedding width when factorized

@@ -8,6 +8,10 @@
 #define COSTEFF_HAVE_AVX2_PATH 1
 #include <immintrin.h>
 #define COSTEFF_AVX2 __attribute__((target("avx2,fma")))
+// AVX-512 F/BW/VL/DQ (Skylake-SP and later, Zen 4), then with VNNI (vpdpbusd) and with BF16 (vdpbf16ps).
+#define COSTEFF_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")))
+#define COSTEFF_AVX512_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define COSTEFF_AVX512_BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #else
 #define COSTEFF_HAVE_AVX2_PATH 0
 #endif
@@ -18,6 +22,34 @@ namespace simd {
 inline bool cpu_has_avx2_fma() {
 #if COSTEFF_HAVE_AVX2_PATH
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+inline bool cpu_has_avx512() {
+#if COSTEFF_HAVE_AVX2_PATH
+  static const bool ok = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+inline bool cpu_has_avx512_vnni() {
+#if COSTEFF_HAVE_AVX2_PATH
+  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+inline bool cpu_has_avx512_bf16() {
+#if COSTEFF_HAVE_AVX2_PATH
+  static const bool ok = cpu_has_avx512_vnni() && __builtin_cpu_supports("avx512bf16");
   return ok;
 #else
   return false;

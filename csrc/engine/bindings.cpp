@@ -1,0 +1,82 @@
+// The engine's TorchScript/Python face: torch.classes.costeff.InferenceEngine (see engine.h).
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+
+#include "engine.h"
+
+namespace costeff::engine {
+namespace {
+
+Activation parse_activation(const std::string& name) {
+  if (name == "none") return Activation::kNone;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "tanh") return Activation::kTanh;
+  if (name == "relu") return Activation::kRelu;
+  TORCH_CHECK_VALUE(false, "costeff engine: activation must be 'none', 'gelu', 'tanh' or 'relu', got '", name, "'");
+}
+
+// One packed linear layer through one instruction set's kernels, as the engine runs it (single
+// thread): the tests compare every ISA the CPU has against the portable one and a float64 reference.
+at::Tensor engine_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const std::string& precision,
+                         const std::string& isa, const std::string& activation) {
+  const LinearKernels& kern = kernels_for(isa);
+  const PackedLinear lin(weight, bias, parse_precision(precision), "weight");
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == lin.in_features(), "_engine_linear: x must be [rows, ", lin.in_features(), "], got ", x.sizes());
+  const auto xf = x.to(at::kCPU, at::kFloat).contiguous();
+  const int64_t M = xf.size(0), K = lin.in_features(), N = lin.out_features();
+  auto y = at::zeros({M, N}, at::kFloat);
+  const int64_t stride = lin.prepared_stride();
+  std::vector<uint16_t> bf16(M * stride);
+  std::vector<int8_t> q(M * stride);
+  std::vector<float> scale(M);
+  lin.prepare_rows(kern, xf.data_ptr<float>(), K, 0, M, bf16.data(), q.data(), scale.data());
+  PreparedInput in;
+  in.f32 = xf.data_ptr<float>();
+  in.bf16 = bf16.data();
+  in.q = q.data();
+  in.scale = scale.data();
+  in.stride = lin.precision() == Precision::kFloat32 ? K : stride;
+  lin.run(kern, in, 0, M, 0, lin.panels(), y.data_ptr<float>(), N, parse_activation(activation));
+  return y;
+}
+
+std::tuple<std::vector<std::string>, std::vector<std::string>> engine_isas() {
+  std::vector<std::string> known, supported;
+  for (const auto& [name, ok] : isa_support()) {
+    known.push_back(name);
+    if (ok) supported.push_back(name);
+  }
+  return {known, supported};
+}
+
+}  // namespace
+
+void register_engine(torch::Library& m) {
+  // Test and introspection helpers: one linear layer through one ISA's kernels; the ISAs this build
+  // knows and whether this CPU runs each.
+  m.def("_engine_linear(Tensor x, Tensor weight, Tensor? bias, str precision, str isa, str activation) -> Tensor", engine_linear);
+  m.def("_engine_isas() -> (str[] known, str[] supported)", engine_isas);
+  m.class_<InferenceEngine>("InferenceEngine")
+      .def(torch::init<c10::Dict<std::string, at::Tensor>, std::string, std::string>())
+      .def_static("from_directory", [](std::string path, std::string precision) { return InferenceEngine::from_directory(path, precision); })
+      .def("run", [](const c10::intrusive_ptr<InferenceEngine>& self, at::Tensor input_ids, std::optional<at::Tensor> attention_mask,
+                     std::optional<at::Tensor> token_type_ids, double threshold) {
+        return self->run(input_ids, attention_mask, token_type_ids, threshold);
+      })
+      // Seconds per stage summed over `repeats` runs of the same inputs (see run()).
+      .def("profile", [](const c10::intrusive_ptr<InferenceEngine>& self, at::Tensor input_ids, std::optional<at::Tensor> attention_mask,
+                         std::optional<at::Tensor> token_type_ids, double threshold, int64_t repeats) {
+        std::map<std::string, double> acc;
+        for (int64_t i = 0; i < repeats; ++i) self->run(input_ids, attention_mask, token_type_ids, threshold, &acc);
+        c10::Dict<std::string, double> out;
+        for (const auto& [k, v] : acc) out.insert(k, v);
+        return out;
+      })
+      .def("precision", [](const c10::intrusive_ptr<InferenceEngine>& self) { return self->precision(); })
+      .def("isa", [](const c10::intrusive_ptr<InferenceEngine>& self) { return self->isa(); })
+      .def("num_labels", [](const c10::intrusive_ptr<InferenceEngine>& self) { return self->num_labels(); })
+      .def("num_layers", [](const c10::intrusive_ptr<InferenceEngine>& self) { return self->num_layers(); });
+}
+
+}  // namespace costeff::engine
