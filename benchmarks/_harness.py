@@ -27,6 +27,7 @@ for p in (os.path.join(ROOT, "python"), ROOT):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+import costeff  # noqa: E402
 from costeff.inference import timing  # noqa: E402  (after the path setup above)
 
 NUM_THREADS = 2
@@ -189,6 +190,7 @@ def save(bench: str, rows: list[dict], out_path: str | None, quick: bool) -> str
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "processor": cpu_model(),
+        "engine_isa": costeff.info().get("engine_isa"),
         "timer": "costeff.inference.timing.time_interleaved: candidates interleaved block by block, median over blocks, inference_mode",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         # the machine is shared: a high load average means 2-thread timings include waits for a core

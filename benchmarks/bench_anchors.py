@@ -49,6 +49,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--thresholds", default="0.5", help="student entropy thresholds (nats)")
     ap.add_argument("--precisions", default="fp32,bf16,int8")
+    ap.add_argument("--isas", default="auto",
+                    help="engine instruction sets, side by side (e.g. avx2,auto); auto = the best this CPU runs (costeff.inference.engine_isas)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-ort", action="store_true", help="leave out the ONNX Runtime rows")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "anchors.json"))
@@ -145,11 +147,13 @@ def main(argv=None) -> int:
             ort_by_threads[n] = ort_sessions(teacher, tmp, n, teacher.config.hidden_size, teacher.config.num_attention_heads)
         systems["ORT fp32 teacher (optimized)"] = (None, teacher_cfg)
         systems["ORT int8 teacher"] = (None, teacher_cfg)
-    engines = {p: InferenceEngine.from_model(student, p) for p in precisions}
+    isas = [i for i in args.isas.split(",") if i]
+    engines = {(p, i): InferenceEngine.from_model(student, p, isa=None if i == "auto" else i) for i in isas for p in precisions}
     for t in thresholds:
         systems[f"costeff early_exit T={t}"] = ((lambda b, t=t: student.early_exit(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), threshold=t)), student.config)
-        for p, e in engines.items():
-            systems[f"costeff engine {p} T={t}"] = ((lambda b, e=e, t=t: e(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), threshold=t)), student.config)
+        for (p, i), e in engines.items():
+            name = f"costeff engine {p} T={t}" + (f" {e.isa}" if len(isas) > 1 else "")
+            systems[name] = ((lambda b, e=e, t=t: e(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), threshold=t)), student.config)
 
     def runner(name, n_threads):
         if name == "ORT fp32 teacher (optimized)":
@@ -187,7 +191,7 @@ def main(argv=None) -> int:
     print(table)
     meta = {"run": str(run_dir), "examples_timed": sum(len(b["input_ids"]) for b in timed[batch_sizes[0]]), "test_examples": sum(len(b["labels"]) for b in test_loader),
             "rounds": args.rounds, "torch": torch.__version__, "processor": cpu_model(), "machine": platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "loadavg_at_end": os.getloadavg(), "engine_isa": next(iter(engines.values())).isa if engines else None,
+            "loadavg_at_end": os.getloadavg(), "engine_isas": sorted({e.isa for e in engines.values()}),
             "timer": "costeff.inference.timing.time_interleaved (systems interleaved round by round, median), inference_mode"}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -197,13 +201,13 @@ def main(argv=None) -> int:
 
 
 def format_table(rows, thread_counts, batch_sizes, with_ort: bool) -> str:
-    head = f"{'system':<32} {'acc':>6}"
+    head = f"{'system':<44} {'acc':>6}"
     for n in thread_counts:
         for bs in batch_sizes:
             head += f" | t{n} b{bs:<3} {'ms':>7} {'xHF':>6}" + (f" {'xORT8':>6}" if with_ort else "") + f" {'GF/s':>5}"
     lines = [head]
     for r in rows:
-        line = f"{r['system']:<32} {100 * r['accuracy']:>6.2f}"
+        line = f"{r['system']:<44} {100 * r['accuracy']:>6.2f}"
         for n in thread_counts:
             for bs in batch_sizes:
                 k = f"t{n}_b{bs}"

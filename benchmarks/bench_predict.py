@@ -30,6 +30,7 @@ for p in (ROOT / "python", ROOT):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+import costeff  # noqa: E402
 from costeff.data import load_task  # noqa: E402
 from costeff.inference.onnx_export import export_onnx  # noqa: E402
 from costeff.inference.predict import Predictor  # noqa: E402
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
     print(f"threshold {threshold:.4f} nats, {args.threads} threads, {len(timed)} sentences timed, accuracy on {len(texts)}")
     print(table)
     meta = {"model": args.model, "threshold": threshold, "threads": args.threads, "examples": len(timed), "test_sentences": len(texts),
-            "rounds": args.rounds, "cpu": platform.processor() or platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "rounds": args.rounds, "cpu": platform.processor() or platform.machine(), "engine_isa": costeff.info()["engine_isa"], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "command": "python benchmarks/bench_predict.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -63,6 +63,12 @@ int parse_exit_activation(c10::string_view activation, const char* what) {
   return kExitTanh;
 }
 
+void check_threshold(const char* where, double threshold) {
+  TORCH_CHECK_VALUE(threshold >= 0, where,  // NaN fails too
+                    ": threshold must be a number >= 0 (softmax entropy in nats; 0 runs every row to the last layer, +inf lets every row "
+                    "leave at the first exit), got ", threshold);
+}
+
 ExitHeadSizes check_exit_head_inputs(
     const at::Tensor& hidden,
     const std::optional<at::Tensor>& pooler_weight,
@@ -92,7 +98,7 @@ ExitHeadSizes check_exit_head_inputs(
                     classifier_weight.sizes());
   check_param(op, "classifier_bias", classifier_bias, hidden, 1, "[num_classes]");
   check_size(op, "classifier_bias", classifier_bias, 0, classes, "classifier_weight.size(0)");
-  TORCH_CHECK_VALUE(!std::isnan(threshold), op, ": threshold must not be NaN");
+  check_threshold(op, threshold);
   const int act = parse_exit_activation(activation, "costeff::exit_head: activation");
   return ExitHeadSizes{hidden.size(0), hidden_size, classes, pooler_weight.has_value(), act};
 }

@@ -79,7 +79,7 @@ EXPLICIT = [
     ("exit_head", "classifier_weight", lambda t: t.double(), TypeError, "classifier_weight has dtype"),
     ("exit_head", "classifier_weight", lambda t: t.to("meta"), ValueError, "classifier_weight is on meta"),
     ("exit_head", "classifier_weight", lambda t: t[:0], ValueError, "at least one class"),
-    ("exit_head", "threshold", lambda t: math.nan, ValueError, "threshold must not be NaN"),
+    ("exit_head", "threshold", lambda t: math.nan, ValueError, "threshold must be a number >= 0"),
     ("exit_head", "hidden", lambda t: t.index_fill(0, torch.tensor([1]), math.nan), ValueError, "non-finite logits"),
     ("slim_attention", "hidden", lambda t: t[0], ValueError, "hidden must be 3-D"),
     ("slim_attention", "key_padding_mask", lambda t: t.float(), TypeError, "key_padding_mask must be bool or integer"),

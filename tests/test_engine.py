@@ -61,16 +61,28 @@ def test_batched_row_equals_row_alone():
         torch.testing.assert_close(one.logits[0], full.logits[i], atol=1e-5, rtol=1e-5)
 
 
+ENGINE_ISAS = ("avx2", "avx512", "avx512_vnni", "avx512_bf16")
+
+
+def _require_isa(isa):
+    known, supported = torch.ops.costeff._engine_isas()
+    assert isa in known
+    if isa not in supported:
+        pytest.skip(f"this CPU lacks {isa} (it runs: {', '.join(supported)})")
+
+
+@pytest.mark.parametrize("isa", ENGINE_ISAS)
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
-def test_portable_kernels_equal_fast_path(precision, monkeypatch):
+def test_isa_kernels_equal_portable(precision, isa, monkeypatch):
+    _require_isa(isa)
     model = make_model(hidden_size=131, embedding_rank=None, num_attention_heads=[1, 2, 0, 3],
                        attention_head_size=[40, 24, 5, 16], intermediate_size=[33, 0, 131, 7], exit_pooling="mean")
+    monkeypatch.setenv("COSTEFF_ENGINE_ISA", isa)
     fast = InferenceEngine.from_model(model, precision)
+    assert fast.isa == isa
     monkeypatch.setenv("COSTEFF_ENGINE_ISA", "portable")
     portable = InferenceEngine.from_model(model, precision)
     assert portable.isa == "portable"
-    if fast.isa == "portable":
-        pytest.skip("this CPU has no AVX2+FMA: only the portable kernels exist")
     ids, mask, types = make_batch(b=17)
     # same math in another summation order; bf16/int8 round activations again, so a one-ulp fp32
     # difference can move a value by one bf16 ulp / int8 step
@@ -86,6 +98,62 @@ def test_portable_kernels_equal_fast_path(precision, monkeypatch):
         same = a.exit_layer == b.exit_layer
         assert same.float().mean() >= (1.0 if precision == "fp32" else 0.9)
         torch.testing.assert_close(a.logits[same], b.logits[same], atol=atol, rtol=1e-3)
+
+
+def _linear_reference(x, w, b, precision, activation):
+    """float64 reference of one engine linear layer in `precision` (bf16 rounds x and w; int8 quantizes
+    x per row and w per column, symmetric, round half to even, and rescales the exact integer product)."""
+    def amax(t):
+        return t.abs().amax(1, keepdim=True) if t.shape[1] else torch.zeros(t.shape[0], 1)
+
+    if precision == "bf16":
+        y = x.bfloat16().double() @ w.bfloat16().double().T
+    elif precision == "int8":
+        xa, wa = amax(x), amax(w)
+        qx = torch.round(x * torch.where(xa > 0, 127.0 / xa, 0.0))
+        qw = torch.round(w * torch.where(wa > 0, 127.0 / wa, 0.0)).clamp(-127, 127)
+        y = (qx.double() @ qw.double().T) * (xa / 127.0).double() * (wa / 127.0).double().T
+    else:
+        y = x.double() @ w.double().T
+    y = y + b.double()
+    return {"none": y, "gelu": torch.nn.functional.gelu(y), "tanh": torch.tanh(y), "relu": torch.relu(y)}[activation]
+
+
+@pytest.mark.parametrize("isa", ("portable",) + ENGINE_ISAS)
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_linear_kernel_against_float64(precision, isa):
+    """Each ISA's linear kernel on odd K/N and ragged row counts (every micro-kernel height and tail)."""
+    _require_isa(isa)
+    g = torch.Generator().manual_seed(1)
+    for m, k, n in ((1, 1, 1), (5, 3, 17), (11, 37, 45), (23, 130, 33), (0, 8, 8), (3, 0, 5), (4, 6, 0)):
+        x = torch.randn(m, k, generator=g)
+        w = torch.randn(n, k, generator=g) / max(k, 1) ** 0.5
+        b = torch.randn(n, generator=g)
+        for act in ("none", "gelu", "tanh", "relu"):
+            y = torch.ops.costeff._engine_linear(x, w, b, precision, isa, act)
+            ref = _linear_reference(x, w, b, precision, act)
+            torch.testing.assert_close(y.double(), ref, atol=2e-6 * (k + 1) ** 0.5 + 1e-6, rtol=1e-5,
+                                       msg=lambda s: f"{isa} {precision} {act} {(m, k, n)}: {s}")
+
+
+def test_forced_isa_errors(monkeypatch):
+    model = make_model()
+    monkeypatch.setenv("COSTEFF_ENGINE_ISA", "sse9")
+    with pytest.raises(ValueError, match="COSTEFF_ENGINE_ISA must be one of .*'avx512_vnni'.*got 'sse9'"):
+        InferenceEngine.from_model(model)
+    known, supported = torch.ops.costeff._engine_isas()
+    missing = [i for i in known if i not in supported]
+    if not missing:
+        pytest.skip("this CPU runs every ISA this build knows: no missing one to ask for")
+    monkeypatch.setenv("COSTEFF_ENGINE_ISA", missing[0])
+    with pytest.raises(ValueError, match=f"'{missing[0]}' was asked for .* this CPU lacks it"):
+        InferenceEngine.from_model(model)
+
+
+def test_auto_takes_the_best_isa_the_cpu_runs(monkeypatch):
+    monkeypatch.delenv("COSTEFF_ENGINE_ISA", raising=False)
+    _, supported = torch.ops.costeff._engine_isas()
+    assert InferenceEngine.from_model(make_model()).isa == supported[-1]
 
 
 @pytest.mark.parametrize("precision,min_agree,logit_tol", [("bf16", 0.95, 0.3), ("int8", 0.95, 0.5)])
@@ -190,7 +258,7 @@ def engine():
         (dict(input_ids=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0], [0, 0, 0]])), ValueError, "row 1 has no real token"),
         (dict(input_ids=torch.ones(1, 3, dtype=torch.long), token_type_ids=torch.full((1, 3), 2)), ValueError, "token_type_ids must be in"),
         (dict(input_ids=torch.ones(1, 3, dtype=torch.long), token_type_ids=torch.zeros(1, 3)), TypeError, "token_type_ids must be an integer"),
-        (dict(input_ids=torch.ones(1, 3, dtype=torch.long), threshold=float("nan")), ValueError, "threshold must not be NaN"),
+        (dict(input_ids=torch.ones(1, 3, dtype=torch.long), threshold=float("nan")), ValueError, "threshold must be a number >= 0"),
         (dict(input_ids=torch.ones(1, 3, dtype=torch.long), threshold="0.5"), TypeError, "threshold must be a number"),
         (dict(input_ids=[[1, 2]]), TypeError, "input_ids must be a Tensor"),
     ],

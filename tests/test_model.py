@@ -590,7 +590,7 @@ def test_bad_inputs_are_refused_clearly():
         model(torch.zeros(1, 4))
     with pytest.raises(ValueError, match="token_type_ids must be in"):
         model(ids, am, torch.full_like(ids, 2))
-    with pytest.raises(ValueError, match="threshold must not be NaN"):
+    with pytest.raises(ValueError, match="threshold must be a number >= 0"):
         model.early_exit(ids, am, tt, threshold=float("nan"))
 
 

@@ -59,7 +59,11 @@ void register_engine(torch::Library& m) {
   m.def("_engine_isas() -> (str[] known, str[] supported)", engine_isas);
   m.class_<InferenceEngine>("InferenceEngine")
       .def(torch::init<c10::Dict<std::string, at::Tensor>, std::string, std::string>())
-      .def_static("from_directory", [](std::string path, std::string precision) { return InferenceEngine::from_directory(path, precision); })
+      // With an instruction set ("" = COSTEFF_ENGINE_ISA or the CPU's best).
+      .def_static("build", [](c10::Dict<std::string, at::Tensor> weights, std::string config_json, std::string precision, std::string isa) {
+        return c10::make_intrusive<InferenceEngine>(weights, config_json, precision, isa);
+      })
+      .def_static("from_directory", [](std::string path, std::string precision, std::string isa) { return InferenceEngine::from_directory(path, precision, isa); })
       .def("run", [](const c10::intrusive_ptr<InferenceEngine>& self, at::Tensor input_ids, std::optional<at::Tensor> attention_mask,
                      std::optional<at::Tensor> token_type_ids, double threshold) {
         return self->run(input_ids, attention_mask, token_type_ids, threshold);

@@ -62,11 +62,13 @@ class InferenceEngine : public torch::CustomClassHolder {
  public:
   // `weights`: the state_dict of a CostEffForSequenceClassification (names as in model.safetensors);
   // `config_json`: its config; `precision`: "fp32" | "bf16" | "int8". Checks every tensor's presence,
-  // shape and finiteness against the config and names the first that is wrong.
-  InferenceEngine(const c10::Dict<std::string, at::Tensor>& weights, const std::string& config_json, const std::string& precision);
+  // shape and finiteness against the config and names the first that is wrong. `isa`: the kernels'
+  // instruction set (linear/kernels.h); empty reads COSTEFF_ENGINE_ISA, else the CPU's best.
+  InferenceEngine(const c10::Dict<std::string, at::Tensor>& weights, const std::string& config_json, const std::string& precision,
+                  const std::string& isa = "");
 
   // Builds from a model directory: config.json + model.safetensors (no Python needed).
-  static c10::intrusive_ptr<InferenceEngine> from_directory(const std::string& path, const std::string& precision);
+  static c10::intrusive_ptr<InferenceEngine> from_directory(const std::string& path, const std::string& precision, const std::string& isa = "");
 
   // Entropy early exit as `early_exit`: returns (logits [B, num_labels] fp32, exit_layer [B] int64
   // (1-based), entropy [B] fp32 (nats)), rows in input order. input_ids: int64/int32 [B, S];

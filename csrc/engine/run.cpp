@@ -16,6 +16,7 @@
 
 #include "../cpu/shared_rows.h"
 #include "costeff/exit_head.h"
+#include "costeff/op_checks.h"
 #include "json.h"
 
 namespace costeff::engine {
@@ -162,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
   TORCH_CHECK_VALUE(input_ids.dim() == 2, "costeff engine: input_ids must be 2-D [batch, seq_len], got shape ", input_ids.sizes());
   TORCH_CHECK_TYPE(input_ids.scalar_type() == at::kLong || input_ids.scalar_type() == at::kInt,
                    "costeff engine: input_ids must be int64 or int32, got ", input_ids.scalar_type());
-  TORCH_CHECK_VALUE(!std::isnan(threshold), "costeff engine: threshold must not be NaN");
+  check_threshold("costeff engine", threshold);
   const int64_t B = input_ids.size(0), S = input_ids.size(1);
   auto logits_out = at::zeros({B, C}, at::kFloat);
   auto layer_out = at::zeros({B}, at::kLong);

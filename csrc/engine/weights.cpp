@@ -45,8 +45,9 @@ std::vector<int64_t> fetch_rows(const c10::Dict<std::string, at::Tensor>& weight
 
 }  // namespace
 
-InferenceEngine::InferenceEngine(const c10::Dict<std::string, at::Tensor>& weights, const std::string& config_json, const std::string& precision)
-    : config_(EngineConfig::from_json(config_json)), precision_(parse_precision(precision)), kern_(&select_kernels()) {
+InferenceEngine::InferenceEngine(const c10::Dict<std::string, at::Tensor>& weights, const std::string& config_json, const std::string& precision,
+                                 const std::string& isa)
+    : config_(EngineConfig::from_json(config_json)), precision_(parse_precision(precision)), kern_(isa.empty() ? &select_kernels() : &kernels_for(isa)) {
   const EngineConfig& c = config_;
   const int64_t H = c.hidden_size;
   const std::string e = "costeff.embeddings.";
@@ -112,7 +113,7 @@ InferenceEngine::InferenceEngine(const c10::Dict<std::string, at::Tensor>& weigh
   }
 }
 
-c10::intrusive_ptr<InferenceEngine> InferenceEngine::from_directory(const std::string& path, const std::string& precision) {
+c10::intrusive_ptr<InferenceEngine> InferenceEngine::from_directory(const std::string& path, const std::string& precision, const std::string& isa) {
   std::ifstream cf(path + "/config.json");
   TORCH_CHECK_VALUE(cf.good(), "costeff engine: ", path, "/config.json not found: pass a costeff model directory (config.json + model.safetensors)");
   std::stringstream text;
@@ -120,6 +121,6 @@ c10::intrusive_ptr<InferenceEngine> InferenceEngine::from_directory(const std::s
   EngineConfig::from_json(text.str());  // a wrong config is reported before the weights are read
   const std::string weights_path = path + "/model.safetensors";
   TORCH_CHECK_VALUE(std::ifstream(weights_path).good(), "costeff engine: ", weights_path, " not found (sharded or pickled checkpoints are not read here)");
-  return c10::make_intrusive<InferenceEngine>(load_safetensors(weights_path), text.str(), precision);
+  return c10::make_intrusive<InferenceEngine>(load_safetensors(weights_path), text.str(), precision, isa);
 }
 }  // namespace costeff::engine

@@ -29,6 +29,11 @@ def info() -> dict:
             triton_version = triton.__version__
         except Exception:  # a broken triton install must not break costeff.info()
             triton_version = None
+    engine_isa = None
+    if extension_loaded():
+        from costeff.inference.engine import engine_isas
+
+        engine_isa = engine_isas()
     return {
         "costeff": __version__,
         "torch": torch.__version__,
@@ -38,6 +43,9 @@ def info() -> dict:
         "triton": triton_version,
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "ops": sorted(ops.OP_NAMES),
+        # the CPU engine's kernels: the instruction set a new engine takes, and all this CPU runs
+        "engine_isa": engine_isa["selected"] if engine_isa else None,
+        "engine_isas": engine_isa["supported"] if engine_isa else [],
     }
 
 

@@ -29,6 +29,10 @@ ExitHeadSizes check_exit_head_inputs(
 int parse_exit_activation(c10::string_view activation, const char* what);
 
 // Returns the head size (0 when num_heads == 0).
+// The one threshold rule of every entry point (python/costeff/ops/_checks.py check_threshold is its
+// Python twin): a number >= 0 in nats; +inf lets every row leave at the first exit; NaN is refused.
+void check_threshold(const char* where, double threshold);
+
 int64_t check_slim_attention_inputs(
     const at::Tensor& hidden,
     const at::Tensor& key_padding_mask,

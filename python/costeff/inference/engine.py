@@ -5,8 +5,11 @@
 unpadded, so padding costs nothing; attention, LayerNorm, softmax and entropy run in fp32, the linear
 layers in the chosen precision, the exit classifiers in fp32. It is immutable after construction and
 may be called from several threads at once; its parallel work follows ``torch.get_num_threads()``.
-``COSTEFF_ENGINE_ISA=portable`` (read when an engine is built) forces the portable C++ kernels
-instead of AVX2+FMA.
+
+Its linear kernels come from one table per instruction set (csrc/engine/linear/), chosen when an
+engine is built: ``isa=`` or else ``COSTEFF_ENGINE_ISA`` (``auto`` | ``portable`` | ``avx2`` |
+``avx512`` | ``avx512_vnni`` | ``avx512_bf16``), by default the best this CPU runs; asking for one
+the CPU lacks raises ValueError.
 """
 from __future__ import annotations
 
@@ -18,8 +21,25 @@ import torch
 
 from costeff._extension import require_extension
 from costeff.models.modeling_costeff import CostEffForSequenceClassification, EarlyExitOutput
+from costeff.ops._checks import check_threshold
 
 PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def engine_isas() -> dict:
+    """The engine's instruction sets: ``{"known": [...], "supported": [...], "selected": name}``, worst
+    to best; "selected" is what a new engine takes (``COSTEFF_ENGINE_ISA`` or the CPU's best)."""
+    require_extension()
+    known, supported = torch.ops.costeff._engine_isas()
+    forced = os.environ.get("COSTEFF_ENGINE_ISA", "auto") or "auto"
+    selected = supported[-1] if forced == "auto" else forced if forced in supported else f"unavailable: {forced}"
+    return {"known": list(known), "supported": list(supported), "selected": selected}
+
+
+def _check_isa(isa: Optional[str]) -> str:
+    if isa is not None and not isinstance(isa, str):
+        raise TypeError(f"InferenceEngine: isa must be a string or None, got {type(isa).__name__}")
+    return "" if isa in (None, "") else isa
 
 
 def _check_precision(precision: str) -> str:
@@ -42,8 +62,9 @@ class InferenceEngine:
         self.config = config
 
     @classmethod
-    def from_model(cls, model: CostEffForSequenceClassification, precision: str = "fp32") -> "InferenceEngine":
-        """Packs ``model``'s weights (copied: later changes to the model do not reach the engine)."""
+    def from_model(cls, model: CostEffForSequenceClassification, precision: str = "fp32", isa: Optional[str] = None) -> "InferenceEngine":
+        """Packs ``model``'s weights (copied: later changes to the model do not reach the engine);
+        ``isa`` picks the kernels' instruction set (default: ``COSTEFF_ENGINE_ISA`` or the CPU's best)."""
         require_extension()
         if not isinstance(model, CostEffForSequenceClassification):
             raise TypeError(
@@ -53,10 +74,10 @@ class InferenceEngine:
         _check_precision(precision)
         state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
         config_json = model.config.to_json_string(use_diff=False)
-        return cls(torch.classes.costeff.InferenceEngine(state, config_json, precision), model.config)
+        return cls(torch.classes.costeff.InferenceEngine.build(state, config_json, precision, _check_isa(isa)), model.config)
 
     @classmethod
-    def from_pretrained(cls, path, precision: str = "fp32") -> "InferenceEngine":
+    def from_pretrained(cls, path, precision: str = "fp32", isa: Optional[str] = None) -> "InferenceEngine":
         """Builds from a saved model directory without instantiating the PyTorch model."""
         require_extension()
         _check_precision(precision)
@@ -65,7 +86,7 @@ class InferenceEngine:
             raise FileNotFoundError(f"InferenceEngine.from_pretrained: {path} is not a directory")
         from costeff.models.configuration_costeff import CostEffConfig
 
-        handle = torch.classes.costeff.InferenceEngine.from_directory(str(path), precision)
+        handle = torch.classes.costeff.InferenceEngine.from_directory(str(path), precision, _check_isa(isa))
         return cls(handle, CostEffConfig.from_pretrained(path))
 
     @property
@@ -74,7 +95,7 @@ class InferenceEngine:
 
     @property
     def isa(self) -> str:
-        """The instruction set the kernels use: "avx2" or "portable"."""
+        """The instruction set the kernels use ("portable", "avx2", "avx512", "avx512_vnni", "avx512_bf16")."""
         return self._handle.isa()
 
     @property
@@ -99,9 +120,8 @@ class InferenceEngine:
         for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
             if t is not None and not isinstance(t, torch.Tensor):
                 raise TypeError(f"InferenceEngine: {name} must be a Tensor or None, got {type(t).__name__}")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(f"InferenceEngine: threshold must be a number (nats), got {threshold!r}")
-        logits, exit_layer, entropy = self._handle.run(input_ids, attention_mask, token_type_ids, float(threshold))
+        threshold = check_threshold("InferenceEngine", threshold)
+        logits, exit_layer, entropy = self._handle.run(input_ids, attention_mask, token_type_ids, threshold)
         return EarlyExitOutput(logits=logits, exit_layer=exit_layer, entropy=entropy)
 
     def profile(self, input_ids, attention_mask=None, token_type_ids=None, threshold: float = 0.0, repeats: int = 20) -> dict:

@@ -3,7 +3,8 @@
 ``transformers.pipeline("costeff-text-classification", model=DIR)`` (registered when costeff.inference
 is imported) or ``transformers.pipeline("text-classification", model=DIR, pipeline_class=CostEffTextClassificationPipeline)``
 returns ``{"label", "score", "exit_layer"}`` per text, at the directory's calibrated threshold
-(``inference_threshold``; 0, i.e. full depth, when not calibrated) unless ``threshold=`` is given. The
+(``inference_threshold``; 0, i.e. full depth, when not calibrated) unless ``threshold=`` is given, when
+the pipeline is built or per call (``pipe(texts, threshold=0.3)``; a call's threshold wins). The
 model's own ``forward`` is untouched: in eval mode without labels it still returns every exit, which
 distillation needs."""
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Optional
 from transformers import AutoModelForSequenceClassification, TextClassificationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from costeff.inference.predict import check_threshold
+from costeff.ops._checks import check_threshold
 from costeff.models import CostEffForSequenceClassification
 
 TASK = "costeff-text-classification"
@@ -26,11 +27,17 @@ class CostEffTextClassificationPipeline(TextClassificationPipeline):
             raise TypeError(f"{TASK} needs a costeff model, got {type(self.model).__name__}")
         if threshold is None:
             threshold = self.model.config.inference_threshold or 0.0
-        self.threshold = check_threshold(threshold)
+        self.threshold = check_threshold(TASK, threshold)
 
-    def _forward(self, model_inputs):
+    def _sanitize_parameters(self, threshold=None, **kwargs):
+        preprocess, forward, postprocess = super()._sanitize_parameters(**kwargs)
+        if threshold is not None:
+            forward = {**forward, "threshold": check_threshold(TASK, threshold)}
+        return preprocess, forward, postprocess
+
+    def _forward(self, model_inputs, threshold: Optional[float] = None):
         out = self.model.early_exit(model_inputs["input_ids"], model_inputs.get("attention_mask"), model_inputs.get("token_type_ids"),
-                                    threshold=self.threshold)
+                                    threshold=self.threshold if threshold is None else threshold)
         return {"logits": out.logits, "exit_layer": out.exit_layer}
 
     def postprocess(self, model_outputs, function_to_apply=None, top_k=1, _legacy=True):

@@ -18,6 +18,7 @@ import torch
 
 from costeff._extension import MissingDependencyError
 from costeff.models.modeling_costeff import EarlyExitOutput, prepare_inputs, run_exit_segments, trim_padding
+from costeff.ops._checks import check_threshold
 
 MANIFEST = "costeff_onnx.json"
 FORMAT = "costeff-onnx"
@@ -118,9 +119,7 @@ class OnnxEarlyExit:
         return run
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, threshold: float = 0.0) -> EarlyExitOutput:
-        threshold = float(threshold)
-        if threshold != threshold:
-            raise ValueError("OnnxEarlyExit: threshold must not be NaN")
+        threshold = check_threshold("OnnxEarlyExit", threshold)
         ids, mask, types = prepare_inputs(self.config, input_ids, attention_mask, token_type_ids)
         if ids.device.type != "cpu":
             raise ValueError(f"OnnxEarlyExit: inputs must be CPU tensors, got {ids.device}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Iterable, Iterator, Optional, TextIO
 import torch
 
 from costeff._extension import extension_loaded
+from costeff.ops._checks import check_threshold
 
 _NO_TOKENIZER = (
     "{path} has no tokenizer (tokenizer.json / tokenizer_config.json / vocab.txt): it was saved before model "
@@ -52,13 +52,6 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
 
 
-def check_threshold(threshold) -> float:
-    t = float(threshold)
-    if math.isnan(t) or t < 0:
-        raise ValueError(f"threshold must be a number >= 0 (nats), got {threshold!r}")
-    return t
-
-
 class Predictor:
     """Tokenizer + early-exit classifier of a model directory. Runs on the C++ engine when the
     extension is built (``precision`` fp32 (default) / bf16 / int8), else on the model's
@@ -83,7 +76,7 @@ class Predictor:
         self.labels = [str(labels.get(i, labels.get(str(i), f"LABEL_{i}"))) for i in range(self.config.num_labels)]
         self.notice = None
         if threshold is not None:
-            self.threshold = check_threshold(threshold)
+            self.threshold = check_threshold("predict", threshold)
         elif self.config.inference_threshold is not None:
             self.threshold = float(self.config.inference_threshold)
         else:
@@ -207,7 +200,7 @@ def predict_stream(predictor: Predictor, records: Iterable[tuple[str, Optional[s
 def main_predict(args) -> int:
     """`costeff predict` (arguments from costeff.cli)."""
     if args.threshold is not None:
-        check_threshold(args.threshold)
+        check_threshold("costeff predict --threshold", args.threshold)
     predictor = Predictor(args.model, args.precision, args.threshold, args.tokenizer)
     if predictor.notice:
         print(f"costeff predict: {predictor.notice}", file=sys.stderr)

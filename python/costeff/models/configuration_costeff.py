@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
+from costeff.ops._checks import check_threshold
+
 MODEL_TYPE = "costeff_bert"
 EXIT_POOLINGS = ("cls", "mean")  # what an intermediate exit reads: the CLS state or the real tokens' average
 
@@ -155,9 +157,8 @@ class CostEffConfig(PreTrainedConfig):
                                  f"max_position_embeddings={self.max_position_embeddings}")
         if self.hidden_act != "gelu":
             raise ValueError(f"CostEffConfig: hidden_act must be 'gelu' (exact erf GELU, as the slim_ffn kernel), got {self.hidden_act!r}")
-        t = self.inference_threshold
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not (t >= 0) or t != t):
-            raise ValueError(f"CostEffConfig: inference_threshold must be a number >= 0 (nats) or None, got {t!r}")
+        if self.inference_threshold is not None:
+            check_threshold("CostEffConfig.inference_threshold", self.inference_threshold)
         if not (self.layer_norm_eps > 0):
             raise ValueError(f"CostEffConfig: layer_norm_eps must be > 0, got {self.layer_norm_eps}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):

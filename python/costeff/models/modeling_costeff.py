@@ -33,6 +33,7 @@ from costeff.ops import (
     slim_ffn,
     slim_ffn_reference,
 )
+from costeff.ops._checks import check_threshold
 from costeff.ops.exit_head import ExitHeadOutput, activate
 
 
@@ -578,9 +579,7 @@ class CostEffForSequenceClassification(CostEffPreTrainedModel):
         runs every row to the last layer; a huge threshold exits at layer ``exit_start``. Dropout is
         never applied here."""
         cfg = self.config
-        threshold = float(threshold)
-        if threshold != threshold:
-            raise ValueError("early_exit: threshold must not be NaN")
+        threshold = check_threshold("early_exit", threshold)
         ids, mask, types = prepare_inputs(cfg, input_ids, attention_mask, token_type_ids)
         k = _resolve_kernels(use_kernels)
         b = ids.shape[0]

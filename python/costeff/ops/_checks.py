@@ -3,10 +3,25 @@ that a bad call fails the same way under torch.compile, on meta tensors and on t
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+THRESHOLD_RULE = "a number >= 0 (softmax entropy in nats; 0 runs every row to the last layer, +inf lets every row leave at the first exit)"
+
+
+def check_threshold(where: str, threshold) -> float:
+    """The one threshold rule of every entry point (ops, early_exit, the engine, the ONNX runner,
+    predict, the HF pipeline, configs); csrc/op_checks.cpp's check_threshold is its C++ twin."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"{where}: threshold must be {THRESHOLD_RULE}, got {threshold!r}")
+    t = float(threshold)
+    if not t >= 0:  # NaN fails too
+        raise ValueError(f"{where}: threshold must be {THRESHOLD_RULE}, got {threshold!r}")
+    return t
 
 
 def check_float(op: str, name: str, t: torch.Tensor) -> None:
@@ -56,8 +71,7 @@ def check_exit_head(hidden, pooler_weight, pooler_bias, classifier_weight, class
         raise ValueError(f"{op}: classifier_weight must have at least one class (row), got shape {list(classifier_weight.shape)}")
     check_param(op, "classifier_bias", classifier_bias, hidden, 1, "[num_classes]")
     check_size(op, "classifier_bias", classifier_bias, 0, c, "classifier_weight.size(0)")
-    if math.isnan(float(threshold)):
-        raise ValueError(f"{op}: threshold must not be NaN")
+    check_threshold(op, threshold)
     if activation not in EXIT_ACTIVATIONS:
         raise ValueError(f'{op}: activation must be "tanh", "relu" or "gelu", got "{activation}"')
     return c

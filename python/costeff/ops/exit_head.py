@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from costeff._extension import extension_loaded
-from costeff.ops._checks import check_exit_head
+from costeff.ops._checks import check_exit_head, check_threshold
 from costeff.ops._registry import op_handle, register_triton_cuda
 
 NAME = "exit_head"
@@ -38,7 +38,8 @@ def exit_head(
     """Runs ``torch.ops.costeff.exit_head`` on ``hidden`` [batch, hidden_size] (the CLS states).
 
     Differentiable in ``hidden`` and the weights through logits and entropy."""
-    out = op_handle(NAME)(hidden, pooler_weight, pooler_bias, classifier_weight, classifier_bias, float(threshold), activation)
+    threshold = check_threshold(f"costeff::{NAME}", threshold)
+    out = op_handle(NAME)(hidden, pooler_weight, pooler_bias, classifier_weight, classifier_bias, threshold, activation)
     return ExitHeadOutput(*out)
 
 

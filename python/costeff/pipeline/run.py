@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from costeff._extension import extension_loaded
+from costeff.ops._checks import check_threshold
 from costeff.inference import InferenceEngine
 from costeff.inference.calibrate import calibrate_on_batches
 from costeff.models import CostEffForSequenceClassification, count_parameters, from_pretrained_encoder, parameter_count, prune_vocabulary
@@ -127,8 +128,8 @@ class PipelineConfig:
                             "prune_schedule": SCHEDULES}.items():
             if getattr(self, name) not in known:
                 raise ValueError(f"PipelineConfig: {name} must be one of {known}, got {getattr(self, name)!r}")
-        if self.thresholds is not None and not all(t >= 0 for t in self.thresholds):  # NaN fails too
-            raise ValueError(f"PipelineConfig: thresholds must be >= 0 (entropy in nats), got {self.thresholds!r}")
+        for t in self.thresholds or ():
+            check_threshold("PipelineConfig.thresholds", t)
         if self.calibrate_max_drop is not None and not self.calibrate_max_drop >= 0:
             raise ValueError(f"PipelineConfig: calibrate_max_drop must be None or >= 0, got {self.calibrate_max_drop!r}")
 
