@@ -306,3 +306,17 @@ def test_bad_models(tmp_path):
     (trunc / "config.json").write_text('{"model_type": "bert", "hidden_size": 8}')
     with pytest.raises(ValueError, match="not 'costeff_bert'"):
         InferenceEngine.from_pretrained(trunc)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("use_diff", [True, False])
+def test_config_reader_field_by_field(name, use_diff, tmp_path, _engine_config_matches_python):
+    """The C++ reader against CostEffConfig on each test model's config, with and without the defaults
+    written out (save_pretrained leaves them out); conftest runs the same check on every config saved."""
+    from conftest import check_engine_reads_config
+
+    model = make_model(**CONFIGS[name])
+    check_engine_reads_config(model.config, model.config.to_json_string(use_diff=use_diff))
+    before = _engine_config_matches_python["n"]
+    model.save_pretrained(tmp_path)  # goes through the session-wide check
+    assert _engine_config_matches_python["n"] > before

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <sstream>
+
 #include "engine.h"
 
 namespace costeff::engine {
@@ -50,6 +52,34 @@ std::tuple<std::vector<std::string>, std::vector<std::string>> engine_isas() {
   return {known, supported};
 }
 
+// The fields the engine reads from a config.json, as JSON: the tests compare them with CostEffConfig's
+// on every config they save, so the two readers (and their defaults) cannot drift apart.
+std::string engine_config(const std::string& config_json) {
+  const EngineConfig c = EngineConfig::from_json(config_json);
+  std::ostringstream o;
+  o.precision(17);
+  const auto list = [&](const std::vector<int64_t>& v) {
+    o << "[";
+    for (size_t i = 0; i < v.size(); ++i) o << (i ? ", " : "") << v[i];
+    o << "]";
+  };
+  const char* act = c.pooler_activation == Activation::kRelu ? "relu" : c.pooler_activation == Activation::kGelu ? "gelu" : "tanh";
+  o << "{\"vocab_size\": " << c.vocab_size << ", \"hidden_size\": " << c.hidden_size << ", \"num_hidden_layers\": " << c.num_layers
+    << ", \"max_position_embeddings\": " << c.max_positions << ", \"type_vocab_size\": " << c.type_vocab_size
+    << ", \"num_labels\": " << c.num_labels << ", \"embedding_rank\": " << c.embedding_rank << ", \"pruned_vocab_size\": " << c.pruned_vocab_size
+    << ", \"exit_start\": " << c.exit_start << ", \"exit_pooler_dense\": " << (c.exit_pooler_dense ? "true" : "false")
+    << ", \"exit_pooling\": \"" << (c.mean_pooling ? "mean" : "cls") << "\", \"pooler_activation\": \"" << act
+    << "\", \"embedding_size\": " << c.embedding_size << ", \"position_offset\": " << c.position_offset << ", \"layer_norm_eps\": " << c.layer_norm_eps
+    << ", \"num_attention_heads\": ";
+  list(c.heads);
+  o << ", \"attention_head_size\": ";
+  list(c.head_size);
+  o << ", \"intermediate_size\": ";
+  list(c.ffn);
+  o << "}";
+  return o.str();
+}
+
 }  // namespace
 
 void register_engine(torch::Library& m) {
@@ -57,6 +87,7 @@ void register_engine(torch::Library& m) {
   // knows and whether this CPU runs each.
   m.def("_engine_linear(Tensor x, Tensor weight, Tensor? bias, str precision, str isa, str activation) -> Tensor", engine_linear);
   m.def("_engine_isas() -> (str[] known, str[] supported)", engine_isas);
+  m.def("_engine_config(str config_json) -> str", engine_config);
   m.class_<InferenceEngine>("InferenceEngine")
       .def(torch::init<c10::Dict<std::string, at::Tensor>, std::string, std::string>())
       // With an instruction set ("" = COSTEFF_ENGINE_ISA or the CPU's best).
