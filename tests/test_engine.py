@@ -246,7 +246,7 @@ def engine():
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        (dict(input_ids=torch.ones(2, 3)), TypeError, "input_ids must be int64 or int32"),
+        (dict(input_ids=torch.ones(2, 3)), TypeError, "input_ids must be an integer tensor"),
         (dict(input_ids=torch.ones(3, dtype=torch.long)), ValueError, "input_ids must be 2-D"),
         (dict(input_ids=torch.ones(2, 3, dtype=torch.long, device="meta")), ValueError, "input_ids must be a CPU tensor"),
         (dict(input_ids=torch.full((1, 3), VOCAB)), ValueError, r"input_ids must be in \[0, vocab_size=97\)"),
@@ -255,7 +255,7 @@ def engine():
         (dict(input_ids=torch.ones(1, 0, dtype=torch.long)), ValueError, "seq_len 0"),
         (dict(input_ids=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4)), ValueError, "attention_mask must have the shape"),
         (dict(input_ids=torch.ones(1, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 2, 0]])), ValueError, "attention_mask must hold 0/1"),
-        (dict(input_ids=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0], [0, 0, 0]])), ValueError, "row 1 has no real token"),
+        (dict(input_ids=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0], [0, 0, 0]])), ValueError, r"rows \[1\] have no real token"),
         (dict(input_ids=torch.ones(1, 3, dtype=torch.long), token_type_ids=torch.full((1, 3), 2)), ValueError, "token_type_ids must be in"),
         (dict(input_ids=torch.ones(1, 3, dtype=torch.long), token_type_ids=torch.zeros(1, 3)), TypeError, "token_type_ids must be an integer"),
         (dict(input_ids=torch.ones(1, 3, dtype=torch.long), threshold=float("nan")), ValueError, "threshold must be a number >= 0"),

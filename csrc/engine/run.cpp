@@ -161,8 +161,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
   TORCH_CHECK_VALUE(input_ids.defined(), "costeff engine: input_ids is undefined");
   TORCH_CHECK_VALUE(input_ids.device().is_cpu(), "costeff engine: input_ids must be a CPU tensor, got ", input_ids.device());
   TORCH_CHECK_VALUE(input_ids.dim() == 2, "costeff engine: input_ids must be 2-D [batch, seq_len], got shape ", input_ids.sizes());
-  TORCH_CHECK_TYPE(input_ids.scalar_type() == at::kLong || input_ids.scalar_type() == at::kInt,
-                   "costeff engine: input_ids must be int64 or int32, got ", input_ids.scalar_type());
+  TORCH_CHECK_TYPE(!input_ids.is_floating_point() && !input_ids.is_complex() && input_ids.scalar_type() != at::kBool,
+                   "costeff engine: input_ids must be an integer tensor, got ", input_ids.scalar_type());
   check_threshold("costeff engine", threshold);
   const int64_t B = input_ids.size(0), S = input_ids.size(1);
   auto logits_out = at::zeros({B, C}, at::kFloat);
@@ -228,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
       pos_id.push_back(c.position_offset == 0 ? j : c.position_offset - 1 + (is_real ? seen : 0));
       ++r.len;
     }
-    TORCH_CHECK_VALUE(!r.keys.empty(), "costeff engine: attention_mask row ", b, " has no real token (all padding); remove it from the batch");
+    TORCH_CHECK_VALUE(!r.keys.empty(), "costeff engine: attention_mask rows [", b, "] have no real token (all padding); remove them from the batch");
     T += r.len;
     rows.push_back(std::move(r));
   }

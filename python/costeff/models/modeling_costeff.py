@@ -44,12 +44,13 @@ from costeff.ops.exit_head import ExitHeadOutput, activate
 def prepare_inputs(config: CostEffConfig, input_ids, attention_mask=None, token_type_ids=None):
     """Validates inputs and returns (input_ids, bool key mask, token_type_ids). Refuses inputs longer
     than the position table and rows with no real token (HF would attend uniformly to padding there,
-    our attention gives such a query a zero context: the two would silently disagree)."""
+    our attention gives such a query a zero context: the two would silently disagree). The C++ engine
+    applies the same rules (csrc/engine/run.cpp); tests/test_input_rules.py pins both to one table."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be 2-D [batch, seq_len], got shape {list(input_ids.shape)}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+    if input_ids.dtype.is_floating_point or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     b, s = input_ids.shape
     if s == 0:
@@ -69,9 +70,10 @@ def prepare_inputs(config: CostEffConfig, input_ids, attention_mask=None, token_
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
             got = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
             raise ValueError(f"attention_mask must have the shape of input_ids {list(input_ids.shape)}, got {got}")
-        if attention_mask.dtype.is_floating_point:
-            if not ((attention_mask == 0) | (attention_mask == 1)).all():
-                raise ValueError("attention_mask must hold 0/1 (1 = real token); additive masks are not accepted")
+        if attention_mask.is_complex():
+            raise TypeError(f"attention_mask must be bool, integer or float, got {attention_mask.dtype}")
+        if attention_mask.dtype != torch.bool and not ((attention_mask == 0) | (attention_mask == 1)).all():
+            raise ValueError("attention_mask must hold 0/1 (1 = real token); additive masks are not accepted")
         mask = attention_mask.bool()
         if b:
             empty = (~mask.any(1)).nonzero().flatten()
@@ -85,6 +87,8 @@ def prepare_inputs(config: CostEffConfig, input_ids, attention_mask=None, token_
     else:
         if not isinstance(token_type_ids, torch.Tensor) or token_type_ids.shape != input_ids.shape:
             raise ValueError(f"token_type_ids must have the shape of input_ids {list(input_ids.shape)}")
+        if token_type_ids.dtype.is_floating_point or token_type_ids.is_complex() or token_type_ids.dtype == torch.bool:
+            raise TypeError(f"token_type_ids must be an integer tensor, got {token_type_ids.dtype}")
         types = token_type_ids.long()
         if b and (int(types.min()) < 0 or int(types.max()) >= config.type_vocab_size):
             raise ValueError(f"token_type_ids must be in [0, type_vocab_size={config.type_vocab_size})")
