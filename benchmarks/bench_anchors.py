@@ -52,6 +52,9 @@ def parse_args(argv=None):
     ap.add_argument("--isas", default="auto",
                     help="engine instruction sets, side by side (e.g. avx2,auto); auto = the best this CPU runs (costeff.inference.engine_isas)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--settle", type=float, default=0.25,
+                    help="untimed pause (s) before each timed block: ONNX Runtime's threads spin for tens of ms after a run and slowed "
+                         "whatever ran next by up to 2x (costeff.inference.timing.time_interleaved)")
     ap.add_argument("--no-ort", action="store_true", help="leave out the ONNX Runtime rows")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "anchors.json"))
     return ap.parse_args(argv)
@@ -173,7 +176,7 @@ def main(argv=None) -> int:
         for n in thread_counts:
             torch.set_num_threads(n)
             measured = [({}, runner(name, n)) for name in systems]
-            add_latency(measured, timed, args.rounds)
+            add_latency(measured, timed, args.rounds, settle_s=args.settle)
             for name, (lat, _) in zip(systems, measured):
                 for bs in batch_sizes:
                     ms = lat[f"latency_ms_b{bs}"]
@@ -192,7 +195,8 @@ def main(argv=None) -> int:
     meta = {"run": str(run_dir), "examples_timed": sum(len(b["input_ids"]) for b in timed[batch_sizes[0]]), "test_examples": sum(len(b["labels"]) for b in test_loader),
             "rounds": args.rounds, "torch": torch.__version__, "processor": cpu_model(), "machine": platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "loadavg_at_end": os.getloadavg(), "engine_isas": sorted({e.isa for e in engines.values()}),
-            "timer": "costeff.inference.timing.time_interleaved (systems interleaved round by round, median), inference_mode"}
+            "timer": "costeff.inference.timing.time_interleaved (systems interleaved round by round, median), inference_mode",
+            "settle_s": args.settle}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": list(rows.values()), "table": table}, f, indent=1)

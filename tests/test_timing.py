@@ -32,3 +32,23 @@ def test_bad_blocks():
         time_interleaved({"a": lambda: 1}, rounds=0)
     with pytest.raises(ValueError, match="did no work"):
         time_interleaved({"a": lambda: 0}, rounds=1, warmup=0)
+
+
+def test_settle_pauses_before_every_block_untimed(monkeypatch):
+    """settle_s sleeps before each timed block, outside the clock readings."""
+    from costeff.inference import timing
+
+    now = [0.0]
+    sleeps = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: (sleeps.append(s), now.__setitem__(0, now[0] + 100.0)))
+
+    def clock():
+        return now[0]
+
+    def work():
+        now[0] += 1.0
+        return 1
+
+    out = timing.time_interleaved({"a": work, "b": work}, rounds=3, clock=clock, settle_s=0.2)
+    assert sleeps == [0.2] * 6  # 3 rounds x 2 candidates; the warm-up is not paused
+    assert out["a"]["median"] == 1.0 and out["b"]["median"] == 1.0  # the pauses are not timed

@@ -14,6 +14,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "../cpu/attention_core.h"
 #include "../cpu/shared_rows.h"
 #include "costeff/exit_head.h"
 #include "costeff/op_checks.h"
@@ -81,43 +82,6 @@ void layer_norm_rows(const LinearKernels& kern, const float* x, const float* res
   const int64_t grain = std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, n));
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) add_layer_norm_row_cpu(x + r * n, res + r * n, g.data(), b.data(), out + r * n, n, eps, avx2);
-  });
-}
-
-// The portable attention (the AVX2 one is attention_core_avx2 of csrc/cpu/slim_attention.cpp).
-void attention_portable(const AttentionRows& rows, const float* qkv, int64_t ld, float* ctx, int64_t nh, int64_t d) {
-  const int64_t inner = nh * d;
-  const float scale = 1.f / std::sqrt(static_cast<float>(d));
-  at::parallel_for(0, rows.batch * nh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(rows.max_len);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / nh, h = bh % nh;
-      const int64_t n = rows.n_keys[b];
-      const int64_t* keys = rows.key_rows + b * rows.max_len;
-      for (int64_t i = 0; i < rows.q_len[b]; ++i) {
-        const int64_t row = rows.q_start[b] + i;
-        float* out = ctx + row * inner + h * d;
-        std::fill(out, out + d, 0.f);
-        if (n == 0) continue;
-        const float* q = qkv + row * ld + h * d;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < n; ++t) {
-          const float* k = qkv + keys[t] * ld + inner + h * d;
-          float dot = 0.f;
-          for (int64_t c = 0; c < d; ++c) dot += q[c] * k[c];
-          p[t] = dot * scale;
-          mx = std::max(mx, p[t]);
-        }
-        float sum = 0.f;
-        for (int64_t t = 0; t < n; ++t) sum += (p[t] = std::exp(p[t] - mx));
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < n; ++t) {
-          const float* v = qkv + keys[t] * ld + 2 * inner + h * d;
-          const float w = p[t] * inv;
-          for (int64_t c = 0; c < d; ++c) out[c] += w * v[c];
-        }
-      }
-    }
   });
 }
 
@@ -300,7 +264,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
       } else
 #endif
       {
-        attention_portable(ar, qkv.data(), 3 * inner, ctx.data(), L.heads, L.head_size);
+        attention_core_portable<float>(ar, qkv.data(), 3 * inner, qkv.data() + inner, qkv.data() + 2 * inner, 3 * inner, ctx.data(), L.heads,
+                                       L.head_size);
       }
       clock.lap(tag, "attention");
       run_linear(L.attn_out, *kern_, ctx.data(), inner, T, tmp.data(), H, Activation::kNone, scratch);

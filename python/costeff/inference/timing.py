@@ -11,10 +11,13 @@ from typing import Callable
 
 
 def time_interleaved(blocks: dict[str, Callable[[], int]], rounds: int, warmup: int = 1,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, dict]:
+                     clock: Callable[[], float] = time.perf_counter, settle_s: float = 0.0) -> dict[str, dict]:
     """``blocks[name]()`` runs one block of work and returns how many units it did (samples, calls).
     Returns, per name, the median / quartiles / min over ``rounds`` of seconds per unit, plus
-    ``rounds`` and ``units`` (per block). ``clock`` is injectable for deterministic tests."""
+    ``rounds`` and ``units`` (per block). ``clock`` is injectable for deterministic tests.
+    ``settle_s``: an untimed pause before each block, so that worker threads the previous candidate
+    left spinning (ONNX Runtime's pool spins for tens of ms after a run) are asleep and do not steal
+    the cores from the next one (measured: the engine ran 2x slower right after ONNX Runtime)."""
     if rounds < 1:
         raise ValueError(f"time_interleaved: rounds must be >= 1, got {rounds}")
     units = {}
@@ -26,6 +29,8 @@ def time_interleaved(blocks: dict[str, Callable[[], int]], rounds: int, warmup: 
     samples: dict[str, list[float]] = {name: [] for name in blocks}
     for _ in range(rounds):
         for name, block in blocks.items():
+            if settle_s > 0:
+                time.sleep(settle_s)
             t0 = clock()
             n = block()
             dt = clock() - t0

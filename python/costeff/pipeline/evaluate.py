@@ -49,7 +49,7 @@ def latency_batches(data, split: str, examples: int, batch_sizes=(1, 32)) -> dic
 Measured = tuple[dict, Callable[[dict], object]]
 
 
-def add_latency(systems: Sequence[Measured], timed: dict[int, list], rounds: int = 5) -> None:
+def add_latency(systems: Sequence[Measured], timed: dict[int, list], rounds: int = 5, settle_s: float = 0.0) -> None:
     """row["latency_ms_b<bs>"] = ms per sample over the `timed` batches, for every system at once:
     costeff.inference.timing.time_interleaved (systems take turns round by round, median)."""
     for bs, batches in timed.items():
@@ -62,7 +62,7 @@ def add_latency(systems: Sequence[Measured], timed: dict[int, list], rounds: int
                 return n
             return go
 
-        stats = time_interleaved({i: block(run) for i, (_, run) in enumerate(systems)}, rounds)
+        stats = time_interleaved({i: block(run) for i, (_, run) in enumerate(systems)}, rounds, settle_s=settle_s)
         for i, (row, _) in enumerate(systems):
             row[f"latency_ms_b{bs}"] = stats[i]["median"] * 1000
 
