@@ -320,3 +320,22 @@ def test_config_reader_field_by_field(name, use_diff, tmp_path, _engine_config_m
     before = _engine_config_matches_python["n"]
     model.save_pretrained(tmp_path)  # goes through the session-wide check
     assert _engine_config_matches_python["n"] > before
+
+
+def test_early_exit_output_of_equals_the_constructor():
+    """EarlyExitOutput.of (the engine's fast path) builds exactly what the ModelOutput constructor does."""
+    import pickle
+
+    from costeff.models.modeling_costeff import EarlyExitOutput
+
+    a, b, c = torch.randn(2, 3), torch.tensor([1, 2]), torch.rand(2)
+    slow, fast = EarlyExitOutput(logits=a, exit_layer=b, entropy=c), EarlyExitOutput.of(a, b, c)
+    assert type(fast) is type(slow) and list(fast.keys()) == list(slow.keys()) == ["logits", "exit_layer", "entropy"]
+    assert fast.to_tuple() == slow.to_tuple() and fast.__dict__ == slow.__dict__
+    assert fast["entropy"] is c and fast[1] is b and fast.logits is a
+    fast.logits = a * 2  # attribute and key stay in sync, as with the constructor
+    assert torch.equal(fast["logits"], a * 2)
+    back = pickle.loads(pickle.dumps(fast))
+    assert list(back.keys()) == list(fast.keys()) and torch.equal(back.exit_layer, b)
+    flat, spec = torch.utils._pytree.tree_flatten(fast)
+    assert len(flat) == 3 and torch.utils._pytree.tree_unflatten(flat, spec).entropy is c

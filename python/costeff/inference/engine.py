@@ -122,7 +122,7 @@ class InferenceEngine:
                 raise TypeError(f"InferenceEngine: {name} must be a Tensor or None, got {type(t).__name__}")
         threshold = check_threshold("InferenceEngine", threshold)
         logits, exit_layer, entropy = self._handle.run(input_ids, attention_mask, token_type_ids, threshold)
-        return EarlyExitOutput(logits=logits, exit_layer=exit_layer, entropy=entropy)
+        return EarlyExitOutput.of(logits, exit_layer, entropy)
 
     def profile(self, input_ids, attention_mask=None, token_type_ids=None, threshold: float = 0.0, repeats: int = 20) -> dict:
         """Wall-clock milliseconds per call spent in each stage ("embeddings", "layer<i>.qkv",

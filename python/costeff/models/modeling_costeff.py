@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -287,6 +288,17 @@ class EarlyExitOutput(ModelOutput):
     logits: Optional[torch.Tensor] = None
     exit_layer: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, exit_layer: torch.Tensor, entropy: torch.Tensor) -> "EarlyExitOutput":
+        """The same object as ``EarlyExitOutput(logits=..., exit_layer=..., entropy=...)`` with all three
+        given, without ModelOutput's per-instance dataclass checks (about 9 us, against under 100 us
+        for a batch-1 engine call)."""
+        out = cls.__new__(cls)
+        for name, value in (("logits", logits), ("exit_layer", exit_layer), ("entropy", entropy)):
+            OrderedDict.__setitem__(out, name, value)
+            object.__setattr__(out, name, value)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------

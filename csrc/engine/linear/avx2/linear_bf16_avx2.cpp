@@ -49,7 +49,8 @@ COSTEFF_AVX2 void block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64
 
 void bf16_panel(const uint16_t* x, int64_t ldx, int64_t rows, const uint16_t* w, int64_t K2, const float* bias, float* y, int64_t ldy,
                 int64_t ncols, Activation act) {
-  for_row_blocks<6>(rows, [&](auto mr, int64_t r) { block<mr.value>(x + r * ldx, ldx, w, K2, bias, y + r * ldy, ldy, ncols, act); });
+  // 4 rows: 8 accumulators + 4 widened weight vectors + 2 widened x fit the 16 ymm registers (6 rows spilled)
+  for_row_blocks<4>(rows, [&](auto mr, int64_t r) { block<mr.value>(x + r * ldx, ldx, w, K2, bias, y + r * ldy, ldy, ncols, act); });
 }
 
 COSTEFF_AVX2 void prepare_bf16(const float* x, int64_t K, uint16_t* out) {
