@@ -202,14 +202,19 @@ def save(bench: str, rows: list[dict], out_path: str | None, quick: bool) -> str
 
 
 def cpu_model() -> str:
+    """The CPU's model name, with its family/model numbers (a VM may report only "AMD EPYC") and the
+    engine ISAs it runs, so a number is labelled with the machine that gave it."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
+    name = fields.get("model name", platform.processor())
+    isas = costeff.info().get("engine_isas") or []
+    return f"{name} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}; engine ISAs: {', '.join(isas) or 'n/a'})"
 
 
 def main_for(bench: str, description: str, make_cases: Callable[[bool], list[Case]], argv=None) -> list[dict]:

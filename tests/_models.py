@@ -93,3 +93,21 @@ CONFIGS = {
     "all_pruned": dict(num_attention_heads=0, intermediate_size=0, num_labels=2),
     "pruned_vocabulary_roberta_positions": dict(pruned_vocab_size=31, position_offset=2, pad_token_id=1),
 }
+
+
+def save_text_model_dir(path, tokenizer_path, **config) -> None:
+    """A self-contained model directory with a real tokenizer (3 layers, hidden 32, mean-pooled exits,
+    exits scaled so that entropies spread): what `costeff predict` and the HF pipeline read."""
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_path))
+    tok.model_max_length = 64
+    cfg = CostEffConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, attention_head_size=16,
+                        intermediate_size=24, max_position_embeddings=128, num_labels=2, exit_pooling="mean", **config)
+    model = CostEffForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        for ex in model.exits:
+            ex.classifier.weight.normal_(0, 2.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)

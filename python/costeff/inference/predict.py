@@ -200,7 +200,7 @@ def predict_stream(predictor: Predictor, records: Iterable[tuple[str, Optional[s
 def main_predict(args) -> int:
     """`costeff predict` (arguments from costeff.cli)."""
     if args.threshold is not None:
-        check_threshold("costeff predict --threshold", args.threshold)
+        check_threshold("costeff predict", args.threshold, "--threshold")
     predictor = Predictor(args.model, args.precision, args.threshold, args.tokenizer)
     if predictor.notice:
         print(f"costeff predict: {predictor.notice}", file=sys.stderr)

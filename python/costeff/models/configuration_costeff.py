@@ -158,7 +158,7 @@ class CostEffConfig(PreTrainedConfig):
         if self.hidden_act != "gelu":
             raise ValueError(f"CostEffConfig: hidden_act must be 'gelu' (exact erf GELU, as the slim_ffn kernel), got {self.hidden_act!r}")
         if self.inference_threshold is not None:
-            check_threshold("CostEffConfig.inference_threshold", self.inference_threshold)
+            check_threshold("CostEffConfig", self.inference_threshold, "inference_threshold")
         if not (self.layer_norm_eps > 0):
             raise ValueError(f"CostEffConfig: layer_norm_eps must be > 0, got {self.layer_norm_eps}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):

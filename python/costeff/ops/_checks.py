@@ -13,14 +13,15 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 THRESHOLD_RULE = "a number >= 0 (softmax entropy in nats; 0 runs every row to the last layer, +inf lets every row leave at the first exit)"
 
 
-def check_threshold(where: str, threshold) -> float:
+def check_threshold(where: str, threshold, name: str = "threshold") -> float:
     """The one threshold rule of every entry point (ops, early_exit, the engine, the ONNX runner,
-    predict, the HF pipeline, configs); csrc/op_checks.cpp's check_threshold is its C++ twin."""
+    predict, the HF pipeline, configs); csrc/op_checks.cpp's check_threshold is its C++ twin.
+    ``name``: the argument or field as the caller knows it."""
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise TypeError(f"{where}: threshold must be {THRESHOLD_RULE}, got {threshold!r}")
+        raise TypeError(f"{where}: {name} must be {THRESHOLD_RULE}, got {threshold!r}")
     t = float(threshold)
     if not t >= 0:  # NaN fails too
-        raise ValueError(f"{where}: threshold must be {THRESHOLD_RULE}, got {threshold!r}")
+        raise ValueError(f"{where}: {name} must be {THRESHOLD_RULE}, got {threshold!r}")
     return t
 
 

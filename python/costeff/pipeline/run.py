@@ -129,7 +129,7 @@ class PipelineConfig:
             if getattr(self, name) not in known:
                 raise ValueError(f"PipelineConfig: {name} must be one of {known}, got {getattr(self, name)!r}")
         for t in self.thresholds or ():
-            check_threshold("PipelineConfig.thresholds", t)
+            check_threshold("PipelineConfig", t, "thresholds")
         if self.calibrate_max_drop is not None and not self.calibrate_max_drop >= 0:
             raise ValueError(f"PipelineConfig: calibrate_max_drop must be None or >= 0, got {self.calibrate_max_drop!r}")
 

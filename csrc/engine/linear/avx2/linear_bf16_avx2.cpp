@@ -31,18 +31,7 @@ COSTEFF_AVX2 void block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64
       acc[r][1] = _mm256_fmadd_ps(xo, wo1, _mm256_fmadd_ps(xe, we1, acc[r][1]));
     }
   }
-  alignas(32) float sums[MR * kPanel];  // see linear_fp32_avx2.cpp
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    _mm256_store_ps(sums + r * kPanel, acc[r][0]);
-    _mm256_store_ps(sums + r * kPanel + 8, acc[r][1]);
-  }
-  const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
-  for (int r = 0; r < MR; ++r) {
-    const __m256 lo = _mm256_add_ps(_mm256_load_ps(sums + r * kPanel), b0);
-    const __m256 hi = _mm256_add_ps(_mm256_load_ps(sums + r * kPanel + 8), b1);
-    store_cols(y + r * ldy, apply_act(lo, act), apply_act(hi, act), ncols);
-  }
+  finish_rows<MR>(acc, bias, y, ldy, ncols, act);
 }
 
 }  // namespace

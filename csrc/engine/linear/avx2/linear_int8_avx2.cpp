@@ -30,7 +30,7 @@ COSTEFF_AVX2 void block(const int8_t* q, int64_t ldq, const float* sx, const int
       acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xv)), ones));
     }
   }
-  alignas(32) int32_t sums[MR * kPanel];  // see linear_fp32_avx2.cpp
+  alignas(32) int32_t sums[MR * kPanel];  // copied out first, see finish_rows
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     _mm256_store_si256(reinterpret_cast<__m256i*>(sums + r * kPanel), acc[r][0]);

@@ -20,5 +20,16 @@ COSTEFF_AVX512 inline void store_cols(float* dst, __m512 v, int64_t ncols) {
   else _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << ncols) - 1u), v);
 }
 
+// y[r] = act(acc[r] + bias) for MR rows of a 16-column panel (accumulators copied out first, as in
+// avx2::finish_rows).
+template <int MR>
+COSTEFF_AVX512 inline void finish_rows(const __m512 (&acc)[MR], const float* bias, float* y, int64_t ldy, int64_t ncols, Activation act) {
+  alignas(64) float sums[MR * kPanel];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) _mm512_store_ps(sums + r * kPanel, acc[r]);
+  const __m512 b = _mm512_loadu_ps(bias);
+  for (int r = 0; r < MR; ++r) store_cols(y + r * ldy, apply_act(_mm512_add_ps(_mm512_load_ps(sums + r * kPanel), b), act), ncols);
+}
+
 }  // namespace costeff::engine::avx512
 #endif

@@ -29,11 +29,7 @@ COSTEFF_AVX512 void block(const uint16_t* x, int64_t ldx, const uint16_t* w, int
       acc[r] = _mm512_fmadd_ps(odd_bf16(xp), wo, _mm512_fmadd_ps(even_bf16(xp), we, acc[r]));
     }
   }
-  alignas(64) float sums[MR * kPanel];  // see linear_fp32_avx512.cpp
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) _mm512_store_ps(sums + r * kPanel, acc[r]);
-  const __m512 b = _mm512_loadu_ps(bias);
-  for (int r = 0; r < MR; ++r) store_cols(y + r * ldy, apply_act(_mm512_add_ps(_mm512_load_ps(sums + r * kPanel), b), act), ncols);
+  finish_rows<MR>(acc, bias, y, ldy, ncols, act);
 }
 
 }  // namespace

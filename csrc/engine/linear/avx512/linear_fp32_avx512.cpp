@@ -16,12 +16,7 @@ COSTEFF_AVX512 void block(const float* x, int64_t ldx, const float* w, int64_t K
     const __m512 wv = _mm512_loadu_ps(w + k * kPanel);
     for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), wv, acc[r]);
   }
-  // The epilogue reads a copy, as in the AVX2 kernels (keeps the accumulators in registers).
-  alignas(64) float sums[MR * kPanel];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) _mm512_store_ps(sums + r * kPanel, acc[r]);
-  const __m512 b = _mm512_loadu_ps(bias);
-  for (int r = 0; r < MR; ++r) store_cols(y + r * ldy, apply_act(_mm512_add_ps(_mm512_load_ps(sums + r * kPanel), b), act), ncols);
+  finish_rows<MR>(acc, bias, y, ldy, ncols, act);
 }
 
 }  // namespace

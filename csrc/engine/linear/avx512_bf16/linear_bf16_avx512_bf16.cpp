@@ -22,12 +22,7 @@ COSTEFF_AVX512_BF16 void block(const uint16_t* x, int64_t ldx, const uint16_t* w
       acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(pair), wv);
     }
   }
-  alignas(64) float sums[MR * kPanel];  // see linear_fp32_avx512.cpp
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) _mm512_store_ps(sums + r * kPanel, acc[r]);
-  const __m512 b = _mm512_loadu_ps(bias);
-  for (int r = 0; r < MR; ++r)
-    avx512::store_cols(y + r * ldy, avx512::apply_act(_mm512_add_ps(_mm512_load_ps(sums + r * kPanel), b), act), ncols);
+  avx512::finish_rows<MR>(acc, bias, y, ldy, ncols, act);
 }
 
 }  // namespace

@@ -26,7 +26,7 @@ COSTEFF_AVX512_VNNI void block(const int8_t* q, int64_t ldq, const float* sx, co
       acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(quad), wv);
     }
   }
-  alignas(64) int32_t sums[MR * kPanel];  // see linear_fp32_avx512.cpp
+  alignas(64) int32_t sums[MR * kPanel];  // copied out first, see avx512::finish_rows
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) _mm512_store_si512(sums + r * kPanel, acc[r]);
   const __m512i shift = _mm512_slli_epi32(_mm512_loadu_si512(wsum), 7);  // 128 * wsum
