@@ -65,7 +65,7 @@ ENGINE_ISAS = ("avx2", "avx512", "avx512_vnni", "avx512_bf16")
 
 
 def _require_isa(isa):
-    known, supported = torch.ops.costeff._engine_isas()
+    known, supported, _ = torch.ops.costeff._engine_isas()
     assert isa in known
     if isa not in supported:
         pytest.skip(f"this CPU lacks {isa} (it runs: {', '.join(supported)})")
@@ -141,7 +141,7 @@ def test_forced_isa_errors(monkeypatch):
     monkeypatch.setenv("COSTEFF_ENGINE_ISA", "sse9")
     with pytest.raises(ValueError, match="COSTEFF_ENGINE_ISA must be one of .*'avx512_vnni'.*got 'sse9'"):
         InferenceEngine.from_model(model)
-    known, supported = torch.ops.costeff._engine_isas()
+    known, supported, _ = torch.ops.costeff._engine_isas()
     missing = [i for i in known if i not in supported]
     if not missing:
         pytest.skip("this CPU runs every ISA this build knows: no missing one to ask for")
@@ -152,7 +152,8 @@ def test_forced_isa_errors(monkeypatch):
 
 def test_auto_takes_the_best_isa_the_cpu_runs(monkeypatch):
     monkeypatch.delenv("COSTEFF_ENGINE_ISA", raising=False)
-    _, supported = torch.ops.costeff._engine_isas()
+    _, supported, selected = torch.ops.costeff._engine_isas()
+    assert selected == supported[-1]
     assert InferenceEngine.from_model(make_model()).isa == supported[-1]
 
 

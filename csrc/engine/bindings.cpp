@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdlib>
 #include <sstream>
 
 #include "engine.h"
@@ -43,13 +44,22 @@ at::Tensor engine_linear(const at::Tensor& x, const at::Tensor& weight, const st
   return y;
 }
 
-std::tuple<std::vector<std::string>, std::vector<std::string>> engine_isas() {
+// Known and supported ISAs, and what a new engine takes (select_kernels: COSTEFF_ENGINE_ISA or the
+// CPU's best; "unavailable: <value>" when COSTEFF_ENGINE_ISA names one it cannot take).
+std::tuple<std::vector<std::string>, std::vector<std::string>, std::string> engine_isas() {
   std::vector<std::string> known, supported;
   for (const auto& [name, ok] : isa_support()) {
     known.push_back(name);
     if (ok) supported.push_back(name);
   }
-  return {known, supported};
+  std::string selected;
+  try {
+    selected = select_kernels().name;
+  } catch (const c10::ValueError&) {
+    const char* forced = std::getenv("COSTEFF_ENGINE_ISA");
+    selected = std::string("unavailable: ") + (forced != nullptr ? forced : "");
+  }
+  return {known, supported, selected};
 }
 
 // The fields the engine reads from a config.json, as JSON: the tests compare them with CostEffConfig's
@@ -86,7 +96,7 @@ void register_engine(torch::Library& m) {
   // Test and introspection helpers: one linear layer through one ISA's kernels; the ISAs this build
   // knows and whether this CPU runs each.
   m.def("_engine_linear(Tensor x, Tensor weight, Tensor? bias, str precision, str isa, str activation) -> Tensor", engine_linear);
-  m.def("_engine_isas() -> (str[] known, str[] supported)", engine_isas);
+  m.def("_engine_isas() -> (str[] known, str[] supported, str selected)", engine_isas);
   m.def("_engine_config(str config_json) -> str", engine_config);
   m.class_<InferenceEngine>("InferenceEngine")
       .def(torch::init<c10::Dict<std::string, at::Tensor>, std::string, std::string>())

@@ -10,15 +10,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <fstream>
-#include <sstream>
-#include <stdexcept>
 
 #include "../cpu/attention_core.h"
 #include "../cpu/shared_rows.h"
 #include "costeff/exit_head.h"
 #include "costeff/op_checks.h"
-#include "json.h"
 
 namespace costeff::engine {
 namespace {

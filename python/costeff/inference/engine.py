@@ -30,9 +30,7 @@ def engine_isas() -> dict:
     """The engine's instruction sets: ``{"known": [...], "supported": [...], "selected": name}``, worst
     to best; "selected" is what a new engine takes (``COSTEFF_ENGINE_ISA`` or the CPU's best)."""
     require_extension()
-    known, supported = torch.ops.costeff._engine_isas()
-    forced = os.environ.get("COSTEFF_ENGINE_ISA", "auto") or "auto"
-    selected = supported[-1] if forced == "auto" else forced if forced in supported else f"unavailable: {forced}"
+    known, supported, selected = torch.ops.costeff._engine_isas()
     return {"known": list(known), "supported": list(supported), "selected": selected}
 
 
