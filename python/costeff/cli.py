@@ -42,12 +42,18 @@ def _setup_logging(output: str | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers, force=True)
 
 
-def _init_distributed() -> None:
+def _init_distributed(device_spec: str) -> None:
+    """torchrun: NCCL with one GPU per rank (LOCAL_RANK) when training on CUDA, else gloo."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         import torch.distributed as dist
 
+        from costeff.device import resolve_device
+
+        device = resolve_device(device_spec, "--device")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -70,6 +76,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="training seed (initialisation, batch order); the data split has --split-seed")
     p.add_argument("--split-seed", type=int, help="seed of the train/dev/test split of tasks without fixed splits (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    _add_device_args(p)
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="where training runs: auto (default: CUDA when a GPU is visible, under torchrun the rank's "
+                   "LOCAL_RANK GPU), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="fp32 (default), or bf16: forward and losses under torch.autocast(bfloat16), weights and optimizer in fp32")
 
 
 def cmd_info(args) -> int:
@@ -86,7 +100,7 @@ LEARNING_RATES = ("teacher_lr", "ta_lr", "prune_lr", "student_repr_lr", "student
 _PASS_THROUGH = ("max_length", "batch_size", "eval_batch_size", "max_train_examples", "max_eval_examples", "seed", "heads", "ffn",
                  "exit_start", "max_steps_per_epoch", "save_every", "temperature", "latency_examples", "ta_init", "teacher_epochs",
                  "ta_pred_epochs", "ta_repr_epochs", "student_repr_epochs", "student_pred_epochs", "prune_steps_per_event",
-                 "prune_allocation", "split_seed", "exit_warmup_epochs", "exit_hint_weight", *LEARNING_RATES)
+                 "prune_allocation", "split_seed", "exit_warmup_epochs", "exit_hint_weight", "device", "precision", *LEARNING_RATES)
 
 
 def _pipeline_config(args):
@@ -130,9 +144,11 @@ def _task_kwargs(args) -> dict:
 
 
 def _data_for(args, c):
+    from costeff.device import resolve_device
     from costeff.pipeline.context import prepare_data
 
     kw = _task_kwargs(args)
+    kw["device"] = resolve_device(c.device, "--device")
     return prepare_data(args.task, backbone_of(args), max_length=c.max_length, batch_size=c.batch_size,
                         eval_batch_size=c.eval_batch_size, seed=c.seed, split_seed=c.split_seed, data_dir=args.data_dir, max_train_examples=c.max_train_examples,
                         max_eval_examples=c.max_eval_examples, bucket_by_length=c.bucket_by_length, **kw)
@@ -281,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default="all", help="comma-separated arms, or all")
     p.add_argument("--split-seed", type=int, help="seed of the train/dev/test split, the same for every arm (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    _add_device_args(p)
     p.add_argument("--no-latency", action="store_true", help="skip the final side-by-side timing of every student")
     _add_pipeline_args(p)
     _add_data_args(p)
@@ -399,7 +416,7 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)
     else:
         _setup_logging(getattr(args, "output", None))
-        _init_distributed()
+        _init_distributed(getattr(args, "device", None) or "auto")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, CheckpointError, ExtensionNotBuiltError, MissingDependencyError) as exc:

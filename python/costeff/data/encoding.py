@@ -93,12 +93,14 @@ def make_loader(
     rank: int = 0,
     world: int = 1,
     with_index: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Dynamic padding (to the longest row of each batch); the batch order is a pure function of seed.
-    with_index: batches also hold ``example_index`` (LongTensor, each row's position in ``ds``)."""
+    with_index: batches also hold ``example_index`` (LongTensor, each row's position in ``ds``).
+    pin_memory: batches in page-locked memory, for non-blocking copies to a GPU."""
     if len(ds) == 0:
         raise ValueError("cannot build a data loader over an empty split")
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     lengths = [len(x) for x in ds["input_ids"]] if bucket_by_length else [0] * len(ds)
     sampler = GlobalBatchSampler(lengths, batch_size, seed, shuffle, bucket_by_length, rank, world)
-    return DataLoader(WithExampleIndex(ds) if with_index else ds, batch_sampler=sampler, collate_fn=collate)
+    return DataLoader(WithExampleIndex(ds) if with_index else ds, batch_sampler=sampler, collate_fn=collate, pin_memory=pin_memory)

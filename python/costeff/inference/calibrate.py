@@ -39,10 +39,10 @@ def exit_table(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
             out = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
             lg = torch.stack([x.double() for x in out.exit_logits], 1)  # [batch, exits, classes]
             logp = torch.log_softmax(lg, -1)
-            ents.append(-(logp.exp() * logp).sum(-1))
-            preds.append(lg.argmax(-1))
-            labels.append(b["labels"])
-            lengths.append(b["attention_mask"].sum(1))
+            ents.append(-(logp.exp() * logp).sum(-1).cpu())
+            preds.append(lg.argmax(-1).cpu())
+            labels.append(b["labels"].cpu())
+            lengths.append(b["attention_mask"].sum(1).cpu())
     return torch.cat(ents), torch.cat(preds), torch.cat(labels), torch.cat(lengths)
 
 
@@ -192,12 +192,14 @@ def calibrate_directory(model_dir, task: str, data_dir: Optional[str] = None, se
 
 
 def calibrate_on_batches(model_dir, loader, metric: str, max_drop: Optional[float] = None, latency_ms: Optional[float] = None,
-                         timed_batches=None, predictor=None, timer=None, write: bool = False, max_gflops: Optional[float] = None) -> dict:
-    """The calibration on already-tokenized batches (the pipeline's dev loader); `timed_batches` and
-    `predictor` (a costeff.inference.predict.Predictor of the directory) serve the latency criterion."""
+                         timed_batches=None, predictor=None, timer=None, write: bool = False, max_gflops: Optional[float] = None,
+                         device="cpu") -> dict:
+    """The calibration on already-tokenized batches (the pipeline's dev loader, batches on ``device``,
+    where the full-depth pass runs); `timed_batches` and `predictor` (a
+    costeff.inference.predict.Predictor of the directory) serve the latency criterion."""
     from costeff.models import CostEffForSequenceClassification
 
-    model = CostEffForSequenceClassification.from_pretrained(model_dir).eval()
+    model = CostEffForSequenceClassification.from_pretrained(model_dir).to(device).eval()
     ents, preds, labels, lengths = exit_table(model, loader)
     measure = None
     if latency_ms is not None:

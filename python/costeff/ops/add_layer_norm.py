@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from costeff._extension import extension_loaded
 from costeff.ops._checks import check_add_layer_norm
-from costeff.ops._registry import op_handle, register_triton_cuda
+from costeff.ops._registry import follows_autocast, op_handle, register_autocast_policy, register_triton_cuda
 
 NAME = "add_layer_norm"
 
@@ -19,8 +19,9 @@ def add_layer_norm(x, residual, weight, bias, eps: float = 1e-12):
     return op_handle(NAME)(x, residual, weight, bias, float(eps))
 
 
+@follows_autocast("fp32")
 def add_layer_norm_reference(x, residual, weight, bias, eps: float = 1e-12):
-    """Plain PyTorch composition (computes in fp32 for 16-bit inputs)."""
+    """Plain PyTorch composition (computes in fp32 for 16-bit inputs; under autocast, float32 as the op)."""
     check_add_layer_norm(x, residual, weight, bias, eps)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     s = x.to(acc) + residual.to(acc)
@@ -56,4 +57,5 @@ def _backward(ctx, grad_out):
 if extension_loaded():
     torch.library.register_fake(f"costeff::{NAME}")(_fake)
     torch.library.register_autograd(f"costeff::{NAME}", _backward, setup_context=_setup_context)
+    register_autocast_policy(NAME, "fp32")
     register_triton_cuda(NAME)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from costeff._extension import extension_loaded
 from costeff.ops._checks import check_exit_head, check_threshold
-from costeff.ops._registry import op_handle, register_triton_cuda
+from costeff.ops._registry import follows_autocast, op_handle, register_autocast_policy, register_triton_cuda
 
 NAME = "exit_head"
 
@@ -71,6 +71,7 @@ def exit_head_logits_entropy(
     return logits.to(hidden.dtype), entropy
 
 
+@follows_autocast("fp32")
 def exit_head_reference(
     hidden: torch.Tensor,
     classifier_weight: torch.Tensor,
@@ -80,7 +81,8 @@ def exit_head_reference(
     pooler_bias: Optional[torch.Tensor] = None,
     activation: str = "tanh",
 ) -> ExitHeadOutput:
-    """Plain PyTorch composition of the exit head (computes in fp32 for 16-bit inputs)."""
+    """Plain PyTorch composition of the exit head (computes in fp32 for 16-bit inputs; under autocast,
+    float32 as the op)."""
     check_exit_head(hidden, pooler_weight, pooler_bias, classifier_weight, classifier_bias, threshold, activation)
     logits, entropy = exit_head_logits_entropy(hidden, classifier_weight, classifier_bias, pooler_weight, pooler_bias, activation)
     if not torch.isfinite(entropy).all():
@@ -153,4 +155,5 @@ def _activation_derivative(pre, out, activation: str):
 if extension_loaded():
     torch.library.register_fake(f"costeff::{NAME}")(_fake)
     torch.library.register_autograd(f"costeff::{NAME}", _backward, setup_context=_setup_context)
+    register_autocast_policy(NAME, "fp32")
     register_triton_cuda(NAME)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from costeff._extension import extension_loaded
 from costeff.ops._checks import check_slim_attention
-from costeff.ops._registry import op_handle, register_triton_cuda
+from costeff.ops._registry import follows_autocast, op_handle, register_autocast_policy, register_triton_cuda
 
 NAME = "slim_attention"
 
@@ -27,8 +27,10 @@ def slim_attention(hidden, key_padding_mask, qkv_weight, qkv_bias, out_weight, o
     return op_handle(NAME)(hidden, key_padding_mask, qkv_weight, qkv_bias, out_weight, out_bias, int(num_heads))
 
 
+@follows_autocast("lower")
 def slim_attention_reference(hidden, key_padding_mask, qkv_weight, qkv_bias, out_weight, out_bias, num_heads: int):
-    """Plain PyTorch composition (explicit softmax, computes in fp32 for 16-bit inputs)."""
+    """Plain PyTorch composition (explicit softmax, computes in fp32 for 16-bit inputs; under autocast,
+    in the autocast dtype as the op)."""
     head_size = check_slim_attention(hidden, key_padding_mask, qkv_weight, qkv_bias, out_weight, out_bias, num_heads)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     b, s, h = hidden.shape
@@ -71,4 +73,5 @@ def _backward(ctx, grad_out):
 if extension_loaded():
     torch.library.register_fake(f"costeff::{NAME}")(_fake)
     torch.library.register_autograd(f"costeff::{NAME}", _backward, setup_context=_setup_context)
+    register_autocast_policy(NAME, "lower")
     register_triton_cuda(NAME)

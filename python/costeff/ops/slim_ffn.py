@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from costeff._extension import extension_loaded
 from costeff.ops._checks import check_slim_ffn
-from costeff.ops._registry import op_handle, register_triton_cuda
+from costeff.ops._registry import follows_autocast, op_handle, register_autocast_policy, register_triton_cuda
 
 NAME = "slim_ffn"
 
@@ -21,8 +21,10 @@ def slim_ffn(hidden, in_weight, in_bias, out_weight, out_bias):
     return op_handle(NAME)(hidden, in_weight, in_bias, out_weight, out_bias)
 
 
+@follows_autocast("lower")
 def slim_ffn_reference(hidden, in_weight, in_bias, out_weight, out_bias):
-    """Plain PyTorch composition (computes in fp32 for 16-bit inputs)."""
+    """Plain PyTorch composition (computes in fp32 for 16-bit inputs; under autocast, in the autocast
+    dtype as the op)."""
     check_slim_ffn(hidden, in_weight, in_bias, out_weight, out_bias)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     mid = F.gelu(F.linear(hidden.to(acc), in_weight.to(acc), in_bias.to(acc)))
@@ -66,4 +68,5 @@ def _backward(ctx, grad_out):
 if extension_loaded():
     torch.library.register_fake(f"costeff::{NAME}")(_fake)
     torch.library.register_autograd(f"costeff::{NAME}", _backward, setup_context=_setup_context)
+    register_autocast_policy(NAME, "lower")
     register_triton_cuda(NAME)

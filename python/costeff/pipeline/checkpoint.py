@@ -103,15 +103,24 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
 
 
 def rng_state() -> tuple[dict, dict]:
+    """Every generator a training step draws from: Python, NumPy, torch's CPU one and, once CUDA is in
+    use, each GPU's (dropout on a GPU draws there)."""
     np_state = np.random.get_state()
-    return (
-        {"torch_cpu": torch.get_rng_state()},
-        {"python": repr(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
-    )
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, t in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda{i}"] = t
+    return tensors, {"python": repr(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
 
 
 def set_rng_state(tensors: dict, meta: dict) -> None:
+    """Restores what rng_state saved. GPU states are restored where that GPU exists (a run started on
+    a GPU resumes on the CPU with the same CPU, Python and NumPy streams, and back)."""
     torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"torch_cuda{i}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"torch_cuda{i}"], i)
     import ast
 
     random.setstate(ast.literal_eval(meta["python"]))
@@ -156,7 +165,10 @@ def save_checkpoint(
 
 
 def load_checkpoint(directory: str, optimizer=None, scheduler=None, restore_rng: bool = True) -> tuple[dict, dict]:
-    """Returns (model_state, state json); restores optimizer/scheduler/RNG in place when given."""
+    """Returns (model_state, state json); restores optimizer/scheduler/RNG in place when given.
+    Tensors are saved from and loaded to the CPU: ``module.load_state_dict`` and
+    ``optimizer.load_state_dict`` copy them to wherever the parameters are, so a checkpoint written on
+    a GPU resumes on a CPU and back."""
     for f in (MODEL_FILE, STATE_FILE):
         if not os.path.exists(os.path.join(directory, f)):
             raise CheckpointError(f"checkpoint {directory!r} is incomplete: missing {f}")
@@ -175,5 +187,5 @@ def load_checkpoint(directory: str, optimizer=None, scheduler=None, restore_rng:
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng and "rng.torch_cpu" in other:
-        set_rng_state({"torch_cpu": other["rng.torch_cpu"]}, state["rng"])
+        set_rng_state({k[len("rng."):]: v for k, v in other.items() if k.startswith("rng.")}, state["rng"])
     return model_state, state

@@ -6,10 +6,26 @@ from dataclasses import dataclass
 from typing import Optional
 
 import datasets
+import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoTokenizer
 
 from costeff.data import load_task, make_loader, tokenize
+from costeff.device import to_device
+
+
+class OnDevice:
+    """A loader whose batches arrive on ``device`` (from pinned host memory, copied without blocking)."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield to_device(batch, self.device)
 
 
 @dataclass
@@ -23,6 +39,7 @@ class RunData:
     eval_batch_size: int
     seed: int
     bucket_by_length: bool = False
+    device: torch.device = torch.device("cpu")  # where every loader's batches arrive (models are moved there by the stages)
 
     def label_maps(self) -> dict:
         """id2label / label2id of the task's real label names, for every saved model's config."""
@@ -37,17 +54,25 @@ class RunData:
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
+    def _on(self, loader, device):
+        device = self.device if device is None else torch.device(device)
+        return loader if device.type == "cpu" else OnDevice(loader, device)
+
     def train(self, epoch: int, with_index: bool = False):
         rank, world = self._rank_world()
-        return make_loader(self.encoded["train"], self.tokenizer, self.batch_size, shuffle=True,
-                           seed=self.seed * 100003 + epoch, bucket_by_length=self.bucket_by_length, rank=rank, world=world,
-                           with_index=with_index)
+        loader = make_loader(self.encoded["train"], self.tokenizer, self.batch_size, shuffle=True,
+                             seed=self.seed * 100003 + epoch, bucket_by_length=self.bucket_by_length, rank=rank, world=world,
+                             with_index=with_index, pin_memory=self.device.type == "cuda")
+        return self._on(loader, None)
 
-    def split(self, name: str, with_index: bool = False):
+    def split(self, name: str, with_index: bool = False, device=None):
+        """Batches of a dev/test split on the run's device (or ``device``, e.g. "cpu" for the CPU engine)."""
         # evaluation runs unsharded on every rank (dev/test are small): identical metrics everywhere
         # batches of similar length (order is irrelevant to the metrics; padding costs time)
-        return make_loader(self.encoded[name], self.tokenizer, self.eval_batch_size, shuffle=False, bucket_by_length=True,
-                           with_index=with_index)
+        on = self.device if device is None else torch.device(device)
+        loader = make_loader(self.encoded[name], self.tokenizer, self.eval_batch_size, shuffle=False, bucket_by_length=True,
+                             with_index=with_index, pin_memory=on.type == "cuda")
+        return self._on(loader, on)
 
     @property
     def dev(self):
@@ -85,10 +110,11 @@ def prepare_data(
     max_eval_examples: int = 0,
     bucket_by_length: bool = False,
     split_seed: Optional[int] = None,
+    device: torch.device = torch.device("cpu"),
     **task_kwargs,
 ) -> RunData:
     """Tokenized splits and seeded loaders. ``split_seed`` fixes the train/dev/test split (None: ``seed``),
-    ``seed`` the batch order, so training seeds can vary on one test set."""
+    ``seed`` the batch order, so training seeds can vary on one test set. Batches arrive on ``device``."""
     split_seed = seed if split_seed is None else split_seed
     dd, num_labels, metric, names = load_task(task, data_dir=data_dir, seed=split_seed, **task_kwargs)
     if max_train_examples:
@@ -101,4 +127,4 @@ def prepare_data(
     if not _has_token_types(tokenizer_path):  # DistilBERT, RoBERTa-style: no token_type_ids in the batches
         drop_token_types(tokenizer)
     enc = tokenize(dd, tokenizer, max_length)
-    return RunData(tokenizer, enc, num_labels, metric, names, batch_size, eval_batch_size, seed, bucket_by_length)
+    return RunData(tokenizer, enc, num_labels, metric, names, batch_size, eval_batch_size, seed, bucket_by_length, torch.device(device))

@@ -79,7 +79,7 @@ def sweep_costeff(model: CostEffForSequenceClassification, data, split: str, thr
     """One row per threshold: `model.early_exit` (the Python path), or `engine` (a
     costeff.inference.InferenceEngine of `model`) when given."""
     model.eval()
-    loader = data.split(split)
+    loader = data.split(split) if engine is None else data.split(split, device="cpu")  # the engine runs on the CPU
     measured = []
     for t in thresholds:
         if engine is not None:

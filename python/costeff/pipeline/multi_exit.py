@@ -69,11 +69,12 @@ class TeacherOutputCache:
         return exits, states
 
     def _put(self, ids, mask, exits, states) -> None:
+        mask = mask.cpu()  # the cache lives in host memory, whatever device the teacher runs on
         if (mask[:, 1:] > mask[:, :-1]).any():
             # exit_input reads position 0 as the CLS state, which a left-padded row does not have
             raise ValueError("TeacherOutputCache: batches must be right-padded (tokenizer.padding_side='right')")
-        logits = torch.stack(exits, 1).float()
-        stacked = torch.stack(states)  # [states, batch, tokens, hidden]
+        logits = torch.stack(exits, 1).float().cpu()
+        stacked = torch.stack(states).cpu()  # [states, batch, tokens, hidden]
         for r, i in enumerate(ids):
             h = stacked[:, r, mask[r]]
             h16 = h.to(torch.float16)
@@ -82,8 +83,9 @@ class TeacherOutputCache:
             self.nbytes += kept.nbytes + logits[r].nbytes
 
     def _gather(self, ids, mask):
-        logits = torch.stack([self.store[i][0] for i in ids])
-        packed = torch.cat([self.store[i][1].float() for i in ids], dim=1)  # [states, real tokens, hidden]
+        device = mask.device
+        logits = torch.stack([self.store[i][0] for i in ids]).to(device, non_blocking=True)
+        packed = torch.cat([self.store[i][1] for i in ids], dim=1).to(device, non_blocking=True).float()  # [states, real tokens, hidden]
         states = packed.new_zeros(packed.shape[0], *mask.shape, packed.shape[-1])
         states[:, mask] = packed
         return tuple(logits.unbind(1)), tuple(states.unbind(0))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -29,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from costeff.device import autocast, check_precision, module_device
 from costeff.models import CostEffForSequenceClassification, slenderize
 from costeff.pipeline.checkpoint import atomic_write_json, replace_dir, temp_dir
 from costeff.pipeline.losses import exitwise_soft_cross_entropy, hard_cross_entropy, hidden_mse, soft_cross_entropy
@@ -62,8 +64,10 @@ def importance_loss(student, teacher, batch, exit_aware: bool = True, temperatur
 
 
 def importance_scores(student: CostEffForSequenceClassification, teacher, batches, exit_aware: bool = True,
-                      temperature: float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer: head scores [num_heads] and FFN neuron scores [intermediate]."""
+                      temperature: float = 1.0, precision: str = "fp32") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer: head scores [num_heads] and FFN neuron scores [intermediate] (on the CPU; the
+    gradients are taken on the student's device, in ``precision``)."""
+    device = module_device(student)
     was_training = student.training
     student.eval()  # dropout off, as the official scoring pass
     params = {n: p for n, p in student.named_parameters()}
@@ -71,7 +75,9 @@ def importance_scores(student: CostEffForSequenceClassification, teacher, batche
     n_batches = 0
     for batch in batches:
         student.zero_grad(set_to_none=True)
-        importance_loss(student, teacher, batch, exit_aware, temperature).backward()
+        with autocast(device, precision):
+            loss = importance_loss(student, teacher, batch, exit_aware, temperature)
+        loss.backward()
         for n, p in params.items():
             if p.grad is not None:
                 acc[n] += p.grad.abs()
@@ -86,10 +92,10 @@ def importance_scores(student: CostEffForSequenceClassification, teacher, batche
         pre = f"costeff.layers.{i}."
         out_w = (acc[pre + "attention.out_weight"] * layer.attention.out_weight).abs().detach()
         nh, d = cfg.num_attention_heads[i], cfg.attention_head_size[i]
-        heads.append(out_w.view(out_w.shape[0], nh, d).sum((0, 2)) if nh else torch.zeros(0))
+        heads.append(out_w.view(out_w.shape[0], nh, d).sum((0, 2)).cpu() if nh else torch.zeros(0))
         in_w = (acc[pre + "ffn.in_weight"] * layer.ffn.in_weight).abs().detach()
         o_w = (acc[pre + "ffn.out_weight"] * layer.ffn.out_weight).abs().detach()
-        ffn.append(in_w.sum(1) + o_w.sum(0))
+        ffn.append((in_w.sum(1) + o_w.sum(0)).cpu())
     return heads, ffn
 
 
@@ -149,11 +155,15 @@ def iterative_prune(
     progress: bool = True,
     allocation: str = "uniform",
     schedule: str = "iterative",
+    precision: str = "fp32",
 ) -> tuple[CostEffForSequenceClassification, list]:
+    """Prunes on the student's device (slenderized students are moved back there) in ``precision``."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"iterative_prune: allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"iterative_prune: schedule must be one of {SCHEDULES}, got {schedule!r}")
+    check_precision("iterative_prune", precision)
+    device = module_device(student)
     os.makedirs(output_dir, exist_ok=True)
     cur = os.path.join(output_dir, "current")
     state_path = os.path.join(cur, "prune_state.json")  # inside the checkpoint: model and state swap together
@@ -167,7 +177,7 @@ def iterative_prune(
             st = json.load(f)
         done, history = st["events_done"], st["history"]
         if done:
-            student = CostEffForSequenceClassification.from_pretrained(cur)
+            student = CostEffForSequenceClassification.from_pretrained(cur).to(device)
             log.info("prune: resumed after event %d/%d", done, len(events))
     torch.manual_seed(seed + done)
     epoch_counter = [done * 1000]
@@ -182,7 +192,7 @@ def iterative_prune(
     for e in range(done, len(events)):
         ev = events[e]
         scoring = [next(stream) for _ in range(score_batches)]
-        head_scores, ffn_scores = importance_scores(student, teacher, scoring, exit_aware, temperature)
+        head_scores, ffn_scores = importance_scores(student, teacher, scoring, exit_aware, temperature, precision)
         if allocation == "global":
             heads_keep = global_top_indices(head_scores, sum(ev["heads"]))
             ffn_keep = global_top_indices(ffn_scores, sum(ev["ffn"]))
@@ -192,23 +202,27 @@ def iterative_prune(
         rank = ev["embedding_rank"]
         cur_rank = student.config.embedding_rank or student.config.embedding_width
         student = slenderize(student, heads_keep, ffn_keep, embedding_rank=rank if rank is not None and rank < cur_rank else None)
-        student.train()
+        student.to(device).train()
         opt = make_optimizer(student, lr, 0.01)
         sched = get_linear_schedule_with_warmup(opt, 0, steps_per_event)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=device)  # read once per event: no host sync per step
         for step in range(steps_per_event):
             batch = next(stream)
-            t_exits, t_states = teacher_outputs(teacher, batch)
-            s = student(**model_inputs(batch), output_hidden_states=True)
-            loss = hidden_mse(s.hidden_states, t_states, batch["attention_mask"])
-            if step >= repr_share * steps_per_event:
-                loss = loss + exitwise_soft_cross_entropy(s.exit_logits, t_exits, temperature)
+            with autocast(device, precision):
+                t_exits, t_states = teacher_outputs(teacher, batch)
+                s = student(**model_inputs(batch), output_hidden_states=True)
+                loss = hidden_mse(s.hidden_states, t_states, batch["attention_mask"])
+                if step >= repr_share * steps_per_event:
+                    loss = loss + exitwise_soft_cross_entropy(s.exit_logits, t_exits, temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
             sched.step()
-            total += loss.item()
+            total += loss.detach()
+        total = total.item()
+        if not math.isfinite(total):
+            raise FloatingPointError(f"prune event {e + 1}: non-finite training loss ({total})")
         record = {"event": e + 1, "heads": ev["heads"][0], "ffn": ev["ffn"][0], "embedding_rank": student.config.embedding_rank,
                   "params": sum(p.numel() for p in student.parameters()), "steps": steps_per_event, "train_loss": total / max(steps_per_event, 1),
                   "heads_per_layer": list(student.config.num_attention_heads), "ffn_per_layer": list(student.config.intermediate_size)}

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from costeff._extension import extension_loaded
+from costeff.device import check_device_spec, check_precision
 from costeff.ops._checks import check_threshold
 from costeff.inference import InferenceEngine
 from costeff.inference.calibrate import calibrate_on_batches
@@ -102,6 +103,9 @@ class PipelineConfig:
     save_every: int = 200
     seed: int = 0
     progress: bool = True
+    # where training runs (costeff.device: auto = CUDA when visible) and in what precision (bf16: autocast)
+    device: str = "auto"
+    precision: str = "fp32"
     notes: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -130,6 +134,8 @@ class PipelineConfig:
                 raise ValueError(f"PipelineConfig: {name} must be one of {known}, got {getattr(self, name)!r}")
         for t in self.thresholds or ():
             check_threshold("PipelineConfig", t, "thresholds")
+        check_device_spec("PipelineConfig", self.device)
+        check_precision("PipelineConfig", self.precision)
         if self.calibrate_max_drop is not None and not self.calibrate_max_drop >= 0:
             raise ValueError(f"PipelineConfig: calibrate_max_drop must be None or >= 0, got {self.calibrate_max_drop!r}")
 
@@ -170,34 +176,34 @@ def preset(name: str, **overrides) -> PipelineConfig:
 def _train_cfg(c: PipelineConfig, epochs: int, lr: float, exit_lr_multiplier: float = 1.0) -> TrainConfig:
     return TrainConfig(epochs=epochs, lr=lr, weight_decay=c.weight_decay, warmup_ratio=c.warmup_ratio, max_grad_norm=c.max_grad_norm,
                        seed=c.seed, save_every=c.save_every, progress=c.progress, max_steps_per_epoch=c.max_steps_per_epoch,
-                       exit_lr_multiplier=exit_lr_multiplier)
+                       exit_lr_multiplier=exit_lr_multiplier, precision=c.precision)
 
 
 def stage_teacher(c: PipelineConfig, data, backbone: str, out: str, resume: bool = False) -> dict:
     _, summary = finetune_teacher(backbone, data.num_labels, data.metric, data, _train_cfg(c, c.teacher_epochs, c.teacher_lr),
-                                  os.path.join(out, "teacher"), resume)
+                                  os.path.join(out, "teacher"), resume, device=data.device)
     return summary
 
 
-def load_teacher(out: str, attn_implementation: str = "eager"):
+def load_teacher(out: str, attn_implementation: str = "eager", device="cpu"):
     path = os.path.join(out, "teacher", "model")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no fine-tuned teacher at {path}: run `costeff teacher --output {out}` first")
-    return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=attn_implementation).eval()
+    return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=attn_implementation).to(device).eval()
 
 
-def load_costeff(out: str, stage: str, sub: str = "model") -> CostEffForSequenceClassification:
+def load_costeff(out: str, stage: str, sub: str = "model", device="cpu") -> CostEffForSequenceClassification:
     path = os.path.join(out, stage, sub)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no {stage} model at {path}: run `costeff {stage} --output {out}` first")
-    return CostEffForSequenceClassification.from_pretrained(path).eval()
+    return CostEffForSequenceClassification.from_pretrained(path).to(device).eval()
 
 
 def stage_ta(c: PipelineConfig, data, backbone: str, out: str, resume: bool = False) -> dict:
-    teacher = load_teacher(out)
+    teacher = load_teacher(out, device=data.device)
     torch.manual_seed(c.seed)
     init = teacher if c.ta_init == "teacher" else backbone
-    ta = multi_exit_from(init, teacher, c, data.num_labels)
+    ta = multi_exit_from(init, teacher, c, data.num_labels).to(data.device)
     _, summary = distill(ta, teacher, data, _train_cfg(c, c.ta_repr_epochs, c.ta_lr, c.exit_lr_multiplier),
                          _train_cfg(c, c.ta_pred_epochs, c.ta_lr, c.exit_lr_multiplier),
                          os.path.join(out, "ta"), mode="ta", temperature=c.temperature, resume=resume, stage="ta",
@@ -215,29 +221,29 @@ def multi_exit_from(init, teacher, c: PipelineConfig, num_labels: int) -> CostEf
     return model
 
 
-def distillation_reference(c: PipelineConfig, out: str):
+def distillation_reference(c: PipelineConfig, out: str, device="cpu"):
     """What pruning and student distillation learn from: the TA, or the fine-tuned teacher itself
     (every student exit against its final logits) when the TA is switched off."""
-    return load_costeff(out, "ta") if c.teacher_assistant else load_teacher(out)
+    return load_costeff(out, "ta", device=device) if c.teacher_assistant else load_teacher(out, device=device)
 
 
 def stage_prune(c: PipelineConfig, data, out: str, resume: bool = False) -> dict:
-    reference = distillation_reference(c, out)
+    reference = distillation_reference(c, out, data.device)
     if c.teacher_assistant:
-        student = load_costeff(out, "ta").train()
+        student = load_costeff(out, "ta", device=data.device).train()
     else:
         torch.manual_seed(c.seed)
-        student = multi_exit_from(reference, reference, c, data.num_labels).train()
+        student = multi_exit_from(reference, reference, c, data.num_labels).to(data.device).train()
     target = PruneTarget(heads=c.heads, ffn=c.ffn, embedding_rank=c.embedding_rank)
     student, history = iterative_prune(student, reference, data, target, os.path.join(out, "prune"), c.prune_steps_per_event, c.prune_lr,
                                        c.prune_repr_share, c.prune_score_batches, c.exit_aware, c.temperature, c.seed, resume, c.progress,
-                                       c.prune_allocation, c.prune_schedule)
+                                       c.prune_allocation, c.prune_schedule, c.precision)
     return {"events": history}
 
 
 def stage_distill(c: PipelineConfig, data, out: str, resume: bool = False) -> dict:
-    reference = distillation_reference(c, out)
-    student = load_costeff(out, "prune", "current").train()
+    reference = distillation_reference(c, out, data.device)
+    student = load_costeff(out, "prune", "current", device=data.device).train()
     # without a TA the intermediate exits have only had the pruning steps: they get the TA stage's faster rate
     exit_lr = 1.0 if c.teacher_assistant else c.exit_lr_multiplier
     _, summary = distill(student, reference, data, _train_cfg(c, c.student_repr_epochs, c.student_repr_lr, exit_lr),
@@ -247,7 +253,8 @@ def stage_distill(c: PipelineConfig, data, out: str, resume: bool = False) -> di
         summary["vocabulary"] = prune_student_vocabulary(os.path.join(out, "student", "model"), data, c.max_length)
     if is_main_process() and c.calibrate_max_drop is not None:
         # the threshold a user gets by default: largest within calibrate_max_drop points of full depth on dev
-        cal = calibrate_on_batches(os.path.join(out, "student", "model"), data.dev, data.metric, max_drop=c.calibrate_max_drop, write=True)
+        cal = calibrate_on_batches(os.path.join(out, "student", "model"), data.dev, data.metric, max_drop=c.calibrate_max_drop, write=True,
+                                   device=data.device)
         log.info("calibrated threshold %.4f nats: dev %s %.2f (full depth %.2f), average exit layer %.2f", cal["threshold"],
                  data.metric, cal["dev_metric"], cal["full_depth_dev_metric"], cal["avg_exit_layer"])
         summary["calibration"] = cal
@@ -287,15 +294,18 @@ def threshold_grid(c: PipelineConfig, num_labels: int) -> tuple:
 def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> dict:
     # HF's default (sdpa) attention for the shipped teacher, what a user would run (TA training keeps
     # eager); the attention implementation does not matter to the weight conversion
-    teacher = load_teacher(out, attn_implementation="sdpa")
-    student = load_costeff(out, "student")
+    device = data.device
+    teacher = load_teacher(out, attn_implementation="sdpa", device=device)
+    student = load_costeff(out, "student", device=device)
     thresholds = threshold_grid(c, data.num_labels)
-    teacher_costeff = from_pretrained_encoder(teacher, exit_start=teacher.config.num_hidden_layers).eval()
+    teacher_costeff = from_pretrained_encoder(teacher, exit_start=teacher.config.num_hidden_layers).to(device).eval()
     timed = latency_batches(data, split, c.latency_examples)  # the same batches time every model
+    models = [teacher, teacher_costeff, student]
     systems = [evaluate_hf_teacher(teacher, teacher_costeff.config, data, split, "teacher (HF)")]
     systems += sweep_costeff(teacher_costeff, data, split, (0.0,), "teacher (costeff kernels)")
     if c.teacher_assistant:
-        systems += sweep_costeff(load_costeff(out, "ta"), data, split, thresholds, "TA early exit (DeeBERT)")
+        models.append(load_costeff(out, "ta", device=device))
+        systems += sweep_costeff(models[-1], data, split, thresholds, "TA early exit (DeeBERT)")
     systems += sweep_costeff(student, data, split, (0.0,), "slim static")
     systems += sweep_costeff(student, data, split, [t for t in thresholds if t > 0], "COST-EFF slim")
     calibrated = student.config.inference_threshold
@@ -309,6 +319,12 @@ def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> di
         print("[costeff] evaluate: costeff._C is not built, so the engine rows are left out")
         if calibrated is not None:
             systems += sweep_costeff(student, data, split, (calibrated,), "COST-EFF slim (calibrated)")
+    if device.type != "cpu":
+        # the metrics came from the device; the latency columns are CPU latency, what the engine rows are
+        # compared on (GPU latency: benchmarks/bench_gpu.py)
+        log.info("evaluate: metrics computed on %s; latency is measured on the CPU", device)
+        for m in models:
+            m.to("cpu")
     add_latency(systems, timed, c.latency_rounds)
     rows = [row for row, _ in systems]
     add_ratios(rows, rows[0])

@@ -10,12 +10,15 @@ from costeff.pipeline.evaluate_utils import model_inputs, predict_logits, score_
 from costeff.pipeline.trainer import TrainConfig, load_best, train
 
 
-def finetune_teacher(backbone: str, num_labels: int, metric: str, loaders, cfg: TrainConfig, output_dir: str, resume: bool = False):
-    """loaders: object with .train(epoch) -> DataLoader and .dev -> DataLoader. Saves the best model
-    (on dev) with save_pretrained to output_dir/model and returns (model, summary)."""
+def finetune_teacher(backbone: str, num_labels: int, metric: str, loaders, cfg: TrainConfig, output_dir: str, resume: bool = False,
+                     device="cpu"):
+    """loaders: object with .train(epoch) -> DataLoader and .dev -> DataLoader (batches on ``device``,
+    where the model trains). Saves the best model (on dev) with save_pretrained to output_dir/model
+    and returns (model, summary)."""
     torch.manual_seed(cfg.seed)
     labels = loaders.label_maps() if hasattr(loaders, "label_maps") else {}
     model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=num_labels, attn_implementation="eager", **labels)
+    model.to(device)
 
     def loss_fn(m, batch):
         out = m(**model_inputs(batch), labels=batch["labels"])

@@ -1,8 +1,11 @@
 """One training loop for every stage: AdamW, linear warmup/decay, gradient clipping, seeded and
-deterministic on CPU, evaluation each epoch with best-checkpoint selection on dev, tqdm progress and
+deterministic on CPU, on any device (the model's; batches come there from the loaders) and in
+fp32 or bf16 autocast, evaluation each epoch with best-checkpoint selection on dev, tqdm progress and
 one log line per epoch, atomic checkpoints every `save_every` steps and at epoch ends, `resume`
 continuing mid-epoch exactly where the last checkpoint left off (same batches, same RNG state), and
-data-parallel training when torch.distributed is initialised (torchrun: gloo on CPU, nccl on GPU)."""
+data-parallel training when torch.distributed is initialised (torchrun: gloo on CPU, nccl on GPU,
+one GPU per rank). On a GPU the loss reaches the host every `log_every` steps, not every step, so
+the stream is not stalled once per step."""
 from __future__ import annotations
 
 import json
@@ -21,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from costeff.device import autocast, check_precision, module_device
 from costeff.pipeline.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger("costeff")
@@ -39,6 +43,17 @@ class TrainConfig:
     progress: bool = True
     max_steps_per_epoch: int = 0  # 0: full epochs (a cap is for quick presets and tests)
     exit_lr_multiplier: float = 1.0  # learning-rate factor for the intermediate exits' parameters
+    precision: str = "fp32"  # "bf16": forward and loss under torch.autocast(bfloat16); weights and optimizer stay fp32
+    # steps between host reads of the loss (its finiteness check, the progress bar); 0: every step on the
+    # CPU, where a read costs nothing, every log_every steps on a GPU, where each read stalls the stream
+    sync_every: int = 0
+
+    def __post_init__(self):
+        check_precision("TrainConfig", self.precision)
+        for name in ("log_every", "sync_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "log_every" else 0):
+                raise ValueError(f"TrainConfig: {name} must be an integer >= {1 if name == 'log_every' else 0}, got {v!r}")
 
 
 def seed_everything(seed: int) -> None:
@@ -134,9 +149,22 @@ def train(
         state = saved["train"]
         if is_main_process():
             log.info("%s: resumed from %s at epoch %d step %d", stage, last_dir, state["epoch"], state["step_in_epoch"])
+    device = module_device(owner)
     ddp_model = model
     if world_size() > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        ids = [device.index] if device.type == "cuda" else None
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+    sync_every = cfg.sync_every or (1 if device.type == "cpu" else cfg.log_every)
+
+    def synced_loss(upto: int) -> float:
+        # the one host read of the loss: every sync_every steps, before checkpoints and at the epoch's end
+        value = running.item()
+        if not math.isfinite(value):
+            steps = f"step {upto}" if upto == synced[0] + 1 else f"steps {synced[0] + 1}-{upto}"
+            raise FloatingPointError(f"{stage}: non-finite loss ({value}) at epoch {epoch + 1} {steps}")
+        synced[0] = upto
+        return value
 
     def checkpoint() -> None:
         if is_main_process():
@@ -148,7 +176,7 @@ def train(
         loader = make_epoch_loader(epoch)
         ddp_model.train()
         t0 = time.time()
-        running, seen = 0.0, 0
+        running, seen, synced = torch.zeros((), dtype=torch.float64, device=device), 0, [state["step_in_epoch"]]
         bar = tqdm(total=steps_per_epoch, initial=state["step_in_epoch"], desc=f"{stage} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and is_main_process()), leave=False, dynamic_ncols=True)
         for i, batch in enumerate(loader):
@@ -156,9 +184,8 @@ def train(
                 break
             if i < state["step_in_epoch"]:
                 continue  # already trained on before the checkpoint we resumed from
-            loss, logs = loss_fn(ddp_model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{stage}: non-finite loss {loss.item()} at epoch {epoch + 1} step {i + 1}")
+            with autocast(device, cfg.precision):
+                loss, logs = loss_fn(ddp_model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm > 0:
@@ -167,15 +194,18 @@ def train(
             scheduler.step()
             state["step_in_epoch"] = i + 1
             state["global_step"] += 1
-            running += loss.item()
+            running += loss.detach()
             seen += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if seen % sync_every == 0:
+                bar.set_postfix(loss=f"{synced_loss(i + 1) / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if cfg.save_every and state["global_step"] % cfg.save_every == 0 and state["step_in_epoch"] < steps_per_epoch:
+                synced_loss(i + 1)
                 checkpoint()
         bar.close()
+        running = synced_loss(state["step_in_epoch"]) if seen else 0.0
         if world_size() > 1:  # report the loss over the global batch, not rank 0's share
-            t = torch.tensor([running / max(seen, 1)], dtype=torch.float64)
+            t = torch.tensor([running / max(seen, 1)], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
             dist.all_reduce(t)
             running, seen = t.item() / world_size(), 1
         metrics = eval_fn(unwrap(ddp_model)) if eval_fn is not None else {}
