@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - only hit on a machine without torch
     )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # +PTX: GPUs newer than sm_90 JIT-compile the kernels
 
 
 def _want_cuda() -> bool:
@@ -73,7 +73,7 @@ def _extension():
             sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
             extra_link_args=["-fopenmp"],
         )
     return cpp_extension.CppExtension(

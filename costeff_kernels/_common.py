@@ -2,6 +2,8 @@
 linear (GEMM + bias + activation) kernel used by slim_ffn, slim_attention and the exit-head pooler."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -24,6 +26,19 @@ def require_triton_device(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(
             f"costeff::{op} (Triton kernel): {name} must be a GPU tensor, got a CPU tensor "
             "(use the CPU kernels, or set TRITON_INTERPRET=1 before importing costeff_kernels)")
+
+
+def on_tensor_device(launcher):
+    """Runs a Triton launcher with its first tensor's GPU as the current device: Triton launches on the
+    current device, so a tensor on cuda:1 while cuda:0 is current would otherwise be read from the
+    wrong GPU."""
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        guard = torch.cuda.device(t.device) if t is not None and t.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return launcher(*args, **kwargs)
+    return guarded
 
 
 def acc_dtype(dtype: torch.dtype):
@@ -127,7 +142,7 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: int =
     block_m = pow2_block(M)
     block_n = pow2_block(N)
     block_k = pow2_block(K, hi=32)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))  # rows on axis 0 (2^31 - 1 blocks; axis 1 allows 65535)
     _linear_kernel[grid](
         a, weight, bias, out, M, N, K,
         a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), bias.stride(0), out.stride(0), out.stride(1),

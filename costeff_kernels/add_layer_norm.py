@@ -61,6 +61,7 @@ def _add_layer_norm_kernel(
             tl.store(y_row + c, ((s - mean) * rstd * w + b).to(y_ptr.dtype.element_ty), mask=m)
 
 
+@_common.on_tensor_device
 def add_layer_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                           eps: float) -> torch.Tensor:
     """LayerNorm(x + residual) over the last dimension; returns a new tensor of x's shape and dtype."""

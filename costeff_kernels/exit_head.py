@@ -76,6 +76,7 @@ def _exit_head_kernel(
     tl.store(bad_ptr + rows, bad, mask=row_ok)
 
 
+@_common.on_tensor_device
 def exit_head_triton(
     hidden: torch.Tensor,
     pooler_weight: Optional[torch.Tensor],

@@ -1,7 +1,7 @@
 """Triton slim attention: QKV projection (tiled linear kernel), a flash-attention-style kernel for
 the key-masked softmax(Q K^T / sqrt(d)) V over any head size, then the output projection.
 
-The attention kernel runs one program per (query block, batch * head), streams key/value blocks with
+The attention kernel runs one program per (batch * head, query block), streams key/value blocks with
 an online softmax (running max and sum, fp32), pads the head dimension to max(16, next_pow2(d)) with
 masked loads, and writes a zero context for a query whose row has no real key.
 """
@@ -28,8 +28,8 @@ def _attention_kernel(
     ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_q = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)  # batch * heads on axis 0: its limit is 2^31 - 1, axis 1's only 65535
+    pid_q = tl.program_id(1).to(tl.int64)
     b = bh // NH
     h = bh % NH
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -81,6 +81,7 @@ def _attention_kernel(
              out.to(ctx_ptr.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
 
 
+@_common.on_tensor_device
 def slim_attention_triton(hidden: torch.Tensor, key_padding_mask: torch.Tensor, qkv_weight: torch.Tensor,
                           qkv_bias: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
                           num_heads: int) -> torch.Tensor:
@@ -99,7 +100,7 @@ def slim_attention_triton(hidden: torch.Tensor, key_padding_mask: torch.Tensor, 
     block_q = pow2_block(s, hi=_MAX_BLOCK_Q)
     block_kv = pow2_block(s, hi=_MAX_BLOCK_KV)
     block_d = max(16, triton.next_power_of_2(head_size))
-    grid = (triton.cdiv(s, block_q), b * num_heads)
+    grid = (b * num_heads, triton.cdiv(s, block_q))
     _attention_kernel[grid](
         qkv, key_padding_mask, ctx,
         s, num_heads, head_size,

@@ -9,6 +9,7 @@ from costeff_kernels import _common
 from costeff_kernels._common import ACT_GELU, ACT_NONE, linear, rows_2d
 
 
+@_common.on_tensor_device
 def slim_ffn_triton(hidden: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor,
                     out_weight: torch.Tensor, out_bias: torch.Tensor) -> torch.Tensor:
     """out = GELU(hidden @ in_weight.T + in_bias) @ out_weight.T + out_bias, shape and dtype of hidden.

@@ -37,7 +37,7 @@ export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export PATH="$CUDA_HOME/bin:$PATH"
 # nvcc comes with this machine image (/usr/local/cuda); it is not pip-installed here.
 [ -x "$CUDA_HOME/bin/nvcc" ] || { echo "[check_cuda] nvcc not found at $CUDA_HOME/bin/nvcc (set CUDA_HOME, or COSTEFF_SKIP_CUDA_BUILD=1)" >&2; exit 1; }
-export COSTEFF_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" MAX_JOBS="${MAX_JOBS:-2}"
+export COSTEFF_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}" MAX_JOBS="${MAX_JOBS:-2}"
 # The toolkit here has no cuBLAS/cuSPARSE headers, which ATen/cuda/CUDAContext.h includes; the wheel's
 # nvidia-* dependencies ship them (nvidia/cu13/include). CPATH reaches g++ and nvcc's host preprocessing.
 NV_INCLUDE="$("$VENV/bin/python" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))')"

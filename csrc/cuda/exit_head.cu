@@ -121,6 +121,8 @@ COSTEFF_INSTANTIATE_EXIT_HEAD(float, __nv_bfloat16)
 
 #include <limits>
 
+#include <torch/version.h>
+
 #include "costeff/op_checks.h"
 #include "type_map.cuh"
 
@@ -193,10 +195,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cuda(
   auto entropy = at::empty({B}, hidden.options().dtype(at::kFloat));
   auto exit_mask = at::empty({B}, hidden.options().dtype(at::kBool));
   if (B == 0) return {logits, entropy, exit_mask};
-  // The pooler dense runs in fp32 (as the CPU kernel and the reference do), so the kernel then reads fp32.
-  const at::Tensor h = sz.has_pooler
-      ? at::addmm(pooler_bias->to(at::kFloat), hidden.to(at::kFloat), pooler_weight->to(at::kFloat).t())
-      : (hidden.stride(1) == 1 ? hidden : hidden.contiguous());
+  // The pooler dense accumulates and writes fp32 (as the CPU kernel and the reference do), so the kernel
+  // then reads fp32; 16-bit weights go to the GEMM as they are (mm.dtype), not converted on every call.
+  at::Tensor h;
+  if (!sz.has_pooler) {
+    h = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
+  } else if (hidden.scalar_type() == at::kFloat) {
+    h = at::addmm(*pooler_bias, hidden, pooler_weight->t());
+  } else {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+    h = at::mm(hidden, pooler_weight->t(), at::kFloat).add_(*pooler_bias);
+#else
+    h = at::addmm(pooler_bias->to(at::kFloat), hidden.to(at::kFloat), pooler_weight->to(at::kFloat).t());
+#endif
+  }
   const auto w = classifier_weight.contiguous();
   const auto b = classifier_bias.contiguous();
   // -1 reads as ULLONG_MAX in the kernel's atomicMin: "no bad row".
