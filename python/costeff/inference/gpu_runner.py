@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from costeff.device import resolve_device
-from costeff.models.modeling_costeff import CostEffForSequenceClassification, EarlyExitOutput, exit_input, segment_spans
+from costeff.models.modeling_costeff import (CostEffForSequenceClassification, EarlyExitOutput, check_input_shape, exit_input,
+                                             segment_spans)
 from costeff.ops._checks import check_threshold
 from costeff.ops.exit_head import exit_head_logits_entropy
 
@@ -200,17 +201,7 @@ class GpuRunner:
     def _check_shapes(self, input_ids, attention_mask, token_type_ids):
         """Shape and dtype rules of ``prepare_inputs`` on the host; the value rules (id range, 0/1
         mask, no empty row) are checked on the device and read with the first segment's sync."""
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"GpuRunner: input_ids must be a Tensor, got {type(input_ids).__name__}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"GpuRunner: input_ids must be 2-D [batch, seq_len], got shape {list(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise TypeError(f"GpuRunner: input_ids must be an integer tensor, got {input_ids.dtype}")
-        b, s = input_ids.shape
-        if s == 0:
-            raise ValueError("GpuRunner: input_ids has seq_len 0: every row needs at least one token ([CLS])")
-        if s > self.max_len:
-            raise ValueError(f"GpuRunner: input_ids has seq_len {s} but the model takes at most {self.max_len} tokens; truncate the input")
+        check_input_shape(self.config, input_ids)
         for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
             if t is not None and (not isinstance(t, torch.Tensor) or t.shape != input_ids.shape):
                 raise ValueError(f"GpuRunner: {name} must be a Tensor of the shape of input_ids {list(input_ids.shape)}")

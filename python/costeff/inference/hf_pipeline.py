@@ -4,7 +4,8 @@
 is imported) or ``transformers.pipeline("text-classification", model=DIR, pipeline_class=CostEffTextClassificationPipeline)``
 returns ``{"label", "score", "exit_layer"}`` per text, at the directory's calibrated threshold
 (``inference_threshold``; 0, i.e. full depth, when not calibrated) unless ``threshold=`` is given, when
-the pipeline is built or per call (``pipe(texts, threshold=0.3)``; a call's threshold wins). The
+the pipeline is built or per call (``pipe(texts, threshold=0.3)``; a call's threshold wins). On a GPU
+(``device="cuda"``) it runs costeff.inference.GpuRunner. The
 model's own ``forward`` is untouched: in eval mode without labels it still returns every exit, which
 distillation needs."""
 from __future__ import annotations
@@ -36,8 +37,16 @@ class CostEffTextClassificationPipeline(TextClassificationPipeline):
         return preprocess, forward, postprocess
 
     def _forward(self, model_inputs, threshold: Optional[float] = None):
-        out = self.model.early_exit(model_inputs["input_ids"], model_inputs.get("attention_mask"), model_inputs.get("token_type_ids"),
-                                    threshold=self.threshold if threshold is None else threshold)
+        t = self.threshold if threshold is None else threshold
+        args = (model_inputs["input_ids"], model_inputs.get("attention_mask"), model_inputs.get("token_type_ids"))
+        if self.model.device.type == "cuda":  # pipeline(..., device="cuda"): decisions on the device, CUDA graphs
+            if getattr(self, "_runner", None) is None:
+                from costeff.inference.gpu_runner import GpuRunner
+
+                self._runner = GpuRunner(self.model, device=str(self.model.device))
+            out = self._runner(*args, threshold=t)
+        else:
+            out = self.model.early_exit(*args, threshold=t)
         return {"logits": out.logits, "exit_layer": out.exit_layer}
 
     def postprocess(self, model_outputs, function_to_apply=None, top_k=1, _legacy=True):

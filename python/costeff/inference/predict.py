@@ -56,10 +56,12 @@ class Predictor:
     """Tokenizer + early-exit classifier of a model directory. Runs on the C++ engine when the
     extension is built (``precision`` fp32 (default) / bf16 / int8), else on the model's
     ``early_exit``; a directory written by ``costeff export --format onnx`` runs on ONNX Runtime.
-    ``backend="pytorch"`` forces ``early_exit`` (kernels when built) on a model directory."""
+    ``backend="pytorch"`` forces ``early_exit`` (kernels when built) on a model directory. ``device``
+    "cuda"/"cuda:N" (or "auto" with a GPU visible) runs :class:`~costeff.inference.GpuRunner` there
+    (precision fp32 or bf16)."""
 
     def __init__(self, model_dir, precision: Optional[str] = None, threshold: Optional[float] = None, tokenizer=None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, device: str = "cpu"):
         from transformers import AutoTokenizer
 
         path = Path(os.fspath(model_dir))
@@ -87,7 +89,22 @@ class Predictor:
         if backend not in (None, "engine", "pytorch"):
             raise ValueError(f"backend must be None (automatic), 'engine' or 'pytorch', got {backend!r}")
         self.engine = None
-        if is_onnx_directory(path):  # written by `costeff export --format onnx`: its precision was fixed there
+        from costeff.device import resolve_device
+
+        on = resolve_device(device, "predict --device")
+        if on.type == "cuda":
+            if is_onnx_directory(path) or backend is not None:
+                raise ValueError(f"predict --device {device}: a GPU runs the model directory on GpuRunner; ONNX exports and "
+                                 "--backend run on the CPU")
+            if precision not in (None, "fp32", "bf16"):
+                raise ValueError(f"predict --device {device}: precision {precision} runs on the CPU engine; on a GPU use fp32 or bf16")
+            from costeff.inference.gpu_runner import GpuRunner
+            from costeff.models import CostEffForSequenceClassification
+
+            runner = GpuRunner(CostEffForSequenceClassification.from_pretrained(path).eval(), device=str(on), precision=precision or "fp32")
+            self.backend = f"gpu {runner.precision} ({on})"
+            self._run = lambda ids, mask, types: _on_cpu(runner(ids, mask, types, threshold=self.threshold))
+        elif is_onnx_directory(path):  # written by `costeff export --format onnx`: its precision was fixed there
             runner = OnnxEarlyExit(path)
             if precision is not None and precision != runner.precision:
                 raise ValueError(f"{path} is an ONNX export in {runner.precision}; --precision {precision} needs another export")
@@ -130,6 +147,13 @@ class Predictor:
                 rec["probs"] = {name: round(float(p[i, k]), 6) for k, name in enumerate(self.labels)}
             records.append(rec)
         return records
+
+
+def _on_cpu(out):
+    """An EarlyExitOutput with its tensors on the CPU (one copy each, where the records are built)."""
+    from costeff.models.modeling_costeff import EarlyExitOutput
+
+    return EarlyExitOutput.of(out.logits.cpu(), out.exit_layer.cpu(), out.entropy.cpu())
 
 
 def read_inputs(stream: TextIO, fmt: str, text_column: Optional[str], pair_column: Optional[str]) -> Iterator[tuple[str, Optional[str]]]:
@@ -201,7 +225,7 @@ def main_predict(args) -> int:
     """`costeff predict` (arguments from costeff.cli)."""
     if args.threshold is not None:
         check_threshold("costeff predict", args.threshold, "--threshold")
-    predictor = Predictor(args.model, args.precision, args.threshold, args.tokenizer)
+    predictor = Predictor(args.model, args.precision, args.threshold, args.tokenizer, device=getattr(args, "device", None) or "cpu")
     if predictor.notice:
         print(f"costeff predict: {predictor.notice}", file=sys.stderr)
     fmt = args.format

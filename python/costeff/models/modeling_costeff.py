@@ -42,11 +42,9 @@ from costeff.ops.exit_head import ExitHeadOutput, activate
 # Input checks
 
 
-def prepare_inputs(config: CostEffConfig, input_ids, attention_mask=None, token_type_ids=None):
-    """Validates inputs and returns (input_ids, bool key mask, token_type_ids). Refuses inputs longer
-    than the position table and rows with no real token (HF would attend uniformly to padding there,
-    our attention gives such a query a zero context: the two would silently disagree). The C++ engine
-    applies the same rules (csrc/engine/run.cpp); tests/test_input_rules.py pins both to one table."""
+def check_input_shape(config: CostEffConfig, input_ids) -> tuple[int, int]:
+    """The rules of ``prepare_inputs`` that read no values (type, rank, dtype, length), so a GPU caller
+    checks them without a device sync; returns (batch, seq_len)."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
@@ -63,6 +61,15 @@ def prepare_inputs(config: CostEffConfig, input_ids, attention_mask=None, token_
             f"input_ids has seq_len {s} but the position table holds max_position_embeddings="
             f"{config.max_position_embeddings}{offset}: at most {max_len} tokens; truncate the input"
         )
+    return b, s
+
+
+def prepare_inputs(config: CostEffConfig, input_ids, attention_mask=None, token_type_ids=None):
+    """Validates inputs and returns (input_ids, bool key mask, token_type_ids). Refuses inputs longer
+    than the position table and rows with no real token (HF would attend uniformly to padding there,
+    our attention gives such a query a zero context: the two would silently disagree). The C++ engine
+    applies the same rules (csrc/engine/run.cpp); tests/test_input_rules.py pins both to one table."""
+    b, s = check_input_shape(config, input_ids)
     if b and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
         raise ValueError(f"input_ids must be in [0, vocab_size={config.vocab_size}), got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
     if attention_mask is None:
