@@ -14,6 +14,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/custom_class.h>
 
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -58,6 +59,36 @@ struct ExitWeights {
   std::vector<float> classifier_bias;
 };
 
+// Rows of unpadded tokens: row r's tokens are rows [start, start + len) of `h` ([tokens, hidden]),
+// `keys` the local indices of its real tokens (what attention reads and mean pooling averages).
+// `index` names the row to its owner: the input row in run(), a slot in an EngineSession.
+struct TokenRow {
+  int64_t index = 0;
+  int64_t start = 0;
+  int64_t len = 0;
+  std::vector<int64_t> keys;
+};
+
+struct RowBatch {
+  std::vector<TokenRow> rows;
+  std::vector<float> h;
+  int64_t tokens = 0;
+  // Moves `other`'s rows and states to the end of this batch (rows keep their index).
+  void append(RowBatch&& other, int64_t hidden);
+};
+
+// Scratch buffers reused across layers and exits of one call (never shared between threads).
+struct Workspace {
+  std::vector<float> h1, tmp, qkv, ctx, mid, pooled;
+  std::vector<int64_t> key_rows, q_start, q_len, n_keys;
+  std::vector<uint16_t> bf16;
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+};
+
+// Called per row at an exit with its logits [num_labels] and entropy: true if the row leaves there.
+using ExitDecision = std::function<bool(const TokenRow& row, const float* logits, float entropy)>;
+
 class InferenceEngine : public torch::CustomClassHolder {
  public:
   // `weights`: the state_dict of a CostEffForSequenceClassification (names as in model.safetensors);
@@ -82,6 +113,17 @@ class InferenceEngine : public torch::CustomClassHolder {
       const std::optional<at::Tensor>& token_type_ids,
       double threshold,
       std::map<std::string, double>* profile = nullptr) const;
+
+  // The building blocks of run(), also used by EngineSession (continuous batching, session.cpp):
+  // embed() checks the inputs as run() does and returns their rows (index = input row) after the
+  // embeddings; layer() runs layer l (0-based) on every row of `batch` in place; exit() runs the exit
+  // after layer l on every row, asks `leave` per row and compacts the rows that stay.
+  RowBatch embed(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask, const std::optional<at::Tensor>& token_type_ids,
+                 Workspace& ws, std::map<std::string, double>* profile = nullptr) const;
+  void layer(int64_t l, RowBatch& batch, Workspace& ws, std::map<std::string, double>* profile = nullptr) const;
+  void exit(int64_t l, RowBatch& batch, const ExitDecision& leave, Workspace& ws, std::map<std::string, double>* profile = nullptr) const;
+  // Whether layer l (0-based) has an exit after it.
+  bool has_exit(int64_t l) const { return l + 1 >= config_.exit_start; }
 
   std::string precision() const { return precision_name(precision_); }
   std::string isa() const { return kern_->name; }

@@ -23,15 +23,8 @@ namespace {
 constexpr int64_t kParallelMacs = int64_t(1) << 18;
 // Elements below which per-row work (activation preparation, LayerNorm) stays on the calling thread.
 constexpr int64_t kParallelElements = int64_t(1) << 15;
-// Per-call scratch (the engine itself is never written during run()).
-struct Scratch {
-  std::vector<uint16_t> bf16;
-  std::vector<int8_t> q;
-  std::vector<float> scale;
-};
-
 // y = act(x W^T + b) for M rows, parallel over output panels (and row chunks when panels are few).
-void run_linear(const PackedLinear& lin, const LinearKernels& kern, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, Activation act, Scratch& s) {
+void run_linear(const PackedLinear& lin, const LinearKernels& kern, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, Activation act, Workspace& s) {
   if (M == 0 || lin.out_features() == 0) return;
   PreparedInput in;
   in.f32 = x;
@@ -97,38 +90,38 @@ class StageClock {
   std::chrono::steady_clock::time_point last_;
 };
 
-// One active input row: its original index, its token rows [start, start + len) in the hidden state
-// and the local indices of its real tokens (the keys, and what mean pooling averages).
-struct Row {
-  int64_t index;
-  int64_t start;
-  int64_t len;
-  std::vector<int64_t> keys;
-};
-
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
-    const at::Tensor& input_ids,
-    const std::optional<at::Tensor>& attention_mask,
-    const std::optional<at::Tensor>& token_type_ids,
-    double threshold,
-    std::map<std::string, double>* profile) const {
+void RowBatch::append(RowBatch&& other, int64_t hidden) {
+  if (other.rows.empty()) return;
+  if (rows.empty()) {
+    *this = std::move(other);
+    return;
+  }
+  h.resize((tokens + other.tokens) * hidden);
+  std::memcpy(&h[tokens * hidden], other.h.data(), other.tokens * hidden * sizeof(float));
+  for (TokenRow& r : other.rows) {
+    r.start += tokens;
+    rows.push_back(std::move(r));
+  }
+  tokens += other.tokens;
+  other = RowBatch{};
+}
+
+RowBatch InferenceEngine::embed(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
+                                const std::optional<at::Tensor>& token_type_ids, Workspace& ws, std::map<std::string, double>* profile) const {
   StageClock clock(profile);
   const EngineConfig& c = config_;
-  const int64_t H = c.hidden_size, C = c.num_labels;
+  const int64_t H = c.hidden_size;
   // ---- input checks (the same rules as prepare_inputs in modeling_costeff.py)
   TORCH_CHECK_VALUE(input_ids.defined(), "costeff engine: input_ids is undefined");
   TORCH_CHECK_VALUE(input_ids.device().is_cpu(), "costeff engine: input_ids must be a CPU tensor, got ", input_ids.device());
   TORCH_CHECK_VALUE(input_ids.dim() == 2, "costeff engine: input_ids must be 2-D [batch, seq_len], got shape ", input_ids.sizes());
   TORCH_CHECK_TYPE(!input_ids.is_floating_point() && !input_ids.is_complex() && input_ids.scalar_type() != at::kBool,
                    "costeff engine: input_ids must be an integer tensor, got ", input_ids.scalar_type());
-  check_threshold("costeff engine", threshold);
   const int64_t B = input_ids.size(0), S = input_ids.size(1);
-  auto logits_out = at::zeros({B, C}, at::kFloat);
-  auto layer_out = at::zeros({B}, at::kLong);
-  auto entropy_out = at::zeros({B}, at::kFloat);
-  if (B == 0) return {logits_out, layer_out, entropy_out};
+  RowBatch batch;
+  if (B == 0) return batch;
   TORCH_CHECK_VALUE(S > 0, "costeff engine: input_ids has seq_len 0: every row needs at least one token ([CLS])");
   TORCH_CHECK_VALUE(S <= c.max_positions - c.position_offset, "costeff engine: input_ids has seq_len ", S,
                     " but the position table holds max_position_embeddings=", c.max_positions,
@@ -165,17 +158,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
       TORCH_CHECK_VALUE(types[i] >= 0 && types[i] < c.type_vocab_size, "costeff engine: token_type_ids must be in [0, type_vocab_size=", c.type_vocab_size,
                         "), got ", types[i], " at row ", i / S, " column ", i % S);
   }
-
   clock.lap("checks");
   // ---- unpadded token rows: real tokens, plus position 0 (the CLS exit reads it even as padding)
-  std::vector<Row> rows;
-  rows.reserve(B);
+  batch.rows.reserve(B);
   std::vector<int64_t> tok_pos, pos_id;  // flat input index and position-table row of every kept token
   tok_pos.reserve(B * S);
   pos_id.reserve(B * S);
   int64_t T = 0;
   for (int64_t b = 0; b < B; ++b) {
-    Row r{b, T, 0, {}};
+    TokenRow r{b, T, 0, {}};
     int64_t seen = 0;  // real tokens so far in this row (RoBERTa-style positions)
     for (int64_t j = 0; j < S; ++j) {
       const bool is_real = real[b * S + j];
@@ -190,12 +181,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
     }
     TORCH_CHECK_VALUE(!r.keys.empty(), "costeff engine: attention_mask rows [", b, "] have no real token (all padding); remove them from the batch");
     T += r.len;
-    rows.push_back(std::move(r));
+    batch.rows.push_back(std::move(r));
   }
-
+  batch.tokens = T;
+  batch.h.resize(T * H);
   // ---- embeddings: LayerNorm((word [projected] + position) + token type), as CostEffEmbeddings
-  Scratch scratch;
-  std::vector<float> h(T * H), h1(T * H), tmp(T * H);
+  std::vector<float>& h = batch.h;
   {
     const int64_t E = c.embedding_size > 0 ? c.embedding_size : H;  // width of the tables and their LayerNorm
     const int64_t wd = c.embedding_rank > 0 ? c.embedding_rank : E;
@@ -207,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
     }
     if (c.embedding_rank > 0) {
       x.resize(T * E);
-      run_linear(word_projection_, *kern_, words.data(), wd, T, x.data(), E, Activation::kNone, scratch);
+      run_linear(word_projection_, *kern_, words.data(), wd, T, x.data(), E, Activation::kNone, ws);
     } else {
       x.swap(words);
     }
@@ -220,128 +211,177 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
       for (int64_t i = 0; i < E; ++i) xt[i] += pos[i];
       add_layer_norm_row_cpu(xt, type, embed_norm_weight_.data(), embed_norm_bias_.data(), &out[t * E], E, static_cast<float>(c.layer_norm_eps), kern_->avx2_rows);
     }
-    if (c.embedding_size > 0) run_linear(embedding_projection_, *kern_, normed.data(), E, T, h.data(), H, Activation::kNone, scratch);
+    if (c.embedding_size > 0) run_linear(embedding_projection_, *kern_, normed.data(), E, T, h.data(), H, Activation::kNone, ws);
   }
   clock.lap("embeddings");
+  return batch;
+}
 
+void InferenceEngine::layer(int64_t l, RowBatch& batch, Workspace& ws, std::map<std::string, double>* profile) const {
+  StageClock clock(profile);
+  const EngineConfig& c = config_;
+  const int64_t H = c.hidden_size, T = batch.tokens;
   const float eps = static_cast<float>(c.layer_norm_eps);
-  std::vector<float> qkv, ctx, mid, pooled, logits(C);
-  std::vector<int64_t> key_rows, q_start, q_len, n_keys;
+  const LayerWeights& L = layers_[l];
+  const int64_t inner = L.heads * L.head_size;
+  const std::string tag = profile != nullptr ? "layer" + std::to_string(l + 1) + "." : "";
+  std::vector<float>& h = batch.h;
+  std::vector<float>& h1 = ws.h1;
+  std::vector<float>& tmp = ws.tmp;
+  h1.resize(std::max(h1.size(), static_cast<size_t>(T * H)));
+  tmp.resize(std::max(tmp.size(), static_cast<size_t>(T * H)));
+  std::vector<float>& qkv = ws.qkv;
+  std::vector<float>& ctx = ws.ctx;
+  std::vector<float>& mid = ws.mid;
+  std::vector<int64_t>& key_rows = ws.key_rows;
+  std::vector<int64_t>& q_start = ws.q_start;
+  std::vector<int64_t>& q_len = ws.q_len;
+  std::vector<int64_t>& n_keys = ws.n_keys;
+  const std::vector<TokenRow>& rows = batch.rows;
+  // ---- attention + add&norm
+  if (inner > 0) {
+    qkv.resize(T * 3 * inner);
+    ctx.resize(T * inner);
+    run_linear(L.qkv, *kern_, h.data(), H, T, qkv.data(), 3 * inner, Activation::kNone, ws);
+    clock.lap(tag, "qkv");
+    const int64_t R = static_cast<int64_t>(rows.size());
+    int64_t max_len = 0;
+    for (const TokenRow& r : rows) max_len = std::max(max_len, r.len);
+    key_rows.assign(R * max_len, 0);
+    q_start.resize(R);
+    q_len.resize(R);
+    n_keys.resize(R);
+    for (int64_t b = 0; b < R; ++b) {
+      q_start[b] = rows[b].start;
+      q_len[b] = rows[b].len;
+      n_keys[b] = static_cast<int64_t>(rows[b].keys.size());
+      for (int64_t t = 0; t < n_keys[b]; ++t) key_rows[b * max_len + t] = rows[b].start + rows[b].keys[t];
+    }
+    const AttentionRows ar{q_start.data(), q_len.data(), key_rows.data(), n_keys.data(), R, max_len};
+#if COSTEFF_HAVE_AVX2_PATH
+    if (kern_->avx2_rows) {
+      attention_core_avx2(ar, qkv.data(), 3 * inner, qkv.data() + inner, qkv.data() + 2 * inner, 3 * inner, ctx.data(), L.heads, L.head_size);
+    } else
+#endif
+    {
+      attention_core_portable<float>(ar, qkv.data(), 3 * inner, qkv.data() + inner, qkv.data() + 2 * inner, 3 * inner, ctx.data(), L.heads,
+                                     L.head_size);
+    }
+    clock.lap(tag, "attention");
+    run_linear(L.attn_out, *kern_, ctx.data(), inner, T, tmp.data(), H, Activation::kNone, ws);
+  } else {
+    for (int64_t t = 0; t < T; ++t) std::copy(L.attn_out_bias.begin(), L.attn_out_bias.end(), tmp.begin() + t * H);
+  }
+  clock.lap(tag, "attn_out");
+  layer_norm_rows(*kern_, tmp.data(), h.data(), L.norm1_weight, L.norm1_bias, h1.data(), T, H, eps);
+  clock.lap(tag, "norm1");
+  // ---- FFN + add&norm
+  if (L.ffn > 0) {
+    mid.resize(T * L.ffn);
+    run_linear(L.ffn_in, *kern_, h1.data(), H, T, mid.data(), L.ffn, Activation::kGelu, ws);
+    clock.lap(tag, "ffn_in");
+    run_linear(L.ffn_out, *kern_, mid.data(), L.ffn, T, tmp.data(), H, Activation::kNone, ws);
+  } else {
+    for (int64_t t = 0; t < T; ++t) std::copy(L.ffn_out_bias.begin(), L.ffn_out_bias.end(), tmp.begin() + t * H);
+  }
+  clock.lap(tag, "ffn_out");
+  layer_norm_rows(*kern_, tmp.data(), h1.data(), L.norm2_weight, L.norm2_bias, h.data(), T, H, eps);
+  clock.lap(tag, "norm2");
+}
+
+void InferenceEngine::exit(int64_t l, RowBatch& batch, const ExitDecision& leave, Workspace& ws, std::map<std::string, double>* profile) const {
+  StageClock clock(profile);
+  const EngineConfig& c = config_;
+  const int64_t H = c.hidden_size, C = c.num_labels;
+  const int64_t layer = l + 1;
+  TORCH_CHECK(layer >= c.exit_start, "costeff engine: layer ", layer, " has no exit");
+  const std::string tag = profile != nullptr ? "layer" + std::to_string(layer) + "." : "";
+  std::vector<float>& h = batch.h;
+  std::vector<float>& pooled = ws.pooled;
+  std::vector<float>& tmp = ws.tmp;
+  std::vector<float> logits(C);
+  std::vector<TokenRow>& rows = batch.rows;
+  const ExitWeights& X = exits_[layer - c.exit_start];
+  const bool last = layer == c.num_layers;  // the last exit reads CLS whatever exit_pooling says
+  const int64_t R = static_cast<int64_t>(rows.size());
+  pooled.resize(R * H);
+  for (int64_t b = 0; b < R; ++b) {
+    float* dst = &pooled[b * H];
+    const TokenRow& r = rows[b];
+    if (last || !c.mean_pooling) {
+      std::memcpy(dst, &h[r.start * H], H * sizeof(float));
+    } else {
+      std::fill(dst, dst + H, 0.f);
+      for (int64_t t : r.keys) {
+        const float* src = &h[(r.start + t) * H];
+        for (int64_t i = 0; i < H; ++i) dst[i] += src[i];
+      }
+      const float count = static_cast<float>(r.keys.size());
+      for (int64_t i = 0; i < H; ++i) dst[i] /= count;
+    }
+  }
+  if (X.has_pooler) {
+    run_linear(X.pooler, *kern_, pooled.data(), H, R, tmp.data(), H, X.activation, ws);
+    std::copy(tmp.begin(), tmp.begin() + R * H, pooled.begin());
+  } else {
+    kern_->activate(pooled.data(), R * H, Activation::kTanh);
+  }
+  std::vector<TokenRow> stay;
+  int64_t new_T = 0;
+  for (int64_t b = 0; b < R; ++b) {
+    const float* x = &pooled[b * H];
+    EntropyState state = entropy_state_empty();
+    for (int64_t k = 0; k < C; ++k) {
+      const float* w = &X.classifier_weight[k * H];
+      float acc = 0.f;
+      for (int64_t i = 0; i < H; ++i) acc += x[i] * w[i];
+      logits[k] = acc + X.classifier_bias[k];
+      TORCH_CHECK_VALUE(std::isfinite(logits[k]), "costeff engine: non-finite logits (NaN/Inf) at layer ", layer, " for input row ", rows[b].index);
+      state = entropy_state_add(state, logits[k]);
+    }
+    const float entropy = entropy_state_finalize(state);
+    TokenRow& r = rows[b];
+    if (leave(r, logits.data(), entropy)) continue;
+    if (r.start != new_T) std::memmove(&h[new_T * H], &h[r.start * H], r.len * H * sizeof(float));
+    r.start = new_T;
+    new_T += r.len;
+    stay.push_back(std::move(r));
+  }
+  rows.swap(stay);
+  batch.tokens = new_T;
+  clock.lap(tag, "exit");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> InferenceEngine::run(
+    const at::Tensor& input_ids,
+    const std::optional<at::Tensor>& attention_mask,
+    const std::optional<at::Tensor>& token_type_ids,
+    double threshold,
+    std::map<std::string, double>* profile) const {
+  check_threshold("costeff engine", threshold);
+  const EngineConfig& c = config_;
+  const int64_t C = c.num_labels;
+  Workspace ws;
+  RowBatch batch = embed(input_ids, attention_mask, token_type_ids, ws, profile);
+  const int64_t B = input_ids.size(0);
+  auto logits_out = at::zeros({B, C}, at::kFloat);
+  auto layer_out = at::zeros({B}, at::kLong);
+  auto entropy_out = at::zeros({B}, at::kFloat);
   float* lo = logits_out.data_ptr<float>();
   int64_t* lay = layer_out.data_ptr<int64_t>();
   float* ent = entropy_out.data_ptr<float>();
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    const LayerWeights& L = layers_[l];
-    const int64_t inner = L.heads * L.head_size;
-    const std::string tag = profile != nullptr ? "layer" + std::to_string(l + 1) + "." : "";
-    // ---- attention + add&norm
-    if (inner > 0) {
-      qkv.resize(T * 3 * inner);
-      ctx.resize(T * inner);
-      run_linear(L.qkv, *kern_, h.data(), H, T, qkv.data(), 3 * inner, Activation::kNone, scratch);
-      clock.lap(tag, "qkv");
-      const int64_t R = static_cast<int64_t>(rows.size());
-      int64_t max_len = 0;
-      for (const Row& r : rows) max_len = std::max(max_len, r.len);
-      key_rows.assign(R * max_len, 0);
-      q_start.resize(R);
-      q_len.resize(R);
-      n_keys.resize(R);
-      for (int64_t b = 0; b < R; ++b) {
-        q_start[b] = rows[b].start;
-        q_len[b] = rows[b].len;
-        n_keys[b] = static_cast<int64_t>(rows[b].keys.size());
-        for (int64_t t = 0; t < n_keys[b]; ++t) key_rows[b * max_len + t] = rows[b].start + rows[b].keys[t];
-      }
-      const AttentionRows ar{q_start.data(), q_len.data(), key_rows.data(), n_keys.data(), R, max_len};
-#if COSTEFF_HAVE_AVX2_PATH
-      if (kern_->avx2_rows) {
-        attention_core_avx2(ar, qkv.data(), 3 * inner, qkv.data() + inner, qkv.data() + 2 * inner, 3 * inner, ctx.data(), L.heads, L.head_size);
-      } else
-#endif
-      {
-        attention_core_portable<float>(ar, qkv.data(), 3 * inner, qkv.data() + inner, qkv.data() + 2 * inner, 3 * inner, ctx.data(), L.heads,
-                                       L.head_size);
-      }
-      clock.lap(tag, "attention");
-      run_linear(L.attn_out, *kern_, ctx.data(), inner, T, tmp.data(), H, Activation::kNone, scratch);
-    } else {
-      for (int64_t t = 0; t < T; ++t) std::copy(L.attn_out_bias.begin(), L.attn_out_bias.end(), tmp.begin() + t * H);
-    }
-    clock.lap(tag, "attn_out");
-    layer_norm_rows(*kern_, tmp.data(), h.data(), L.norm1_weight, L.norm1_bias, h1.data(), T, H, eps);
-    clock.lap(tag, "norm1");
-    // ---- FFN + add&norm
-    if (L.ffn > 0) {
-      mid.resize(T * L.ffn);
-      run_linear(L.ffn_in, *kern_, h1.data(), H, T, mid.data(), L.ffn, Activation::kGelu, scratch);
-      clock.lap(tag, "ffn_in");
-      run_linear(L.ffn_out, *kern_, mid.data(), L.ffn, T, tmp.data(), H, Activation::kNone, scratch);
-    } else {
-      for (int64_t t = 0; t < T; ++t) std::copy(L.ffn_out_bias.begin(), L.ffn_out_bias.end(), tmp.begin() + t * H);
-    }
-    clock.lap(tag, "ffn_out");
-    layer_norm_rows(*kern_, tmp.data(), h1.data(), L.norm2_weight, L.norm2_bias, h.data(), T, H, eps);
-    clock.lap(tag, "norm2");
-
-    // ---- exit
-    const int64_t layer = l + 1;
-    if (layer < c.exit_start) continue;
-    const ExitWeights& X = exits_[layer - c.exit_start];
-    const bool last = layer == c.num_layers;
-    const int64_t R = static_cast<int64_t>(rows.size());
-    pooled.resize(R * H);
-    for (int64_t b = 0; b < R; ++b) {
-      float* dst = &pooled[b * H];
-      const Row& r = rows[b];
-      if (last || !c.mean_pooling) {
-        std::memcpy(dst, &h[r.start * H], H * sizeof(float));
-      } else {
-        std::fill(dst, dst + H, 0.f);
-        for (int64_t t : r.keys) {
-          const float* src = &h[(r.start + t) * H];
-          for (int64_t i = 0; i < H; ++i) dst[i] += src[i];
-        }
-        const float count = static_cast<float>(r.keys.size());
-        for (int64_t i = 0; i < H; ++i) dst[i] /= count;
-      }
-    }
-    if (X.has_pooler) {
-      run_linear(X.pooler, *kern_, pooled.data(), H, R, tmp.data(), H, X.activation, scratch);
-      std::copy(tmp.begin(), tmp.begin() + R * H, pooled.begin());
-    } else {
-      kern_->activate(pooled.data(), R * H, Activation::kTanh);
-    }
-    std::vector<Row> stay;
-    int64_t new_T = 0;
-    for (int64_t b = 0; b < R; ++b) {
-      const float* x = &pooled[b * H];
-      EntropyState state = entropy_state_empty();
-      for (int64_t k = 0; k < C; ++k) {
-        const float* w = &X.classifier_weight[k * H];
-        float acc = 0.f;
-        for (int64_t i = 0; i < H; ++i) acc += x[i] * w[i];
-        logits[k] = acc + X.classifier_bias[k];
-        TORCH_CHECK_VALUE(std::isfinite(logits[k]), "costeff engine: non-finite logits (NaN/Inf) at layer ", layer, " for input row ", rows[b].index);
-        state = entropy_state_add(state, logits[k]);
-      }
-      const float entropy = entropy_state_finalize(state);
-      Row& r = rows[b];
-      if (last || exit_decision(entropy, static_cast<float>(threshold))) {
-        std::copy(logits.begin(), logits.end(), lo + r.index * C);
-        lay[r.index] = layer;
-        ent[r.index] = entropy;
-        continue;
-      }
-      if (r.start != new_T) std::memmove(&h[new_T * H], &h[r.start * H], r.len * H * sizeof(float));
-      r.start = new_T;
-      new_T += r.len;
-      stay.push_back(std::move(r));
-    }
-    rows.swap(stay);
-    T = new_T;
-    clock.lap(tag, "exit");
-    if (rows.empty()) break;
+  const float t = static_cast<float>(threshold);
+  for (int64_t l = 0; l < c.num_layers && !batch.rows.empty(); ++l) {
+    layer(l, batch, ws, profile);
+    if (!has_exit(l)) continue;
+    const bool last = l + 1 == c.num_layers;
+    exit(l, batch, [&](const TokenRow& r, const float* logits, float entropy) {
+      if (!last && !exit_decision(entropy, t)) return false;
+      std::copy(logits, logits + C, lo + r.index * C);
+      lay[r.index] = l + 1;
+      ent[r.index] = entropy;
+      return true;
+    }, ws, profile);
   }
   return {logits_out, layer_out, entropy_out};
 }
