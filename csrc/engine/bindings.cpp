@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "engine.h"
+#include "session.h"
 
 namespace costeff::engine {
 namespace {
@@ -122,6 +123,7 @@ void register_engine(torch::Library& m) {
       .def("isa", [](const c10::intrusive_ptr<InferenceEngine>& self) { return self->isa(); })
       .def("num_labels", [](const c10::intrusive_ptr<InferenceEngine>& self) { return self->num_labels(); })
       .def("num_layers", [](const c10::intrusive_ptr<InferenceEngine>& self) { return self->num_layers(); });
+  register_session(m);  // after InferenceEngine: a session is built on one
 }
 
 }  // namespace costeff::engine

@@ -122,6 +122,12 @@ class InferenceEngine:
         logits, exit_layer, entropy = self._handle.run(input_ids, attention_mask, token_type_ids, threshold)
         return EarlyExitOutput.of(logits, exit_layer, entropy)
 
+    def session(self):
+        """A continuous-batching session over this engine (costeff.inference.session.EngineSession)."""
+        from costeff.inference.session import EngineSession
+
+        return EngineSession(self)
+
     def profile(self, input_ids, attention_mask=None, token_type_ids=None, threshold: float = 0.0, repeats: int = 20) -> dict:
         """Wall-clock milliseconds per call spent in each stage ("embeddings", "layer<i>.qkv",
         ".attention", ".attn_out", ".norm1", ".ffn_in" (with GELU), ".ffn_out", ".norm2", ".exit"),
