@@ -19,6 +19,12 @@ if [ ! -f "$VENV/.complete" ]; then
     "$VENV/bin/pip" install -q --progress-bar off -r "$COSTEFF_ROOT/requirements/onnx.txt"
     touch "$VENV/.complete"
 fi
+# The server stack, added to an existing venv without rebuilding it (keyed by its own file).
+SERVE_KEY="$(sha256sum "$COSTEFF_ROOT/requirements/serve.txt" | cut -c1-12)"
+if [ ! -f "$VENV/.serve-$SERVE_KEY" ]; then
+    "$VENV/bin/pip" install -q --progress-bar off -r "$COSTEFF_ROOT/requirements/serve.txt"
+    touch "$VENV/.serve-$SERVE_KEY"
+fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 export MAX_JOBS="${MAX_JOBS:-2}"

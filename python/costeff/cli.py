@@ -323,6 +323,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch default)")
     p.set_defaults(func=cmd_calibrate)
 
+    help_text = "HTTP server for a model directory: continuous batching at layer granularity (docs/serve.md)"
+    p = sub.add_parser("serve", help=help_text, description=help_text)
+    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--scheduler", default="layer", choices=["layer", "batch"],
+                   help="layer: rows join and leave per layer (default); batch: whole requests batched (the usual dynamic batcher)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"], help="engine precision")
+    p.add_argument("--threads", type=int, default=0, help="engine intra-op threads (0: torch's default)")
+    p.add_argument("--threshold", type=float, help="entropy threshold in nats (default: the directory's calibrated one)")
+    p.add_argument("--max-batch-tokens", type=int, default=4096, help="real tokens in the engine at once")
+    p.add_argument("--max-queue-tokens", type=int, default=0, help="tokens held (queued + in the engine) before 429 (0: 8 x max-batch-tokens)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="batch scheduler: how long a batch waits to fill")
+    p.add_argument("--max-inputs", type=int, default=256, help="inputs per request")
+    p.add_argument("--payload-limit", type=int, default=2 * 1024 * 1024, help="request body bytes")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY (all routes but /health and /ready)")
+    p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--target-queue-ms", type=float, help="brownout: raise the threshold while queueing delay is above this")
+    p.add_argument("--max-threshold", type=float, help="brownout: the highest threshold (nats)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("predict", help="classify text with a saved model directory (JSON Lines out)",
                        description="Classify text with a saved costeff model directory; one JSON line per input line, in order.")
     p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model)")
@@ -392,6 +413,23 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from costeff.serve.config import ServeConfig
+
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("costeff serve needs the serve extra: pip install 'costeff[serve]' (requirements/serve.txt)") from None
+    from costeff.serve.server import serve
+
+    config = ServeConfig(model=args.model, host=args.host, port=args.port, scheduler=args.scheduler, precision=args.precision, threads=args.threads,
+                         threshold=args.threshold, max_batch_tokens=args.max_batch_tokens, max_queue_tokens=args.max_queue_tokens,
+                         max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs, payload_limit=args.payload_limit, api_key=args.api_key,
+                         graceful_timeout=args.graceful_timeout, target_queue_ms=args.target_queue_ms, max_threshold=args.max_threshold)
+    return serve(config)
+
+
 def cmd_predict(args) -> int:
     from costeff.inference.predict import main_predict
 
@@ -416,7 +454,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    if args.command in ("predict", "calibrate", "export"):  # predict's stdout carries the JSON Lines; no run directory
+    if args.command in ("predict", "calibrate", "export", "serve"):  # predict's stdout carries the JSON Lines; no run directory
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)
     else:
         _setup_logging(getattr(args, "output", None))

@@ -1,0 +1,352 @@
+"""The Starlette application of ``costeff serve``: endpoints, request rules, errors, metrics.
+
+Every error is JSON ``{"error": ..., "error_type": ...}`` with its status: 400 empty input or
+undecodable bytes, 401 missing/wrong API key, 404/405 unknown route or method, 413 body over
+``payload_limit``, 422 malformed JSON, wrong types, unknown fields, too many inputs, a bad threshold or
+deadline, an over-long text with ``truncate: false``, 429 over the token budget (with ``Retry-After``),
+503 while warming up or draining, 500 for anything unexpected (never a traceback).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import anyio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from costeff.serve.config import ServeConfig
+from costeff.serve.schedulers import Overloaded, Result, Row, Scheduler, Stopped
+
+REQUEST_FIELDS = {"inputs", "raw_scores", "truncate", "truncation_direction", "threshold", "deadline_ms"}
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str, error_type: str):
+        super().__init__(message)
+        self.status, self.error_type = status, error_type
+
+
+def error(status: int, message: str, error_type: str, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+
+
+class Metrics:
+    """Prometheus metrics beyond the anchors': exits, depth, forced exits, the threshold in force."""
+
+    def __init__(self, num_layers: int):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("costeff_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.exit_layer = Histogram("costeff_exit_layer", "Layer each input left at", buckets=[i + 0.5 for i in range(num_layers + 1)], registry=r)
+        self.layers_per_request = Histogram("costeff_layers_per_request", "Layers run for a request (sum over its inputs)",
+                                            buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096], registry=r)
+        self.forced = Counter("costeff_forced_exits", "Inputs answered at their deadline from the exit reached", registry=r)
+        self.threshold = Gauge("costeff_threshold", "Entropy threshold in force (nats)", registry=r)
+        self.rows_in_flight = Gauge("costeff_rows_in_flight", "Rows in the engine by layers done", ["depth"], registry=r)
+        self.queued_tokens = Gauge("costeff_queued_tokens", "Tokens waiting for the engine", registry=r)
+        self.flight_tokens = Gauge("costeff_flight_tokens", "Tokens in the engine", registry=r)
+        seconds = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5]
+        self.queue_s = Histogram("costeff_queue_seconds", "Time an input waited before the engine took it", buckets=seconds, registry=r)
+        self.tokenize_s = Histogram("costeff_tokenization_seconds", "Tokenization time per request", buckets=seconds, registry=r)
+        self.inference_s = Histogram("costeff_inference_seconds", "Engine time of an input (start to exit)", buckets=seconds, registry=r)
+        self.request_s = Histogram("costeff_request_seconds", "Request time in the server", buckets=seconds, registry=r)
+
+    def observe(self, row: Row, result: Result) -> None:
+        self.exit_layer.observe(result.exit_layer)
+        self.queue_s.observe(result.queue_s)
+        self.inference_s.observe(result.inference_s)
+        if result.forced:
+            self.forced.inc()
+
+
+@dataclass
+class ServerState:
+    config: ServeConfig
+    tokenizer: object
+    labels: list
+    max_length: int
+    num_layers: int
+    has_token_types: bool
+    info: dict
+    scheduler: Optional[Scheduler] = None
+    metrics: Optional[Metrics] = None
+    ready: bool = False
+    draining: bool = False
+    in_flight: int = 0
+    started: float = field(default_factory=time.time)
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_request(body: bytes, state: ServerState) -> dict:
+    """The request's fields, checked; raises BadRequest."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(400, "the request body is not UTF-8", "invalid_encoding") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise BadRequest(422, f"malformed JSON: {exc}", "validation") from None
+    if not isinstance(data, dict):
+        raise BadRequest(422, "the body must be a JSON object with 'inputs'", "validation")
+    unknown = sorted(set(data) - REQUEST_FIELDS)
+    if unknown:
+        raise BadRequest(422, f"unknown fields {unknown}; known: {sorted(REQUEST_FIELDS)}", "validation")
+    if "inputs" not in data:
+        raise BadRequest(422, "missing field 'inputs'", "validation")
+    inputs = data["inputs"]
+    if isinstance(inputs, str):
+        items = [inputs]
+    elif isinstance(inputs, list):
+        items = inputs
+    else:
+        raise BadRequest(422, "'inputs' must be a string, a list of strings or a list of [text, pair] lists", "validation")
+    if not items:
+        raise BadRequest(400, "'inputs' is empty", "empty")
+    if len(items) > state.config.max_inputs:
+        raise BadRequest(422, f"{len(items)} inputs; at most {state.config.max_inputs} per request", "validation")
+    texts, pairs = [], []
+    for i, x in enumerate(items):
+        if isinstance(x, str):
+            texts.append(x)
+            pairs.append(None)
+        elif isinstance(x, list) and len(x) == 2 and all(isinstance(p, str) for p in x):
+            texts.append(x[0])
+            pairs.append(x[1])
+        else:
+            raise BadRequest(422, f"inputs[{i}] must be a string or a [text, pair] list of two strings", "validation")
+        if not texts[-1].strip():
+            raise BadRequest(400, f"inputs[{i}] is empty", "empty")
+    if any(p is not None for p in pairs) and any(p is None for p in pairs):
+        raise BadRequest(422, "mix of single texts and [text, pair] inputs in one request", "validation")
+    for name in ("raw_scores", "truncate"):
+        if name in data and not isinstance(data[name], bool):
+            raise BadRequest(422, f"'{name}' must be true or false", "validation")
+    if data.get("truncation_direction", "Right") not in ("Right", "right"):
+        raise BadRequest(422, "truncation_direction: only 'Right' is supported", "validation")
+    threshold = data.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0):
+        raise BadRequest(422, f"'threshold' must be a number >= 0 (nats), got {threshold!r}", "validation")
+    deadline = data.get("deadline_ms")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline < math.inf):
+        raise BadRequest(422, f"'deadline_ms' must be a number > 0, got {deadline!r}", "validation")
+    return {"texts": texts, "pairs": pairs if pairs[0] is not None else None, "single": isinstance(inputs, str),
+            "raw_scores": data.get("raw_scores", False), "truncate": data.get("truncate", True),
+            "threshold": None if threshold is None else float(threshold), "deadline_ms": deadline}
+
+
+def tokenize(state: ServerState, req: dict) -> list[Row]:
+    tok = state.tokenizer
+    enc = tok(req["texts"], req["pairs"], truncation=False, verbose=False)
+    ids = enc["input_ids"]
+    too_long = [i for i, x in enumerate(ids) if len(x) > state.max_length]
+    if too_long:
+        if not req["truncate"]:
+            raise BadRequest(422, f"inputs {too_long[:8]} are longer than {state.max_length} tokens and truncate is false", "validation")
+        enc = tok(req["texts"], req["pairs"], truncation=True, max_length=state.max_length, verbose=False)
+        ids = enc["input_ids"]
+    types = enc.get("token_type_ids") if state.has_token_types else None
+    deadline = None if req["deadline_ms"] is None else time.monotonic() + req["deadline_ms"] / 1000
+    return [Row(list(x), list(types[i]) if types is not None else None, req["threshold"], deadline) for i, x in enumerate(ids)]
+
+
+def answer(state: ServerState, result: Result, raw_scores: bool) -> dict:
+    logits = result.logits
+    m = max(logits)
+    exp = [math.exp(v - m) for v in logits]
+    z = sum(exp)
+    probs = [e / z for e in exp]
+    best = max(range(len(probs)), key=probs.__getitem__)
+    scores = logits if raw_scores else probs
+    return {"label": state.labels[best], "score": round(scores[best], 6), "exit_layer": result.exit_layer, "forced_exit": result.forced,
+            "threshold": round(result.threshold, 6), "scores": {state.labels[k]: round(v, 6) for k, v in enumerate(scores)}}
+
+
+def create_app(state: ServerState) -> Starlette:
+    cfg = state.config
+    metrics = state.metrics
+
+    def authorized(request: Request) -> bool:
+        return cfg.api_key is None or request.headers.get("authorization") == f"Bearer {cfg.api_key}"
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cfg.payload_limit:
+            raise BadRequest(413, f"the body is {declared} bytes; the limit is {cfg.payload_limit}", "payload_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cfg.payload_limit:
+                raise BadRequest(413, f"the body is over the limit of {cfg.payload_limit} bytes", "payload_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def admit(request: Request) -> tuple[dict, list[Row], float]:
+        if not authorized(request):
+            raise BadRequest(401, "missing or wrong API key (Authorization: Bearer ...)", "unauthorized")
+        if state.draining or not state.ready or state.scheduler is None:
+            raise BadRequest(503, "the server is shutting down" if state.draining else "the server is warming up", "unavailable")
+        req = parse_request(await read_body(request), state)
+        t0 = time.monotonic()
+        rows = await anyio.to_thread.run_sync(tokenize, state, req)  # off the event loop
+        metrics.tokenize_s.observe(time.monotonic() - t0)
+        state.scheduler.submit(rows)
+        return req, rows, t0
+
+    def headers(rows: list[Row], results: list[Result]) -> dict:
+        q = max((r.queue_s for r in results), default=0.0)
+        inf = max((r.inference_s for r in results), default=0.0)
+        return {"x-queue-time": f"{q * 1000:.3f}", "x-inference-time": f"{inf * 1000:.3f}", "x-threshold": f"{state.scheduler.threshold:.6g}"}
+
+    async def guarded(route: str, request: Request, handler) -> Response:
+        t0 = time.monotonic()
+        state.in_flight += 1
+        try:
+            response = await handler(request)
+        except BadRequest as exc:
+            response = error(exc.status, str(exc), exc.error_type)
+        except Overloaded as exc:
+            response = error(429, str(exc), "overloaded", {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
+        except Stopped as exc:
+            response = error(503, str(exc), "unavailable")
+        except ClientDisconnect:
+            response = Response(status_code=499)
+        except Exception as exc:  # noqa: BLE001 - never a traceback to the client
+            response = error(500, f"internal error ({type(exc).__name__})", "internal")
+        finally:
+            state.in_flight -= 1
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.request_s.observe(time.monotonic() - t0)
+        return response
+
+    async def wait_all(request: Request, rows: list[Row]) -> Optional[list[Result]]:
+        futures = [asyncio.wrap_future(r.future) for r in rows]
+        pending = set(futures)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=0.05)
+            if pending and await request.is_disconnected():
+                for r in rows:
+                    r.future.cancel()
+                return None
+        return [f.result() for f in futures]
+
+    async def predict(request: Request) -> Response:
+        async def handle(request):
+            req, rows, _ = await admit(request)
+            results = await wait_all(request, rows)
+            if results is None:
+                return Response(status_code=499)
+            metrics.layers_per_request.observe(sum(r.exit_layer for r in results))
+            out = [answer(state, r, req["raw_scores"]) for r in results]
+            return JSONResponse(out[0] if req["single"] else out, headers=headers(rows, results))
+        return await guarded("/predict", request, handle)
+
+    async def predict_stream(request: Request) -> Response:
+        async def handle(request):
+            req, rows, _ = await admit(request)
+            async def indexed(i, row):
+                return i, await asyncio.wrap_future(row.future)
+
+            async def lines():
+                layers = 0
+                try:
+                    for done in asyncio.as_completed([indexed(i, r) for i, r in enumerate(rows)]):
+                        i, result = await done
+                        layers += result.exit_layer
+                        yield json.dumps({"index": i, **answer(state, result, req["raw_scores"])}) + "\n"
+                    metrics.layers_per_request.observe(layers)
+                finally:
+                    for r in rows:
+                        r.future.cancel()  # a client that left mid-stream: its rows are dropped before compute
+
+            return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return await guarded("/predict/stream", request, handle)
+
+    async def health(request: Request) -> Response:
+        if state.scheduler is not None and state.scheduler.error is not None:
+            return error(500, f"the engine failed: {type(state.scheduler.error).__name__}", "internal")
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        if state.draining:
+            return error(503, "draining", "unavailable")
+        if not state.ready:
+            return error(503, "warming up", "unavailable")
+        return JSONResponse({"status": "ready"})
+
+    async def info(request: Request) -> Response:
+        if not authorized(request):
+            return error(401, "missing or wrong API key (Authorization: Bearer ...)", "unauthorized")
+        s = state.scheduler
+        return JSONResponse({**state.info, "threshold_in_force": s.threshold if s else None, "uptime_s": round(time.time() - state.started, 3)})
+
+    async def metrics_route(request: Request) -> Response:
+        if not authorized(request):
+            return error(401, "missing or wrong API key (Authorization: Bearer ...)", "unauthorized")
+        s = state.scheduler
+        if s is not None:
+            st = s.stats()
+            metrics.threshold.set(st["threshold"])
+            metrics.queued_tokens.set(st["queued_tokens"])
+            metrics.flight_tokens.set(st["flight_tokens"])
+            for d, n in enumerate(st.get("rows_per_depth", [])):
+                metrics.rows_in_flight.labels(str(d)).set(n)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(OPENAPI)
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        return error(exc.status_code, exc.detail if isinstance(exc.detail, str) else "error", "not_found" if exc.status_code == 404 else "method")
+
+    async def internal(request: Request, exc: Exception) -> Response:
+        return error(500, f"internal error ({type(exc).__name__})", "internal")
+
+    routes = [
+        Route("/predict", predict, methods=["POST"]),
+        Route("/predict/stream", predict_stream, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/info", info, methods=["GET"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: internal})
+
+
+_ANSWER = {"type": "object", "properties": {"label": {"type": "string"}, "score": {"type": "number"}, "exit_layer": {"type": "integer"},
+                                            "forced_exit": {"type": "boolean"}, "threshold": {"type": "number"},
+                                            "scores": {"type": "object", "additionalProperties": {"type": "number"}}}}
+_ERROR = {"type": "object", "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}}}
+OPENAPI = {
+    "openapi": "3.0.3",
+    "info": {"title": "costeff serve", "version": "1"},
+    "paths": {
+        "/predict": {"post": {
+            "summary": "Classify one text, a list of texts or a list of [text, pair] lists (TEI-compatible body)",
+            "requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["inputs"], "additionalProperties": False,
+                            "properties": {"inputs": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                                                                {"type": "array", "items": {"type": "array", "items": {"type": "string"}}}]},
+                                           "raw_scores": {"type": "boolean"}, "truncate": {"type": "boolean"},
+                                           "truncation_direction": {"type": "string", "enum": ["Right"]},
+                                           "threshold": {"type": "number", "minimum": 0}, "deadline_ms": {"type": "number", "exclusiveMinimum": 0}}}}}},
+            "responses": {"200": {"content": {"application/json": {"schema": {"oneOf": [_ANSWER, {"type": "array", "items": _ANSWER}]}}}},
+                          **{str(c): {"content": {"application/json": {"schema": _ERROR}}} for c in (400, 401, 413, 422, 429, 503)}}}},
+        "/predict/stream": {"post": {"summary": "As /predict; NDJSON, one line per input as it finishes, with its index"}},
+        "/health": {"get": {"summary": "Liveness"}},
+        "/ready": {"get": {"summary": "200 when warm, 503 while warming up or draining"}},
+        "/info": {"get": {"summary": "Model, labels, threshold, precision, scheduler, limits"}},
+        "/metrics": {"get": {"summary": "Prometheus metrics"}},
+    },
+}

@@ -1,0 +1,333 @@
+"""The two schedulers of ``costeff serve``, each one worker thread in front of the engine.
+
+- :class:`LayerScheduler` (default): continuous batching at layer granularity over an
+  EngineSession. Each turn admits queued rows (up to ``max_batch_tokens`` in flight), answers rows
+  whose deadline has passed from the exit they reached, forgets rows whose client has gone, and runs
+  one step: every row in flight goes one layer deeper and the rows that exit are answered at once.
+- :class:`BatchScheduler` (``--scheduler batch``, the baseline of TEI / Triton / Ray Serve): waits
+  up to ``max_wait_ms`` for rows, runs them as one engine call per threshold, answers all of them when
+  the call (its deepest row) is done.
+
+Rows carry a ``concurrent.futures.Future``: the worker resolves it, the HTTP handler awaits it and
+cancels it when its client goes away. Admission is by tokens: over ``max_queue_tokens`` queued and in
+flight, :meth:`Scheduler.submit` raises :class:`Overloaded` with an estimate of when to retry.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from costeff.ops._checks import check_threshold
+
+
+class Overloaded(Exception):
+    def __init__(self, retry_after_s: float, tokens: int, limit: int):
+        super().__init__(f"the server holds {tokens} tokens (limit {limit}); retry in {retry_after_s:.1f} s")
+        self.retry_after_s = retry_after_s
+
+
+class Stopped(Exception):
+    """The scheduler is shutting down and takes no new rows."""
+
+
+@dataclass
+class Row:
+    ids: list
+    types: Optional[list]
+    threshold: Optional[float] = None  # None: the scheduler's threshold in force when the row starts
+    deadline: Optional[float] = None  # time.monotonic() after which the row is answered from where it is
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+    started: Optional[float] = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Result:
+    logits: list
+    exit_layer: int
+    entropy: float
+    forced: bool
+    threshold: float
+    queue_s: float
+    inference_s: float
+
+
+def pad(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """input_ids, attention_mask (and token_type_ids when the rows have them), right-padded."""
+    s = max(r.tokens for r in rows)
+    ids = torch.zeros(len(rows), s, dtype=torch.long)
+    mask = torch.zeros(len(rows), s, dtype=torch.long)
+    types = torch.zeros(len(rows), s, dtype=torch.long) if rows[0].types is not None else None
+    for i, r in enumerate(rows):
+        ids[i, :r.tokens] = torch.tensor(r.ids)
+        mask[i, :r.tokens] = 1
+        if types is not None:
+            types[i, :r.tokens] = torch.tensor(r.types)
+    return ids, mask, types
+
+
+class Scheduler:
+    """Queue, admission, brownout and the worker thread; subclasses run the engine (:meth:`_turn`)."""
+
+    name = "?"
+
+    def __init__(self, engine, max_batch_tokens: int, max_queue_tokens: int, base_threshold: float = 0.0,
+                 target_queue_ms: Optional[float] = None, max_threshold: Optional[float] = None, threshold_step: float = 0.05,
+                 on_result: Optional[Callable[[Row, Result], None]] = None):
+        self.engine = engine
+        self.max_batch_tokens, self.max_queue_tokens = max_batch_tokens, max_queue_tokens
+        self.base_threshold = check_threshold("serve", base_threshold)
+        self.threshold = self.base_threshold  # in force now (brownout raises it)
+        self.target_queue_s = None if target_queue_ms is None else target_queue_ms / 1000
+        self.max_threshold, self.threshold_step = max_threshold, threshold_step
+        self.on_result = on_result
+        self.queue: collections.deque[Row] = collections.deque()
+        self.cond = threading.Condition()
+        self.queued_tokens = 0
+        self.flight_tokens = 0
+        self.tokens_per_s = 0.0  # exponential average of what the engine gets through
+        self.queue_delay_s = 0.0  # exponential average of the wait before compute
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name=f"costeff-{self.name}-scheduler", daemon=True)
+        self.error: Optional[BaseException] = None
+
+    # -- the HTTP side ---------------------------------------------------------------------------
+
+    def start(self) -> "Scheduler":
+        self.thread.start()
+        return self
+
+    def submit(self, rows: list[Row]) -> None:
+        """Queues the rows of one request, all or none; raises Overloaded or Stopped."""
+        n = sum(r.tokens for r in rows)
+        with self.cond:
+            if self.stopping:
+                raise Stopped("the server is shutting down")
+            held = self.queued_tokens + self.flight_tokens
+            if held + n > self.max_queue_tokens and held > 0:
+                raise Overloaded(self._retry_after(held + n - self.max_queue_tokens), held, self.max_queue_tokens)
+            for r in rows:
+                r.enqueued = time.monotonic()
+                self.queue.append(r)
+            self.queued_tokens += n
+            self.cond.notify()
+
+    def _retry_after(self, excess_tokens: int) -> float:
+        rate = self.tokens_per_s if self.tokens_per_s > 0 else self.max_batch_tokens * 20.0
+        return max(0.05, min(30.0, excess_tokens / rate))
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Takes no new rows, finishes what it holds, then ends the worker."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout)
+
+    def stats(self) -> dict:
+        return {"queued_rows": len(self.queue), "queued_tokens": self.queued_tokens, "flight_tokens": self.flight_tokens,
+                "threshold": self.threshold}
+
+    # -- the worker side -------------------------------------------------------------------------
+
+    def _take(self, budget: int, at_least_one: bool) -> list[Row]:
+        """Queued rows (client still there) fitting in ``budget`` tokens; called holding cond."""
+        taken, used = [], 0
+        while self.queue:
+            r = self.queue[0]
+            if r.future.cancelled():
+                self.queue.popleft()
+                self.queued_tokens -= r.tokens
+                continue
+            if used + r.tokens > budget and not (at_least_one and not taken):
+                break
+            self.queue.popleft()
+            self.queued_tokens -= r.tokens
+            taken.append(r)
+            used += r.tokens
+        return taken
+
+    def _adjust_threshold(self, waited_s: float) -> None:
+        self.queue_delay_s = 0.8 * self.queue_delay_s + 0.2 * waited_s
+        if self.target_queue_s is None:
+            return
+        if self.queue_delay_s > self.target_queue_s:
+            self.threshold = min(self.max_threshold, self.threshold + self.threshold_step)
+        elif self.queue_delay_s < self.target_queue_s / 2:
+            self.threshold = max(self.base_threshold, self.threshold - self.threshold_step)
+
+    def _start_rows(self, rows: list[Row]) -> None:
+        now = time.monotonic()
+        for r in rows:
+            r.started = now
+            self._adjust_threshold(now - r.enqueued)
+        for r in rows:
+            if r.threshold is None:
+                r.threshold = self.threshold
+
+    def _resolve(self, row: Row, logits, exit_layer: int, entropy: float, forced: bool) -> None:
+        done = time.monotonic()
+        result = Result(list(map(float, logits)), int(exit_layer), float(entropy), bool(forced), float(row.threshold),
+                        (row.started or done) - row.enqueued, done - (row.started or done))
+        if self.on_result is not None:
+            self.on_result(row, result)
+        if not row.future.done():
+            row.future.set_result(result)
+
+    def _fail(self, rows: list[Row], exc: BaseException) -> None:
+        for r in rows:
+            if not r.future.done():
+                r.future.set_exception(exc)
+
+    def _loop(self) -> None:
+        try:
+            while self._turn():
+                pass
+        except BaseException as exc:  # noqa: BLE001 - a broken engine fails every waiting row, never hangs them
+            self.error = exc
+            with self.cond:
+                self.stopping = True
+                pending = list(self.queue)
+                self.queue.clear()
+            self._fail(pending + self._in_flight(), exc)
+
+    def _in_flight(self) -> list[Row]:
+        return []
+
+    def _turn(self) -> bool:
+        raise NotImplementedError
+
+
+class LayerScheduler(Scheduler):
+    name = "layer"
+
+    def __init__(self, engine, *args, **kwargs):
+        super().__init__(engine, *args, **kwargs)
+        self.session = engine.session()
+        self.rows: dict[int, Row] = {}
+        self._tag = 0
+
+    def stats(self) -> dict:
+        return {**super().stats(), "rows_per_depth": self.session.rows_per_depth()}
+
+    def _in_flight(self) -> list[Row]:
+        return list(self.rows.values())
+
+    def _turn(self) -> bool:
+        with self.cond:
+            while not self.queue and not self.rows:
+                if self.stopping:
+                    return False
+                self.cond.wait(0.1)
+            budget = self.max_batch_tokens - self.session.tokens
+            admit = self._take(budget, at_least_one=not self.rows)
+        if admit:
+            self._start_rows(admit)
+            tags = list(range(self._tag, self._tag + len(admit)))
+            self._tag += len(admit)
+            ids, mask, types = pad(admit)
+            try:
+                self.session.admit(ids, mask, types, tags=tags, thresholds=[r.threshold for r in admit])
+            except (ValueError, TypeError) as exc:  # the app checked the inputs; never leave a row hanging
+                self._fail(admit, exc)
+            else:
+                self.rows.update(zip(tags, admit))
+                with self.cond:
+                    self.flight_tokens += sum(r.tokens for r in admit)
+        gone = [t for t, r in self.rows.items() if r.future.cancelled()]
+        if gone:
+            self.session.drop(gone)
+            self._forget(gone)
+        now = time.monotonic()
+        due = [t for t, r in self.rows.items() if r.deadline is not None and now >= r.deadline]
+        if due:
+            self._answer(self.session.finish(due))
+        if self.rows:
+            t0 = time.monotonic()
+            tokens = self.session.tokens
+            self._answer(self.session.step())
+            dt = time.monotonic() - t0
+            if dt > 0:
+                self.tokens_per_s = 0.9 * self.tokens_per_s + 0.1 * tokens / dt if self.tokens_per_s else tokens / dt
+        return True
+
+    def _forget(self, tags) -> list[Row]:
+        rows = [self.rows.pop(t) for t in tags]
+        with self.cond:
+            self.flight_tokens -= sum(r.tokens for r in rows)
+        return rows
+
+    def _answer(self, out) -> None:
+        tags = out.tags.tolist()
+        for i, row in enumerate(self._forget(tags)):
+            self._resolve(row, out.logits[i].tolist(), int(out.exit_layer[i]), float(out.entropy[i]), bool(out.forced[i]))
+
+
+class BatchScheduler(Scheduler):
+    name = "batch"
+
+    def __init__(self, engine, *args, max_wait_ms: float = 2.0, **kwargs):
+        super().__init__(engine, *args, **kwargs)
+        self.max_wait_s = max_wait_ms / 1000
+        self.batch: list[Row] = []
+
+    def _in_flight(self) -> list[Row]:
+        return list(self.batch)
+
+    def _turn(self) -> bool:
+        with self.cond:
+            while not self.queue:
+                if self.stopping:
+                    return False
+                self.cond.wait(0.1)
+            deadline = self.queue[0].enqueued + self.max_wait_s
+            while self.queued_tokens < self.max_batch_tokens and not self.stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            self.batch = self._take(self.max_batch_tokens, at_least_one=True)
+            self.flight_tokens += sum(r.tokens for r in self.batch)
+        if not self.batch:
+            return True
+        self._start_rows(self.batch)
+        t0 = time.monotonic()
+        by_threshold: dict[float, list[Row]] = collections.defaultdict(list)
+        for r in self.batch:
+            by_threshold[r.threshold].append(r)
+        for t, rows in by_threshold.items():
+            ids, mask, types = pad(rows)
+            try:
+                out = self.engine(ids, mask, types, threshold=t)
+            except (ValueError, TypeError) as exc:
+                self._fail(rows, exc)
+                continue
+            for i, r in enumerate(rows):
+                self._resolve(r, out.logits[i].tolist(), int(out.exit_layer[i]), float(out.entropy[i]), False)
+        dt = time.monotonic() - t0
+        tokens = sum(r.tokens for r in self.batch)
+        if dt > 0:
+            self.tokens_per_s = 0.9 * self.tokens_per_s + 0.1 * tokens / dt if self.tokens_per_s else tokens / dt
+        with self.cond:
+            self.flight_tokens -= tokens
+        self.batch = []
+        return True
+
+
+def make_scheduler(kind: str, engine, **kwargs) -> Scheduler:
+    if kind == "layer":
+        kwargs.pop("max_wait_ms", None)
+        return LayerScheduler(engine, **kwargs)
+    if kind == "batch":
+        return BatchScheduler(engine, **kwargs)
+    raise ValueError(f"unknown scheduler {kind!r}")
+

