@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--target-queue-ms", type=float, help="brownout: raise the threshold while queueing delay is above this")
     p.add_argument("--max-threshold", type=float, help="brownout: the highest threshold (nats)")
+    p.add_argument("--threshold-step", type=float, default=0.05, help="brownout: nats per adjustment")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("predict", help="classify text with a saved model directory (JSON Lines out)",
@@ -426,7 +427,8 @@ def cmd_serve(args) -> int:
     config = ServeConfig(model=args.model, host=args.host, port=args.port, scheduler=args.scheduler, precision=args.precision, threads=args.threads,
                          threshold=args.threshold, max_batch_tokens=args.max_batch_tokens, max_queue_tokens=args.max_queue_tokens,
                          max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs, payload_limit=args.payload_limit, api_key=args.api_key,
-                         graceful_timeout=args.graceful_timeout, target_queue_ms=args.target_queue_ms, max_threshold=args.max_threshold)
+                         graceful_timeout=args.graceful_timeout, target_queue_ms=args.target_queue_ms, max_threshold=args.max_threshold,
+                         threshold_step=args.threshold_step)
     return serve(config)
 
 
