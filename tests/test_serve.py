@@ -182,6 +182,21 @@ def test_overload_is_a_429_with_retry_after(model_dir):
         assert r.status_code == 429 and r.json()["error_type"] == "overloaded" and int(r.headers["Retry-After"]) >= 1
 
 
+def test_admission_by_expected_wait(model_dir):
+    """With a measured drain rate, a request that would wait longer than max_queue_ms is refused."""
+    from costeff.inference import InferenceEngine
+
+    sch = LayerScheduler(InferenceEngine.from_pretrained(model_dir), max_batch_tokens=64, max_queue_tokens=100_000, max_queue_ms=1000)
+    sch.submit([Row([1] * 3000, None)])  # not started: stays queued
+    sch.submit([Row([1] * 10, None)])  # no drain rate measured yet: only the token cap applies
+    sch.finished.append((time.monotonic(), 1000))  # 1000 tokens answered in the last 0.25 s: 4000 tokens/s
+    assert sch.drain_rate() == pytest.approx(4000, rel=0.05)
+    sch.submit([Row([1] * 500, None)])  # (3010 + 500) / 4000 s < 1 s
+    with pytest.raises(Overloaded, match="would wait ~1000 ms|would wait ~1[0-9]{3} ms") as exc:
+        sch.submit([Row([1] * 600, None)])  # (3510 + 600) / 4000 s > 1 s
+    assert 0.05 <= exc.value.retry_after_s <= 1.0
+
+
 def test_brownout_raises_the_threshold_under_queueing_and_lowers_it_after(model_dir):
     with Served(model_dir, threshold=0.1, target_queue_ms=5, max_threshold=0.3, threshold_step=0.1) as s:
         sch = s.state.scheduler
@@ -228,7 +243,7 @@ def _free_port() -> int:
 def test_sigterm_drains_requests_in_flight(model_dir):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "costeff.cli", "serve", "--model", str(model_dir), "--port", str(port), "--threads", "1",
-                             "--max-batch-tokens", "256", "--max-queue-tokens", "200000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             "--max-batch-tokens", "256", "--max-queue-tokens", "200000", "--max-queue-ms", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     base = f"http://127.0.0.1:{port}"
     try:

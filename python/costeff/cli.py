@@ -335,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="entropy threshold in nats (default: the directory's calibrated one)")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="real tokens in the engine at once")
     p.add_argument("--max-queue-tokens", type=int, default=0, help="tokens held (queued + in the engine) before 429 (0: 8 x max-batch-tokens)")
+    p.add_argument("--max-queue-ms", type=float, default=1000.0,
+                   help="429 when a new request would wait longer than this for the tokens ahead of it, at the measured drain rate (0: off)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="batch scheduler: how long a batch waits to fill")
     p.add_argument("--max-inputs", type=int, default=256, help="inputs per request")
     p.add_argument("--payload-limit", type=int, default=2 * 1024 * 1024, help="request body bytes")
@@ -426,7 +428,7 @@ def cmd_serve(args) -> int:
 
     config = ServeConfig(model=args.model, host=args.host, port=args.port, scheduler=args.scheduler, precision=args.precision, threads=args.threads,
                          threshold=args.threshold, max_batch_tokens=args.max_batch_tokens, max_queue_tokens=args.max_queue_tokens,
-                         max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs, payload_limit=args.payload_limit, api_key=args.api_key,
+                         max_wait_ms=args.max_wait_ms, max_queue_ms=args.max_queue_ms, max_inputs=args.max_inputs, payload_limit=args.payload_limit, api_key=args.api_key,
                          graceful_timeout=args.graceful_timeout, target_queue_ms=args.target_queue_ms, max_threshold=args.max_threshold,
                          threshold_step=args.threshold_step)
     return serve(config)

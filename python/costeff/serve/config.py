@@ -22,6 +22,7 @@ class ServeConfig:
     threshold: Optional[float] = None  # None: the directory's calibrated inference_threshold (0 without one)
     max_batch_tokens: int = 4096  # real tokens in flight in the engine at once
     max_queue_tokens: int = 0  # tokens admitted (queued + in flight) before 429; 0: 8 x max_batch_tokens
+    max_queue_ms: float = 1000.0  # 429 when a new request would wait longer than this for what is ahead (0: no limit)
     max_wait_ms: float = 2.0  # batch scheduler: how long a batch waits to fill
     max_inputs: int = 256  # inputs per request
     payload_limit: int = 2 * 1024 * 1024  # request body bytes
@@ -47,7 +48,7 @@ class ServeConfig:
             raise ValueError(f"serve: scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"serve: precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("max_wait_ms", "graceful_timeout", "threshold_step"):
+        for name in ("max_wait_ms", "max_queue_ms", "graceful_timeout", "threshold_step"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"serve: {name.replace('_', '-')} must be a finite number >= 0, got {v!r}")

@@ -27,8 +27,9 @@ from costeff.ops._checks import check_threshold
 
 
 class Overloaded(Exception):
-    def __init__(self, retry_after_s: float, tokens: int, limit: int):
-        super().__init__(f"the server holds {tokens} tokens (limit {limit}); retry in {retry_after_s:.1f} s")
+    def __init__(self, retry_after_s: float, tokens: int, limit: int, why: Optional[str] = None):
+        retry_after_s = max(0.05, min(30.0, retry_after_s))
+        super().__init__(f"{why or f'the server holds {tokens} tokens (limit {limit})'}; retry in {retry_after_s:.1f} s")
         self.retry_after_s = retry_after_s
 
 
@@ -83,7 +84,7 @@ class Scheduler:
 
     def __init__(self, engine, max_batch_tokens: int, max_queue_tokens: int, base_threshold: float = 0.0,
                  target_queue_ms: Optional[float] = None, max_threshold: Optional[float] = None, threshold_step: float = 0.05,
-                 on_result: Optional[Callable[[Row, Result], None]] = None):
+                 on_result: Optional[Callable[[Row, Result], None]] = None, max_queue_ms: float = 0.0):
         self.engine = engine
         self.max_batch_tokens, self.max_queue_tokens = max_batch_tokens, max_queue_tokens
         self.base_threshold = check_threshold("serve", base_threshold)
@@ -91,6 +92,8 @@ class Scheduler:
         self.target_queue_s = None if target_queue_ms is None else target_queue_ms / 1000
         self.max_threshold, self.threshold_step = max_threshold, threshold_step
         self.on_result = on_result
+        self.max_queue_s = max_queue_ms / 1000  # 0: no limit on the expected wait
+        self.finished: collections.deque = collections.deque()  # (time, tokens) of rows answered lately: the drain rate
         self.queue: collections.deque[Row] = collections.deque()
         self.cond = threading.Condition()
         self.queued_tokens = 0
@@ -116,14 +119,30 @@ class Scheduler:
             held = self.queued_tokens + self.flight_tokens
             if held + n > self.max_queue_tokens and held > 0:
                 raise Overloaded(self._retry_after(held + n - self.max_queue_tokens), held, self.max_queue_tokens)
+            rate = self.drain_rate()
+            if self.max_queue_s > 0 and held > 0 and rate > 0 and (held + n) / rate > self.max_queue_s:
+                wait = (held + n) / rate
+                raise Overloaded(wait - self.max_queue_s, held, int(rate * self.max_queue_s),
+                                 f"a new request would wait ~{wait * 1000:.0f} ms for the {held} tokens ahead of it (limit "
+                                 f"{self.max_queue_s * 1000:.0f} ms)")
             for r in rows:
                 r.enqueued = time.monotonic()
                 self.queue.append(r)
             self.queued_tokens += n
             self.cond.notify()
 
+    def drain_rate(self, window_s: float = 2.0) -> float:
+        """Tokens answered per second over the last ``window_s`` (0 before any)."""
+        now = time.monotonic()
+        while self.finished and self.finished[0][0] < now - window_s:
+            self.finished.popleft()
+        if not self.finished:
+            return 0.0
+        span = max(0.25, now - self.finished[0][0])
+        return sum(n for _, n in self.finished) / span
+
     def _retry_after(self, excess_tokens: int) -> float:
-        rate = self.tokens_per_s if self.tokens_per_s > 0 else self.max_batch_tokens * 20.0
+        rate = self.drain_rate() or self.tokens_per_s or self.max_batch_tokens * 20.0
         return max(0.05, min(30.0, excess_tokens / rate))
 
     def stop(self, timeout: Optional[float] = None) -> None:
@@ -178,6 +197,7 @@ class Scheduler:
         done = time.monotonic()
         result = Result(list(map(float, logits)), int(exit_layer), float(entropy), bool(forced), float(row.threshold),
                         (row.started or done) - row.enqueued, done - (row.started or done))
+        self.finished.append((done, row.tokens))
         if self.on_result is not None:
             self.on_result(row, result)
         if not row.future.done():

@@ -42,7 +42,8 @@ def build_state(config: ServeConfig, warm: bool = True) -> ServerState:
     info = {"model": str(path), "labels": labels, "num_layers": model_config.num_hidden_layers, "threshold": threshold,
             "precision": engine.precision, "isa": engine.isa, "scheduler": config.scheduler, "max_length": max_length,
             "limits": {"max_batch_tokens": config.max_batch_tokens, "max_queue_tokens": config.max_queue_tokens, "max_inputs": config.max_inputs,
-                       "payload_limit": config.payload_limit, "max_wait_ms": config.max_wait_ms},
+                       "payload_limit": config.payload_limit, "max_wait_ms": config.max_wait_ms,
+                       "max_queue_ms": config.max_queue_ms},
             "brownout": None if config.max_threshold is None else {"target_queue_ms": config.target_queue_ms, "max_threshold": config.max_threshold,
                                                                    "step": config.threshold_step}}
     metrics = Metrics(model_config.num_hidden_layers)
@@ -50,7 +51,8 @@ def build_state(config: ServeConfig, warm: bool = True) -> ServerState:
                         metrics=metrics)
     state.scheduler = make_scheduler(config.scheduler, engine, max_batch_tokens=config.max_batch_tokens, max_queue_tokens=config.max_queue_tokens,
                                      base_threshold=threshold, target_queue_ms=config.target_queue_ms, max_threshold=config.max_threshold,
-                                     threshold_step=config.threshold_step, max_wait_ms=config.max_wait_ms, on_result=metrics.observe).start()
+                                     threshold_step=config.threshold_step, max_wait_ms=config.max_wait_ms, max_queue_ms=config.max_queue_ms,
+                                     on_result=metrics.observe).start()
     metrics.threshold.set(threshold)
     if warm:
         warm_up(state)
