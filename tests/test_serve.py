@@ -13,7 +13,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 pytest.importorskip("costeff._C")
 pytest.importorskip("starlette")
