@@ -321,6 +321,7 @@ void InferenceEngine::exit(int64_t l, RowBatch& batch, const ExitDecision& leave
     }
   }
   if (X.has_pooler) {
+    tmp.resize(std::max(tmp.size(), static_cast<size_t>(R * H)));  // exit() may be the first user of the workspace
     run_linear(X.pooler, *kern_, pooled.data(), H, R, tmp.data(), H, X.activation, ws);
     std::copy(tmp.begin(), tmp.begin() + R * H, pooled.begin());
   } else {

@@ -97,13 +97,12 @@ void EngineSession::admit(const at::Tensor& input_ids, const std::optional<at::T
   groups_[0].append(std::move(batch), engine_->config().hidden_size);
 }
 
-int64_t EngineSession::take_slot(int64_t slot_index, Collector& out, bool forced) {
+void EngineSession::take_slot(int64_t slot_index, Collector& out, bool forced) {
   auto it = slots_.find(slot_index);
   const Slot& s = it->second;
   if (forced) out.add(s.tag, s.logits.data(), engine_->num_labels(), s.exit_layer, s.entropy, true);
   by_tag_.erase(s.tag);
   slots_.erase(it);
-  return 1;
 }
 
 EngineSession::Finished EngineSession::step() {
@@ -179,7 +178,8 @@ int64_t EngineSession::drop(const at::Tensor& tags) {
   int64_t n = 0;
   for (RowBatch& g : groups_) {
     RowBatch gone = split_rows(g, H, [&](const TokenRow& r) { return wanted.count(r.index) > 0; });
-    for (const TokenRow& r : gone.rows) n += take_slot(r.index, unused, false);
+    for (const TokenRow& r : gone.rows) take_slot(r.index, unused, false);
+    n += static_cast<int64_t>(gone.rows.size());
   }
   return n;
 }

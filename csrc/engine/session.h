@@ -52,7 +52,8 @@ class EngineSession : public torch::CustomClassHolder {
     std::vector<float> logits;
   };
   struct Collector;
-  int64_t take_slot(int64_t slot_index, Collector& out, bool forced);
+  // Ends a slot; with `forced`, answers it from its last exit into `out`.
+  void take_slot(int64_t slot_index, Collector& out, bool forced);
 
   c10::intrusive_ptr<InferenceEngine> engine_;
   std::vector<RowBatch> groups_;  // groups_[d]: rows that have done d layers

@@ -80,7 +80,6 @@ class ServerState:
     metrics: Optional[Metrics] = None
     ready: bool = False
     draining: bool = False
-    in_flight: int = 0
     started: float = field(default_factory=time.time)
 
 
@@ -192,7 +191,7 @@ def create_app(state: ServerState) -> Starlette:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def admit(request: Request) -> tuple[dict, list[Row], float]:
+    async def admit(request: Request) -> tuple[dict, list[Row]]:
         if not authorized(request):
             raise BadRequest(401, "missing or wrong API key (Authorization: Bearer ...)", "unauthorized")
         if state.draining or not state.ready or state.scheduler is None:
@@ -202,16 +201,15 @@ def create_app(state: ServerState) -> Starlette:
         rows = await anyio.to_thread.run_sync(tokenize, state, req)  # off the event loop
         metrics.tokenize_s.observe(time.monotonic() - t0)
         state.scheduler.submit(rows)
-        return req, rows, t0
+        return req, rows
 
-    def headers(rows: list[Row], results: list[Result]) -> dict:
+    def headers(results: list[Result]) -> dict:
         q = max((r.queue_s for r in results), default=0.0)
         inf = max((r.inference_s for r in results), default=0.0)
         return {"x-queue-time": f"{q * 1000:.3f}", "x-inference-time": f"{inf * 1000:.3f}", "x-threshold": f"{state.scheduler.threshold:.6g}"}
 
     async def guarded(route: str, request: Request, handler) -> Response:
         t0 = time.monotonic()
-        state.in_flight += 1
         try:
             response = await handler(request)
         except BadRequest as exc:
@@ -224,8 +222,6 @@ def create_app(state: ServerState) -> Starlette:
             response = Response(status_code=499)
         except Exception as exc:  # noqa: BLE001 - never a traceback to the client
             response = error(500, f"internal error ({type(exc).__name__})", "internal")
-        finally:
-            state.in_flight -= 1
         metrics.requests.labels(route, str(response.status_code)).inc()
         metrics.request_s.observe(time.monotonic() - t0)
         return response
@@ -243,18 +239,18 @@ def create_app(state: ServerState) -> Starlette:
 
     async def predict(request: Request) -> Response:
         async def handle(request):
-            req, rows, _ = await admit(request)
+            req, rows = await admit(request)
             results = await wait_all(request, rows)
             if results is None:
                 return Response(status_code=499)
             metrics.layers_per_request.observe(sum(r.exit_layer for r in results))
             out = [answer(state, r, req["raw_scores"]) for r in results]
-            return JSONResponse(out[0] if req["single"] else out, headers=headers(rows, results))
+            return JSONResponse(out[0] if req["single"] else out, headers=headers(results))
         return await guarded("/predict", request, handle)
 
     async def predict_stream(request: Request) -> Response:
         async def handle(request):
-            req, rows, _ = await admit(request)
+            req, rows = await admit(request)
             async def indexed(i, row):
                 return i, await asyncio.wrap_future(row.future)
 

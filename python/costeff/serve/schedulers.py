@@ -98,7 +98,6 @@ class Scheduler:
         self.cond = threading.Condition()
         self.queued_tokens = 0
         self.flight_tokens = 0
-        self.tokens_per_s = 0.0  # exponential average of what the engine gets through
         self.queue_delay_s = 0.0  # exponential average of the wait before compute
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name=f"costeff-{self.name}-scheduler", daemon=True)
@@ -142,7 +141,7 @@ class Scheduler:
         return sum(n for _, n in self.finished) / span
 
     def _retry_after(self, excess_tokens: int) -> float:
-        rate = self.drain_rate() or self.tokens_per_s or self.max_batch_tokens * 20.0
+        rate = self.drain_rate() or self.max_batch_tokens * 20.0  # nothing answered lately: a guess of 20 full batches/s
         return max(0.05, min(30.0, excess_tokens / rate))
 
     def stop(self, timeout: Optional[float] = None) -> None:
@@ -272,12 +271,7 @@ class LayerScheduler(Scheduler):
         if due:
             self._answer(self.session.finish(due))
         if self.rows:
-            t0 = time.monotonic()
-            tokens = self.session.tokens
             self._answer(self.session.step())
-            dt = time.monotonic() - t0
-            if dt > 0:
-                self.tokens_per_s = 0.9 * self.tokens_per_s + 0.1 * tokens / dt if self.tokens_per_s else tokens / dt
         return True
 
     def _forget(self, tags) -> list[Row]:
@@ -320,7 +314,6 @@ class BatchScheduler(Scheduler):
         if not self.batch:
             return True
         self._start_rows(self.batch)
-        t0 = time.monotonic()
         by_threshold: dict[float, list[Row]] = collections.defaultdict(list)
         for r in self.batch:
             by_threshold[r.threshold].append(r)
@@ -333,12 +326,8 @@ class BatchScheduler(Scheduler):
                 continue
             for i, r in enumerate(rows):
                 self._resolve(r, out.logits[i].tolist(), int(out.exit_layer[i]), float(out.entropy[i]), False)
-        dt = time.monotonic() - t0
-        tokens = sum(r.tokens for r in self.batch)
-        if dt > 0:
-            self.tokens_per_s = 0.9 * self.tokens_per_s + 0.1 * tokens / dt if self.tokens_per_s else tokens / dt
         with self.cond:
-            self.flight_tokens -= tokens
+            self.flight_tokens -= sum(r.tokens for r in self.batch)
         self.batch = []
         return True
 
