@@ -54,8 +54,8 @@ class RunData:
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
-    def _on(self, loader, device):
-        device = self.device if device is None else torch.device(device)
+    @staticmethod
+    def _on(loader, device: torch.device):
         return loader if device.type == "cpu" else OnDevice(loader, device)
 
     def train(self, epoch: int, with_index: bool = False):
@@ -63,7 +63,7 @@ class RunData:
         loader = make_loader(self.encoded["train"], self.tokenizer, self.batch_size, shuffle=True,
                              seed=self.seed * 100003 + epoch, bucket_by_length=self.bucket_by_length, rank=rank, world=world,
                              with_index=with_index, pin_memory=self.device.type == "cuda")
-        return self._on(loader, None)
+        return self._on(loader, self.device)
 
     def split(self, name: str, with_index: bool = False, device=None):
         """Batches of a dev/test split on the run's device (or ``device``, e.g. "cpu" for the CPU engine)."""
