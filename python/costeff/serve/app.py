@@ -26,6 +26,9 @@ from starlette.routing import Route
 from costeff.serve.config import ServeConfig
 from costeff.serve.schedulers import Overloaded, Result, Row, Scheduler, Stopped
 
+# A request with fewer characters than this is tokenized on the event loop (tens of microseconds in Rust),
+# cheaper than the hand-off to a worker thread and back; a longer one goes to a thread.
+INLINE_TOKENIZE_CHARS = 2048
 REQUEST_FIELDS = {"inputs", "raw_scores", "truncate", "truncation_direction", "threshold", "deadline_ms"}
 
 
@@ -67,6 +70,27 @@ class Metrics:
             self.forced.inc()
 
 
+class LoopLag:
+    """How far the event loop runs behind (seconds): a probe asks to wake every ``period`` and records how
+    late it woke. Requests parsed late have waited that long before any handler saw them, a wait that the
+    scheduler's queue does not show; admission counts it."""
+
+    def __init__(self, period_s: float = 0.005):
+        self.period_s, self.lag_s, self.task = period_s, 0.0, None
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._probe())
+
+    async def _probe(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(self.period_s)
+            late = max(0.0, loop.time() - t0 - self.period_s)
+            self.lag_s = late if late > self.lag_s else 0.7 * self.lag_s + 0.3 * late  # rises at once, decays over a few probes
+
+
 @dataclass
 class ServerState:
     config: ServeConfig
@@ -76,10 +100,13 @@ class ServerState:
     num_layers: int
     has_token_types: bool
     info: dict
+    encoders: Optional[tuple] = None  # fast_encoder() without and with truncation (None: the tokenizer's own call)
     scheduler: Optional[Scheduler] = None
     metrics: Optional[Metrics] = None
     ready: bool = False
     draining: bool = False
+    active: int = 0  # requests being handled (the --max-concurrent-requests rule)
+    loop_lag: LoopLag = field(default_factory=LoopLag)
     started: float = field(default_factory=time.time)
 
 
@@ -145,17 +172,41 @@ def parse_request(body: bytes, state: ServerState) -> dict:
             "threshold": None if threshold is None else float(threshold), "deadline_ms": deadline}
 
 
+def fast_encoder(tokenizer, max_length: Optional[int] = None):
+    """A copy of a fast tokenizer's Rust backend with no padding and, unless ``max_length``, no truncation
+    (None for a slow tokenizer): the same ids as the tokenizer's own call, without its Python layer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    enc = Tokenizer.from_str(backend.to_str())
+    enc.no_padding()
+    if max_length is None:
+        enc.no_truncation()
+    else:
+        enc.enable_truncation(max_length)  # longest_first, as the tokenizer's truncation=True
+    return enc
+
+
+def _encode(state: ServerState, req: dict, truncate_to: Optional[int]) -> tuple[list, Optional[list]]:
+    texts, pairs = req["texts"], req["pairs"]
+    encoder = state.encoders[truncate_to is not None] if state.encoders else None
+    if encoder is None:
+        enc = state.tokenizer(texts, pairs, truncation=truncate_to is not None, max_length=truncate_to, verbose=False)
+        return enc["input_ids"], enc.get("token_type_ids")
+    out = encoder.encode_batch(texts if pairs is None else list(zip(texts, pairs)))
+    return [e.ids for e in out], [e.type_ids for e in out]
+
+
 def tokenize(state: ServerState, req: dict) -> list[Row]:
-    tok = state.tokenizer
-    enc = tok(req["texts"], req["pairs"], truncation=False, verbose=False)
-    ids = enc["input_ids"]
+    ids, types = _encode(state, req, None)
     too_long = [i for i, x in enumerate(ids) if len(x) > state.max_length]
     if too_long:
         if not req["truncate"]:
             raise BadRequest(422, f"inputs {too_long[:8]} are longer than {state.max_length} tokens and truncate is false", "validation")
-        enc = tok(req["texts"], req["pairs"], truncation=True, max_length=state.max_length, verbose=False)
-        ids = enc["input_ids"]
-    types = enc.get("token_type_ids") if state.has_token_types else None
+        ids, types = _encode(state, req, state.max_length)
+    types = types if state.has_token_types else None
     deadline = None if req["deadline_ms"] is None else time.monotonic() + req["deadline_ms"] / 1000
     return [Row(list(x), list(types[i]) if types is not None else None, req["threshold"], deadline) for i, x in enumerate(ids)]
 
@@ -194,13 +245,17 @@ def create_app(state: ServerState) -> Starlette:
     async def admit(request: Request) -> tuple[dict, list[Row]]:
         if not authorized(request):
             raise BadRequest(401, "missing or wrong API key (Authorization: Bearer ...)", "unauthorized")
+        state.loop_lag.start()
         if state.draining or not state.ready or state.scheduler is None:
             raise BadRequest(503, "the server is shutting down" if state.draining else "the server is warming up", "unavailable")
         req = parse_request(await read_body(request), state)
         t0 = time.monotonic()
-        rows = await anyio.to_thread.run_sync(tokenize, state, req)  # off the event loop
+        if sum(map(len, req["texts"])) + sum(map(len, req["pairs"] or ())) <= INLINE_TOKENIZE_CHARS:
+            rows = tokenize(state, req)
+        else:
+            rows = await anyio.to_thread.run_sync(tokenize, state, req)  # off the event loop
         metrics.tokenize_s.observe(time.monotonic() - t0)
-        state.scheduler.submit(rows)
+        state.scheduler.submit(rows, waited_s=state.loop_lag.lag_s)
         return req, rows
 
     def headers(results: list[Result]) -> dict:
@@ -211,7 +266,15 @@ def create_app(state: ServerState) -> Starlette:
     async def guarded(route: str, request: Request, handler) -> Response:
         t0 = time.monotonic()
         try:
-            response = await handler(request)
+            if state.active >= cfg.max_concurrent_requests:
+                # before the body is read: a loop flooded by connections sheds them at the cost of a header parse
+                raise Overloaded(1.0, state.active, cfg.max_concurrent_requests,
+                                 f"{state.active} requests in the server (limit {cfg.max_concurrent_requests})")
+            state.active += 1
+            try:
+                response = await handler(request)
+            finally:
+                state.active -= 1
         except BadRequest as exc:
             response = error(exc.status, str(exc), exc.error_type)
         except Overloaded as exc:

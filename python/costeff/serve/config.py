@@ -16,15 +16,16 @@ class ServeConfig:
     model: str
     host: str = "127.0.0.1"
     port: int = 8080
-    scheduler: str = "layer"  # "layer": continuous batching per layer (EngineSession); "batch": whole requests
-    precision: str = "fp32"
-    threads: int = 0  # intra-op threads of the engine (0: torch's default)
+    scheduler: Optional[str] = None  # "layer": continuous batching per layer (EngineSession); "batch": whole requests; None: layer where the model has an engine
+    precision: Optional[str] = None  # None: fp32 (an ONNX export: the precision it was exported in)
+    threads: int = 0  # intra-op threads of the engine (0: the cores this process may use, less one for the event loop)
     threshold: Optional[float] = None  # None: the directory's calibrated inference_threshold (0 without one)
     max_batch_tokens: int = 4096  # real tokens in flight in the engine at once
     max_queue_tokens: int = 0  # tokens admitted (queued + in flight) before 429; 0: 8 x max_batch_tokens
     max_queue_ms: float = 1000.0  # 429 when a new request would wait longer than this for what is ahead (0: no limit)
     max_wait_ms: float = 2.0  # batch scheduler: how long a batch waits to fill
     max_inputs: int = 256  # inputs per request
+    max_concurrent_requests: int = 512  # requests in the server at once; over it 429 at once (TEI's flag of the same name)
     payload_limit: int = 2 * 1024 * 1024  # request body bytes
     api_key: Optional[str] = None  # Bearer token for everything but /health
     graceful_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
@@ -38,15 +39,15 @@ class ServeConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"serve: {name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
 
-        for name in ("max_batch_tokens", "max_inputs", "payload_limit"):
+        for name in ("max_batch_tokens", "max_inputs", "payload_limit", "max_concurrent_requests"):
             positive_int(name)
         positive_int("threads", 0)
         positive_int("max_queue_tokens", 0)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"serve: port must be in [0, 65535], got {self.port}")
-        if self.scheduler not in SCHEDULERS:
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"serve: scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        if self.precision not in PRECISIONS:
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"serve: precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("max_wait_ms", "max_queue_ms", "graceful_timeout", "threshold_step"):
             v = getattr(self, name)

@@ -94,6 +94,7 @@ class Scheduler:
         self.on_result = on_result
         self.max_queue_s = max_queue_ms / 1000  # 0: no limit on the expected wait
         self.finished: collections.deque = collections.deque()  # (time, tokens) of rows answered lately: the drain rate
+        self.finished_tokens = 0  # their sum, kept so that admission costs O(1) at any load
         self.queue: collections.deque[Row] = collections.deque()
         self.cond = threading.Condition()
         self.queued_tokens = 0
@@ -109,8 +110,9 @@ class Scheduler:
         self.thread.start()
         return self
 
-    def submit(self, rows: list[Row]) -> None:
-        """Queues the rows of one request, all or none; raises Overloaded or Stopped."""
+    def submit(self, rows: list[Row], waited_s: float = 0.0) -> None:
+        """Queues the rows of one request, all or none; raises Overloaded or Stopped. ``waited_s``: how long
+        requests wait before they get here (the event loop's lag), counted into the expected wait."""
         n = sum(r.tokens for r in rows)
         with self.cond:
             if self.stopping:
@@ -119,11 +121,11 @@ class Scheduler:
             if held + n > self.max_queue_tokens and held > 0:
                 raise Overloaded(self._retry_after(held + n - self.max_queue_tokens), held, self.max_queue_tokens)
             rate = self.drain_rate()
-            if self.max_queue_s > 0 and held > 0 and rate > 0 and (held + n) / rate > self.max_queue_s:
-                wait = (held + n) / rate
+            wait = waited_s + ((held + n) / rate if held > 0 and rate > 0 else 0.0)
+            if self.max_queue_s > 0 and wait > self.max_queue_s:
                 raise Overloaded(wait - self.max_queue_s, held, int(rate * self.max_queue_s),
-                                 f"a new request would wait ~{wait * 1000:.0f} ms for the {held} tokens ahead of it (limit "
-                                 f"{self.max_queue_s * 1000:.0f} ms)")
+                                 f"a new request would wait ~{wait * 1000:.0f} ms ({waited_s * 1000:.0f} ms before the queue, then the "
+                                 f"{held} tokens ahead of it; limit {self.max_queue_s * 1000:.0f} ms)")
             for r in rows:
                 r.enqueued = time.monotonic()
                 self.queue.append(r)
@@ -134,11 +136,17 @@ class Scheduler:
         """Tokens answered per second over the last ``window_s`` (0 before any)."""
         now = time.monotonic()
         while self.finished and self.finished[0][0] < now - window_s:
-            self.finished.popleft()
+            self.finished_tokens -= self.finished.popleft()[1]
         if not self.finished:
             return 0.0
         span = max(0.25, now - self.finished[0][0])
-        return sum(n for _, n in self.finished) / span
+        return self.finished_tokens / span
+
+    def record_answered(self, tokens: int, at: float) -> None:
+        """Counts ``tokens`` answered at ``at`` (time.monotonic()) into the drain rate."""
+        with self.cond:
+            self.finished.append((at, tokens))
+            self.finished_tokens += tokens
 
     def _retry_after(self, excess_tokens: int) -> float:
         rate = self.drain_rate() or self.max_batch_tokens * 20.0  # nothing answered lately: a guess of 20 full batches/s
@@ -196,7 +204,7 @@ class Scheduler:
         done = time.monotonic()
         result = Result(list(map(float, logits)), int(exit_layer), float(entropy), bool(forced), float(row.threshold),
                         (row.started or done) - row.enqueued, done - (row.started or done))
-        self.finished.append((done, row.tokens))
+        self.record_answered(row.tokens, done)
         if self.on_result is not None:
             self.on_result(row, result)
         if not row.future.done():
@@ -247,7 +255,7 @@ class LayerScheduler(Scheduler):
                 if self.stopping:
                     return False
                 self.cond.wait(0.1)
-            budget = self.max_batch_tokens - self.session.tokens
+            budget = self.max_batch_tokens - self.flight_tokens
             admit = self._take(budget, at_least_one=not self.rows)
         if admit:
             self._start_rows(admit)

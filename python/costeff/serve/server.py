@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,43 +14,91 @@ from pathlib import Path
 
 import torch
 
-from costeff.serve.app import Metrics, ServerState, create_app
+from costeff.serve.app import Metrics, ServerState, create_app, fast_encoder
 from costeff.serve.config import ServeConfig
 from costeff.serve.schedulers import Row, make_scheduler
 
 log = logging.getLogger("costeff.serve")
 
 
+def engine_threads(config: ServeConfig) -> int:
+    """``--threads``, or by default every core this process may use but one: the event loop (HTTP,
+    JSON, tokenization) needs a core of its own, or it queues requests where admission cannot see them."""
+    if config.threads:
+        return config.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
+class ModelSpec:
+    """What ``costeff serve --model DIR`` runs, by the kind of directory:
+
+    - a costeff model directory: the C++ engine (``--precision fp32|bf16|int8``), either scheduler;
+    - a ``costeff export --format onnx`` directory: its segments on ONNX Runtime (its precision was fixed
+      at export), the batch scheduler;
+    - a plain fine-tuned ``*ForSequenceClassification`` directory (no early exit): PyTorch fp32 or ONNX
+      Runtime int8, the batch scheduler; the baseline a user would serve without costeff."""
+
+    def __init__(self, config: ServeConfig):
+        from costeff.inference.classifier_runner import ClassifierRunner, is_classifier_directory
+        from costeff.inference.onnx_runner import OnnxEarlyExit, is_onnx_directory
+        from costeff.inference.predict import load_model_config
+
+        path = Path(config.model)
+        if not path.is_dir():
+            raise FileNotFoundError(f"serve: model directory {path} does not exist")
+        if is_onnx_directory(path) or is_classifier_directory(path):
+            if config.scheduler == "layer":
+                raise ValueError(f"serve: {path} runs whole requests (an ONNX export or a plain classifier has no engine session): "
+                                 "use --scheduler batch")
+        if is_onnx_directory(path):
+            self.runner = OnnxEarlyExit(path, threads=engine_threads(config))
+            if config.precision not in (None, self.runner.precision):
+                raise ValueError(f"serve: {path} is an ONNX export in {self.runner.precision}; --precision {config.precision} needs another export")
+            cfg = self.runner.config
+            self.kind, self.isa, self.threshold = "onnxruntime", None, cfg.inference_threshold
+        elif is_classifier_directory(path):
+            self.runner = ClassifierRunner(path, config.precision or "fp32", threads=engine_threads(config))
+            cfg = self.runner.config
+            self.kind, self.isa, self.threshold = "pytorch" if self.runner.precision == "fp32" else "onnxruntime", None, None
+        else:
+            from costeff.inference.engine import InferenceEngine
+
+            cfg = load_model_config(path)
+            self.runner = InferenceEngine.from_pretrained(path, config.precision or "fp32")
+            self.kind, self.isa, self.threshold = "engine", self.runner.isa, cfg.inference_threshold
+        self.precision = self.runner.precision
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.max_positions = int(cfg.max_position_embeddings - (getattr(cfg, "position_offset", None) or 0))
+        id2label = cfg.id2label or {}
+        self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(cfg.num_labels)]
+        self.has_token_types = getattr(cfg, "type_vocab_size", 1) > 1
+
+
 def build_state(config: ServeConfig, warm: bool = True) -> ServerState:
-    """The engine and scheduler of ``config.model``, warmed up (ready) unless ``warm`` is False."""
+    """The runner and scheduler of ``config.model``, warmed up (ready) unless ``warm`` is False."""
     from transformers import AutoTokenizer
 
-    from costeff.inference.engine import InferenceEngine
-    from costeff.inference.predict import load_model_config
-
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    torch.set_num_threads(engine_threads(config))
     path = Path(config.model)
-    model_config = load_model_config(path)
+    spec = ModelSpec(config)
     tokenizer = AutoTokenizer.from_pretrained(path)
     limit = tokenizer.model_max_length
-    max_positions = model_config.max_position_embeddings - (model_config.position_offset or 0)
-    max_length = min(limit if limit and limit < 10**6 else max_positions, max_positions)
-    engine = InferenceEngine.from_pretrained(path, config.precision)
-    id2label = model_config.id2label or {}
-    labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(model_config.num_labels)]
-    threshold = config.threshold if config.threshold is not None else float(model_config.inference_threshold or 0.0)
-    info = {"model": str(path), "labels": labels, "num_layers": model_config.num_hidden_layers, "threshold": threshold,
-            "precision": engine.precision, "isa": engine.isa, "scheduler": config.scheduler, "max_length": max_length,
+    max_length = min(limit if limit and limit < 10**6 else spec.max_positions, spec.max_positions)
+    threshold = config.threshold if config.threshold is not None else float(spec.threshold or 0.0)
+    scheduler = config.scheduler or ("layer" if spec.kind == "engine" else "batch")
+    info = {"model": str(path), "runtime": spec.kind, "threads": torch.get_num_threads(), "labels": spec.labels, "num_layers": spec.num_layers, "threshold": threshold,
+            "precision": spec.precision, "isa": spec.isa, "scheduler": scheduler, "max_length": max_length,
             "limits": {"max_batch_tokens": config.max_batch_tokens, "max_queue_tokens": config.max_queue_tokens, "max_inputs": config.max_inputs,
                        "payload_limit": config.payload_limit, "max_wait_ms": config.max_wait_ms,
-                       "max_queue_ms": config.max_queue_ms},
+                       "max_queue_ms": config.max_queue_ms, "max_concurrent_requests": config.max_concurrent_requests},
             "brownout": None if config.max_threshold is None else {"target_queue_ms": config.target_queue_ms, "max_threshold": config.max_threshold,
                                                                    "step": config.threshold_step}}
-    metrics = Metrics(model_config.num_hidden_layers)
-    state = ServerState(config, tokenizer, labels, max_length, model_config.num_hidden_layers, model_config.type_vocab_size > 1, info,
-                        metrics=metrics)
-    state.scheduler = make_scheduler(config.scheduler, engine, max_batch_tokens=config.max_batch_tokens, max_queue_tokens=config.max_queue_tokens,
+    metrics = Metrics(spec.num_layers)
+    encoders = (fast_encoder(tokenizer), fast_encoder(tokenizer, max_length))
+    state = ServerState(config, tokenizer, spec.labels, max_length, spec.num_layers, spec.has_token_types, info,
+                        encoders=encoders if encoders[0] is not None else None, metrics=metrics)
+    state.scheduler = make_scheduler(scheduler, spec.runner, max_batch_tokens=config.max_batch_tokens, max_queue_tokens=config.max_queue_tokens,
                                      base_threshold=threshold, target_queue_ms=config.target_queue_ms, max_threshold=config.max_threshold,
                                      threshold_step=config.threshold_step, max_wait_ms=config.max_wait_ms, max_queue_ms=config.max_queue_ms,
                                      on_result=metrics.observe).start()
@@ -95,7 +144,7 @@ def serve(config: ServeConfig) -> int:
 
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=config.graceful_timeout, lifespan="off"))
-    print(f"costeff serve: {config.model} ({state.info['precision']}, {state.info['isa']}, scheduler {config.scheduler}, threshold "
+    print(f"costeff serve: {config.model} ({state.info['runtime']} {state.info['precision']}, scheduler {state.info['scheduler']}, threshold "
           f"{state.info['threshold']:.4g}) ready in {time.monotonic() - t0:.2f} s on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
     server.run()
     state.scheduler.stop(timeout=config.graceful_timeout)
