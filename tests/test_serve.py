@@ -70,10 +70,11 @@ class Served:
         return asyncio.run(go())
 
 
+@pytest.mark.parametrize("inline", [0, 256], ids=["scheduled", "inline-when-idle"])
 @pytest.mark.parametrize("scheduler", ["layer", "batch"])
-def test_answers_equal_predict(model_dir, scheduler):
+def test_answers_equal_predict(model_dir, scheduler, inline):
     want = _serial(model_dir, 0.4)
-    with Served(model_dir, scheduler=scheduler, threshold=0.4) as s:
+    with Served(model_dir, scheduler=scheduler, threshold=0.4, inline_max_tokens=inline) as s:
         r = s.request("POST", "/predict", json={"inputs": TEXTS})
         assert r.status_code == 200, r.text
         got = r.json()
@@ -82,6 +83,8 @@ def test_answers_equal_predict(model_dir, scheduler):
         assert isinstance(one, dict) and one["label"] == want[0]["label"]
         # 8 concurrent clients, one text each, get exactly the serial answers
         each = s.many([{"inputs": [t]} for t in TEXTS])
+        # the idle server ran the first requests at once; without inline every row went through the worker
+        assert (s.state.scheduler.inline_runs >= 2) if inline else (s.state.scheduler.inline_runs == 0)
     assert all(x.status_code == 200 for x in each)
     for g, w, e in zip(got, want, each):
         assert g["label"] == w["label"] and g["exit_layer"] == w["exit_layer"] and not g["forced_exit"]

@@ -344,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="429 when a new request would wait longer than this for the tokens ahead of it, at the measured drain rate (0: off)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="batch scheduler: how long a batch waits to fill")
     p.add_argument("--max-inputs", type=int, default=256, help="inputs per request")
+    p.add_argument("--inline-max-tokens", type=int, default=256,
+                   help="an idle server runs a request of up to this many tokens at once on the event loop, without the hand-off to "
+                   "the scheduler's thread (0: never)")
     p.add_argument("--max-concurrent-requests", type=int, default=512, help="requests in the server at once; over it 429 at once")
     p.add_argument("--payload-limit", type=int, default=2 * 1024 * 1024, help="request body bytes")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY (all routes but /health and /ready)")
@@ -437,7 +440,7 @@ def cmd_serve(args) -> int:
     config = ServeConfig(model=args.model, host=args.host, port=args.port, scheduler=args.scheduler, precision=args.precision, threads=args.threads,
                          threshold=args.threshold, max_batch_tokens=args.max_batch_tokens, max_queue_tokens=args.max_queue_tokens,
                          max_wait_ms=args.max_wait_ms, max_queue_ms=args.max_queue_ms, max_inputs=args.max_inputs,
-                         max_concurrent_requests=args.max_concurrent_requests, payload_limit=args.payload_limit, api_key=args.api_key,
+                         max_concurrent_requests=args.max_concurrent_requests, inline_max_tokens=args.inline_max_tokens, payload_limit=args.payload_limit, api_key=args.api_key,
                          graceful_timeout=args.graceful_timeout, target_queue_ms=args.target_queue_ms, max_threshold=args.max_threshold,
                          threshold_step=args.threshold_step)
     return serve(config)

@@ -195,7 +195,10 @@ def _encode(state: ServerState, req: dict, truncate_to: Optional[int]) -> tuple[
     if encoder is None:
         enc = state.tokenizer(texts, pairs, truncation=truncate_to is not None, max_length=truncate_to, verbose=False)
         return enc["input_ids"], enc.get("token_type_ids")
-    out = encoder.encode_batch(texts if pairs is None else list(zip(texts, pairs)))
+    if len(texts) == 1:  # encode_batch costs ~2x encode for one text (its thread pool)
+        out = [encoder.encode(texts[0]) if pairs is None else encoder.encode(texts[0], pairs[0])]
+    else:
+        out = encoder.encode_batch(texts if pairs is None else list(zip(texts, pairs)))
     return [e.ids for e in out], [e.type_ids for e in out]
 
 
@@ -255,7 +258,8 @@ def create_app(state: ServerState) -> Starlette:
         else:
             rows = await anyio.to_thread.run_sync(tokenize, state, req)  # off the event loop
         metrics.tokenize_s.observe(time.monotonic() - t0)
-        state.scheduler.submit(rows, waited_s=state.loop_lag.lag_s)
+        if not state.scheduler.run_inline(rows):  # idle: at once, on this thread
+            state.scheduler.submit(rows, waited_s=state.loop_lag.lag_s)
         return req, rows
 
     def headers(results: list[Result]) -> dict:
@@ -290,6 +294,8 @@ def create_app(state: ServerState) -> Starlette:
         return response
 
     async def wait_all(request: Request, rows: list[Row]) -> Optional[list[Result]]:
+        if all(r.future.done() for r in rows):  # run inline: no hop through the loop's thread-safe callbacks
+            return [r.future.result() for r in rows]
         futures = [asyncio.wrap_future(r.future) for r in rows]
         pending = set(futures)
         while pending:

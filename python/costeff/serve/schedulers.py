@@ -64,16 +64,12 @@ class Result:
 
 
 def pad(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """input_ids, attention_mask (and token_type_ids when the rows have them), right-padded."""
+    """input_ids, attention_mask (and token_type_ids when the rows have them), right-padded; one tensor
+    built from Python lists each (a sentence's request spends more in tensor calls than in the engine)."""
     s = max(r.tokens for r in rows)
-    ids = torch.zeros(len(rows), s, dtype=torch.long)
-    mask = torch.zeros(len(rows), s, dtype=torch.long)
-    types = torch.zeros(len(rows), s, dtype=torch.long) if rows[0].types is not None else None
-    for i, r in enumerate(rows):
-        ids[i, :r.tokens] = torch.tensor(r.ids)
-        mask[i, :r.tokens] = 1
-        if types is not None:
-            types[i, :r.tokens] = torch.tensor(r.types)
+    ids = torch.tensor([r.ids + [0] * (s - r.tokens) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * r.tokens + [0] * (s - r.tokens) for r in rows], dtype=torch.long)
+    types = torch.tensor([r.types + [0] * (s - r.tokens) for r in rows], dtype=torch.long) if rows[0].types is not None else None
     return ids, mask, types
 
 
@@ -84,7 +80,7 @@ class Scheduler:
 
     def __init__(self, engine, max_batch_tokens: int, max_queue_tokens: int, base_threshold: float = 0.0,
                  target_queue_ms: Optional[float] = None, max_threshold: Optional[float] = None, threshold_step: float = 0.05,
-                 on_result: Optional[Callable[[Row, Result], None]] = None, max_queue_ms: float = 0.0):
+                 on_result: Optional[Callable[[Row, Result], None]] = None, max_queue_ms: float = 0.0, inline_max_tokens: int = 0):
         self.engine = engine
         self.max_batch_tokens, self.max_queue_tokens = max_batch_tokens, max_queue_tokens
         self.base_threshold = check_threshold("serve", base_threshold)
@@ -101,6 +97,9 @@ class Scheduler:
         self.flight_tokens = 0
         self.queue_delay_s = 0.0  # exponential average of the wait before compute
         self.stopping = False
+        self.inline = False  # a request runs on the calling thread (run_inline): the worker waits
+        self.inline_max_tokens = inline_max_tokens
+        self.inline_runs = 0
         self.thread = threading.Thread(target=self._loop, name=f"costeff-{self.name}-scheduler", daemon=True)
         self.error: Optional[BaseException] = None
 
@@ -131,6 +130,40 @@ class Scheduler:
                 self.queue.append(r)
             self.queued_tokens += n
             self.cond.notify()
+
+    def run_inline(self, rows: list[Row]) -> bool:
+        """Runs a small request at once on the calling thread when the scheduler holds nothing (no row
+        queued or in flight): there is nothing to batch it with, and the engine call (~0.1 ms for a
+        sentence) costs less than the hand-off to the worker thread and back. Its rows' futures are
+        resolved on return; False (nothing done) when the scheduler is busy, the request is larger than
+        ``inline_max_tokens`` (0: never) or has a deadline: then :meth:`submit` it."""
+        n = sum(r.tokens for r in rows)
+        if n > self.inline_max_tokens or any(r.deadline is not None for r in rows):
+            return False
+        with self.cond:
+            if self.stopping or self.inline or self.queue or self.flight_tokens:
+                return False
+            self.inline = True
+            self.inline_runs += 1
+            self.flight_tokens += n
+        try:
+            for r in rows:
+                r.enqueued = time.monotonic()
+            self._start_rows(rows)
+            ids, mask, types = pad(rows)
+            try:
+                out = self.engine(ids, mask, types, threshold=rows[0].threshold)  # one request: one threshold
+            except (ValueError, TypeError) as exc:
+                self._fail(rows, exc)
+            else:
+                for i, r in enumerate(rows):
+                    self._resolve(r, out.logits[i].tolist(), int(out.exit_layer[i]), float(out.entropy[i]), False)
+        finally:
+            with self.cond:
+                self.inline = False
+                self.flight_tokens -= n
+                self.cond.notify()
+        return True
 
     def drain_rate(self, window_s: float = 2.0) -> float:
         """Tokens answered per second over the last ``window_s`` (0 before any)."""
@@ -251,8 +284,8 @@ class LayerScheduler(Scheduler):
 
     def _turn(self) -> bool:
         with self.cond:
-            while not self.queue and not self.rows:
-                if self.stopping:
+            while self.inline or (not self.queue and not self.rows):
+                if self.stopping and not self.inline and not self.queue and not self.rows:
                     return False
                 self.cond.wait(0.1)
             budget = self.max_batch_tokens - self.flight_tokens
@@ -307,8 +340,8 @@ class BatchScheduler(Scheduler):
 
     def _turn(self) -> bool:
         with self.cond:
-            while not self.queue:
-                if self.stopping:
+            while self.inline or not self.queue:
+                if self.stopping and not self.inline and not self.queue:
                     return False
                 self.cond.wait(0.1)
             deadline = self.queue[0].enqueued + self.max_wait_s

@@ -91,7 +91,7 @@ def build_state(config: ServeConfig, warm: bool = True) -> ServerState:
             "precision": spec.precision, "isa": spec.isa, "scheduler": scheduler, "max_length": max_length,
             "limits": {"max_batch_tokens": config.max_batch_tokens, "max_queue_tokens": config.max_queue_tokens, "max_inputs": config.max_inputs,
                        "payload_limit": config.payload_limit, "max_wait_ms": config.max_wait_ms,
-                       "max_queue_ms": config.max_queue_ms, "max_concurrent_requests": config.max_concurrent_requests},
+                       "max_queue_ms": config.max_queue_ms, "inline_max_tokens": config.inline_max_tokens, "max_concurrent_requests": config.max_concurrent_requests},
             "brownout": None if config.max_threshold is None else {"target_queue_ms": config.target_queue_ms, "max_threshold": config.max_threshold,
                                                                    "step": config.threshold_step}}
     metrics = Metrics(spec.num_layers)
@@ -101,7 +101,7 @@ def build_state(config: ServeConfig, warm: bool = True) -> ServerState:
     state.scheduler = make_scheduler(scheduler, spec.runner, max_batch_tokens=config.max_batch_tokens, max_queue_tokens=config.max_queue_tokens,
                                      base_threshold=threshold, target_queue_ms=config.target_queue_ms, max_threshold=config.max_threshold,
                                      threshold_step=config.threshold_step, max_wait_ms=config.max_wait_ms, max_queue_ms=config.max_queue_ms,
-                                     on_result=metrics.observe).start()
+                                     inline_max_tokens=config.inline_max_tokens, on_result=metrics.observe).start()
     metrics.threshold.set(threshold)
     if warm:
         warm_up(state)
