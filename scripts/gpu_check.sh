@@ -78,7 +78,7 @@ if [ $DRY = 0 ]; then
     [ -n "$NV_INCLUDE" ] && [ -d "$NV_INCLUDE" ] && export CPATH="$NV_INCLUDE${CPATH:+:$CPATH}"
     step build 240 build.log env TORCH_CUDA_ARCH_LIST="9.0+PTX" MAX_JOBS=16 COSTEFF_CUDA=1 "$PY" setup.py build_ext --inplace
 else
-    step build 60 build.log "$PY" -c "import costeff, costeff._C, torch; print('CPU extension built; CUDA kernels registered:', costeff.info().get('cuda_kernels'))"
+    step build 60 build.log "$PY" -c "import torch, costeff, costeff._C; print('CPU extension built; CUDA kernels registered:', costeff.info().get('cuda_kernels'))"
 fi
 "$PY" -c "import costeff, json; print(json.dumps(costeff.info()))" >> "$OUT/build.log" 2>&1
 

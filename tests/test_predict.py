@@ -180,8 +180,8 @@ def test_hf_pipeline_labels_equal_early_exit(model_dir):
     assert len(model(**enc).exit_logits) == model.config.num_exits
     with pytest.raises(ValueError, match="threshold must be a number >= 0"):
         transformers.pipeline("costeff-text-classification", model=str(model_dir), threshold=-1)
-    # `import costeff` alone registers the Auto classes and the pipeline task
-    code = ("import costeff, transformers\n"
+    # `import costeff.models` alone registers the Auto classes and the pipeline task
+    code = ("import costeff.models, transformers\n"
             f"p = transformers.pipeline('costeff-text-classification', model={str(model_dir)!r})\n"
             "print(type(p.model).__name__, p('a fine film')[0]['exit_layer'])\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

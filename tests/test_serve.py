@@ -244,8 +244,11 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_sigterm_drains_requests_in_flight(model_dir):
     port = _free_port()
+    # the batch scheduler waiting up to 3 s to fill a batch that all requests fit in: every request is
+    # still in the server when SIGTERM comes, whatever the speed of this machine
     proc = subprocess.Popen([sys.executable, "-m", "costeff.cli", "serve", "--model", str(model_dir), "--port", str(port), "--threads", "1",
-                             "--max-batch-tokens", "256", "--max-queue-tokens", "200000", "--max-queue-ms", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             "--scheduler", "batch", "--max-wait-ms", "3000", "--max-batch-tokens", "200000", "--max-queue-ms", "0",
+                             "--inline-max-tokens", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     base = f"http://127.0.0.1:{port}"
     try:
@@ -257,19 +260,29 @@ def test_sigterm_drains_requests_in_flight(model_dir):
                 pass
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.1)
-        results, finished, sent = [], [], threading.Barrier(21)
+        n = 100
+        results, finished, sent = [], [], threading.Barrier(n + 1)
 
         def client():
             with httpx.Client(timeout=60) as c:
                 sent.wait()
-                results.append(c.post(base + "/predict", json={"inputs": TEXTS * 32}))  # 256 inputs each
+                results.append(c.post(base + "/predict", json={"inputs": TEXTS * 8}))  # 64 inputs each
                 finished.append(time.monotonic())
 
-        threads = [threading.Thread(target=client) for _ in range(20)]
+        threads = [threading.Thread(target=client) for _ in range(n)]
         for t in threads:
             t.start()
         sent.wait()
-        time.sleep(0.3)  # the requests are in the server
+
+        def gauges(*names) -> float:
+            text = httpx.get(base + "/metrics", timeout=5).text
+            return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(tuple(f"{n} " for n in names)))
+
+        for _ in range(1000):  # until every request is in the server
+            if gauges("costeff_requests_active") >= n:
+                break
+            time.sleep(0.005)
+        assert gauges("costeff_queued_tokens") > 0
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         for t in threads:
@@ -278,9 +291,9 @@ def test_sigterm_drains_requests_in_flight(model_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert len(results) == 20
+    assert len(results) == n
     assert max(finished) > signalled  # requests were still in flight when SIGTERM came, and none was lost
-    assert all(r.status_code == 200 and len(r.json()) == 256 for r in results), [r.status_code for r in results]
+    assert all(r.status_code == 200 and len(r.json()) == 64 for r in results), [r.status_code for r in results]
 
 
 @pytest.fixture(scope="module")
@@ -356,22 +369,24 @@ def test_an_onnx_export_is_served_with_the_answers_of_predict(model_dir, tmp_pat
         assert g["score"] == pytest.approx(w["score"], abs=1e-5)
 
 
-def test_the_rust_encoder_gives_the_tokenizer_own_ids(model_dir):
-    """The served fast path (the tokenizer's Rust backend, no padding, truncation on demand) against the
-    tokenizer's own call: single texts, pairs, over-long texts truncated."""
+def test_the_rust_encoder_gives_the_tokenizer_own_ids(model_dir, classifier_dir):
+    """DirTokenizer (tokenizer.json on the Rust library, no padding, truncation on demand; what predict
+    and serve run) against transformers' tokenizer of the same directory: single texts, pairs, over-long
+    texts truncated, the pad id."""
     from transformers import AutoTokenizer
 
-    from costeff.serve.app import fast_encoder
+    from costeff.inference.model_dir import DirTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
     texts = TEXTS + ["word " * 200, "Ünïcödé café naïve — “quotes”", "x"]
     pairs = list(reversed(texts))
-    free, cut = fast_encoder(tok), fast_encoder(tok, 64)
-    assert [e.ids for e in free.encode_batch(texts)] == tok(texts, truncation=False)["input_ids"]
-    assert [e.ids for e in cut.encode_batch(texts)] == tok(texts, truncation=True, max_length=64)["input_ids"]
-    want = tok(texts, pairs, truncation=True, max_length=64)
-    got = cut.encode_batch(list(zip(texts, pairs)))
-    assert [e.ids for e in got] == want["input_ids"] and [e.type_ids for e in got] == want["token_type_ids"]
+    for d in (model_dir, classifier_dir):
+        tok, mine = AutoTokenizer.from_pretrained(d), DirTokenizer(d)
+        assert mine.model_max_length == tok.model_max_length == 64 and mine.pad_token_id == tok.pad_token_id
+        assert mine.encode(texts)[0] == tok(texts, truncation=False)["input_ids"]
+        assert mine.encode(texts[:1])[0] == tok(texts[:1], truncation=False)["input_ids"]
+        assert mine.encode(texts, max_length=64)[0] == tok(texts, truncation=True, max_length=64)["input_ids"]
+        want = tok(texts, pairs, truncation=True, max_length=64)
+        assert mine.encode(texts, pairs, max_length=64) == (want["input_ids"], want["token_type_ids"])
 
 
 def test_over_the_concurrency_limit_is_a_429(model_dir):

@@ -5,22 +5,43 @@ reports what was built.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
+import importlib
 
-import torch
-
-from costeff._extension import ExtensionNotBuiltError, built_with_cuda, extension_loaded
+from costeff._errors import ExtensionNotBuiltError, MissingDependencyError
 
 __version__ = "0.1.0"
 
-from costeff import ops  # noqa: E402  (registers fakes/autograd once the extension is loaded)
-from costeff import models  # noqa: E402  (registers the Auto classes: model_type costeff_bert)
-from costeff import inference  # noqa: E402  (registers the "costeff-text-classification" pipeline)
+# `import costeff` stays light (no torch, no transformers: `costeff --help` answers at once). The
+# submodules load on first use of their name, and with them what they register: costeff.ops (which
+# loads costeff._C) registers torch.ops.costeff.* and their fakes/autograd, costeff.models the Auto
+# classes of model_type costeff_bert, costeff.inference the "costeff-text-classification" pipeline.
+_SUBMODULES = ("ops", "models", "inference")
+_FROM_EXTENSION = ("built_with_cuda", "extension_loaded")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"costeff.{name}")
+        globals()[name] = module
+        return module
+    if name in _FROM_EXTENSION:
+        return getattr(importlib.import_module("costeff._extension"), name)
+    raise AttributeError(f"module 'costeff' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_SUBMODULES) + list(_FROM_EXTENSION))
 
 
 def info() -> dict:
     """What this install can run: compiled CPU/CUDA kernels, Triton, and the torch it was built for."""
+    import importlib.util
+    import os
+
+    import torch
+
+    from costeff import ops
+    from costeff._extension import built_with_cuda, extension_loaded
     triton_version = None
     if importlib.util.find_spec("triton") is not None:
         try:
@@ -49,4 +70,4 @@ def info() -> dict:
     }
 
 
-__all__ = ["ExtensionNotBuiltError", "inference", "info", "models", "ops", "__version__"]
+__all__ = ["ExtensionNotBuiltError", "MissingDependencyError", "inference", "info", "models", "ops", "__version__"]

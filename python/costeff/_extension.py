@@ -10,13 +10,9 @@ _BUILD_HINT = (
 )
 
 
-class ExtensionNotBuiltError(ImportError):
-    """Raised when an op is called but costeff._C was never compiled."""
+from costeff._errors import ExtensionNotBuiltError, MissingDependencyError  # noqa: F401  (re-exported)
 
-
-class MissingDependencyError(ImportError):
-    """Raised when a feature needs an optional package (e.g. onnxruntime) that is not installed."""
-
+import torch  # noqa: E402,F401  (first: costeff._C links against torch's libraries, libc10 among them)
 
 try:
     _C = importlib.import_module("costeff._C")

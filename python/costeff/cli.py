@@ -7,10 +7,9 @@ import logging
 import os
 import sys
 
-import torch
-
-from costeff._extension import ExtensionNotBuiltError, MissingDependencyError
-from costeff.pipeline.checkpoint import CheckpointError
+# nothing heavy at import: `costeff --help` must not load torch or transformers; each command imports
+# what it runs
+from costeff._errors import ExtensionNotBuiltError, MissingDependencyError
 
 
 def backbone_of(args) -> str:
@@ -45,6 +44,7 @@ def _setup_logging(output: str | None) -> None:
 def _init_distributed(device_spec: str) -> None:
     """torchrun: NCCL with one GPU per rank (LOCAL_RANK) when training on CUDA, else gloo."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        import torch
         import torch.distributed as dist
 
         from costeff.device import resolve_device
@@ -461,14 +461,31 @@ def cmd_export(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    import transformers
+# commands whose code reads model directories without transformers (costeff.inference.model_dir)
+_LIGHT_COMMANDS = ("predict", "serve", "info")
 
-    transformers.utils.logging.disable_progress_bar()  # per-file load/save bars drown the stage bars
-    transformers.utils.logging.set_verbosity_error()
+
+def _expected_errors() -> tuple:
+    """Data, checkpoint and argument problems, and what is not installed: a message and exit 2, no traceback."""
+    errors = (ValueError, FileNotFoundError, ExtensionNotBuiltError, MissingDependencyError)
+    if "costeff.pipeline.checkpoint" in sys.modules:  # only a command that imported it can raise it
+        errors += (sys.modules["costeff.pipeline.checkpoint"].CheckpointError,)
+    return errors
+
+
+def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command not in _LIGHT_COMMANDS or "transformers" in sys.modules:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # per-file load/save bars drown the stage bars
+        transformers.utils.logging.set_verbosity_error()
+    else:  # honoured if a light command ends up importing transformers after all (a plain classifier, a vocab-only tokenizer)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if getattr(args, "threads", 0):
+        import torch
+
         torch.set_num_threads(args.threads)
     if args.command in ("predict", "calibrate", "export", "serve"):  # predict's stdout carries the JSON Lines; no run directory
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)
@@ -477,8 +494,7 @@ def main(argv=None) -> int:
         _init_distributed(getattr(args, "device", None) or "auto")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError, ExtensionNotBuiltError, MissingDependencyError) as exc:
-        # data, checkpoint and argument problems, and what is not installed
+    except _expected_errors() as exc:
         if os.environ.get("COSTEFF_DEBUG"):
             raise
         print(f"costeff {args.command}: error: {exc}", file=sys.stderr)

@@ -2,11 +2,33 @@
 threshold calibration, the Hugging Face pipeline, early exit on a GPU (:class:`GpuRunner`), and ONNX export with its runner
 (:func:`export_onnx`, :class:`OnnxEarlyExit`; onnxruntime is optional).
 
-Uses :mod:`costeff.models` and the compiled library, never the pipeline."""
-from costeff.inference.engine import PRECISIONS, InferenceEngine, engine_isas
-from costeff.inference.gpu_runner import GpuRunner
-from costeff.inference.hf_pipeline import CostEffTextClassificationPipeline  # registers "costeff-text-classification"
-from costeff.inference.onnx_export import export_onnx, export_torch
-from costeff.inference.onnx_runner import OnnxEarlyExit
+Uses :mod:`costeff.models` and the compiled library, never the pipeline. The names below load on first
+use, so that `costeff predict` and `costeff serve` start without transformers' model stack; the
+"costeff-text-classification" pipeline task is registered with the model classes (``import costeff.models``)."""
+from __future__ import annotations
 
-__all__ = ["CostEffTextClassificationPipeline", "GpuRunner", "InferenceEngine", "OnnxEarlyExit", "PRECISIONS", "engine_isas", "export_onnx", "export_torch"]
+import importlib
+
+_NAMES = {
+    "PRECISIONS": "engine", "InferenceEngine": "engine", "engine_isas": "engine",
+    "GpuRunner": "gpu_runner",
+    "CostEffTextClassificationPipeline": "hf_pipeline",
+    "export_onnx": "onnx_export", "export_torch": "onnx_export",
+    "OnnxEarlyExit": "onnx_runner",
+}
+
+
+def __getattr__(name: str):
+    module = _NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'costeff.inference' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"costeff.inference.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_NAMES))
+
+
+__all__ = sorted(_NAMES)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from costeff._extension import require_extension
-from costeff.models.modeling_costeff import CostEffForSequenceClassification, EarlyExitOutput
+from costeff.outputs import EarlyExitOutput
 from costeff.ops._checks import check_threshold
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -55,15 +55,26 @@ class InferenceEngine:
     returns an :class:`~costeff.models.EarlyExitOutput` (logits float32, exit_layer int64 1-based,
     entropy float32 in nats; rows in input order)."""
 
-    def __init__(self, handle, config=None):
+    def __init__(self, handle, config=None, path: Optional[Path] = None):
         self._handle = handle
-        self.config = config
+        self._config, self._path = config, path
+
+    @property
+    def config(self):
+        """The model's CostEffConfig (read from the directory on first use: starting the engine needs no transformers)."""
+        if self._config is None and self._path is not None:
+            from costeff.models.configuration_costeff import CostEffConfig
+
+            self._config = CostEffConfig.from_pretrained(self._path)
+        return self._config
 
     @classmethod
-    def from_model(cls, model: CostEffForSequenceClassification, precision: str = "fp32", isa: Optional[str] = None) -> "InferenceEngine":
+    def from_model(cls, model: "CostEffForSequenceClassification", precision: str = "fp32", isa: Optional[str] = None) -> "InferenceEngine":
         """Packs ``model``'s weights (copied: later changes to the model do not reach the engine);
         ``isa`` picks the kernels' instruction set (default: ``COSTEFF_ENGINE_ISA`` or the CPU's best)."""
         require_extension()
+        from costeff.models.modeling_costeff import CostEffForSequenceClassification
+
         if not isinstance(model, CostEffForSequenceClassification):
             raise TypeError(
                 f"InferenceEngine.from_model needs a costeff CostEffForSequenceClassification, got {type(model).__name__}; "
@@ -82,10 +93,8 @@ class InferenceEngine:
         path = Path(os.fspath(path))
         if not path.is_dir():
             raise FileNotFoundError(f"InferenceEngine.from_pretrained: {path} is not a directory")
-        from costeff.models.configuration_costeff import CostEffConfig
-
         handle = torch.classes.costeff.InferenceEngine.from_directory(str(path), precision, _check_isa(isa))
-        return cls(handle, CostEffConfig.from_pretrained(path))
+        return cls(handle, path=path)
 
     @property
     def precision(self) -> str:

@@ -1,6 +1,6 @@
 """A Hugging Face text-classification pipeline that runs the early exit.
 
-``transformers.pipeline("costeff-text-classification", model=DIR)`` (registered when costeff.inference
+``transformers.pipeline("costeff-text-classification", model=DIR)`` (registered when costeff.models
 is imported) or ``transformers.pipeline("text-classification", model=DIR, pipeline_class=CostEffTextClassificationPipeline)``
 returns ``{"label", "score", "exit_layer"}`` per text, at the directory's calibrated threshold
 (``inference_threshold``; 0, i.e. full depth, when not calibrated) unless ``threshold=`` is given, when

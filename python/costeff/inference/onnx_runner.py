@@ -20,8 +20,8 @@ from costeff._extension import MissingDependencyError
 from costeff.models.modeling_costeff import EarlyExitOutput, prepare_inputs, run_exit_segments, trim_padding
 from costeff.ops._checks import check_threshold
 
-MANIFEST = "costeff_onnx.json"
-FORMAT = "costeff-onnx"
+from costeff.inference.model_dir import FORMAT, MANIFEST, is_onnx_directory  # noqa: F401  (re-exported)
+
 _INSTALL_HINT = (
     "needs onnxruntime and onnx, which costeff does not install by default: "
     "pip install -r requirements/onnx.txt (from the costeff repository) or pip install 'costeff[onnx]'"
@@ -35,10 +35,6 @@ def require_onnxruntime(what: str = "the ONNX runner"):
     except ImportError as exc:
         raise MissingDependencyError(f"{what} {_INSTALL_HINT} (import error: {exc})") from None
     return onnxruntime
-
-
-def is_onnx_directory(path) -> bool:
-    return (Path(os.fspath(path)) / MANIFEST).is_file()
 
 
 def read_manifest(path: Path) -> dict:

@@ -28,24 +28,24 @@ _NO_TOKENIZER = (
 
 def load_model_config(path: Path):
     """The CostEffConfig of a model directory, with clear errors for what is not one."""
+    from costeff.inference.model_dir import check_costeff_type, read_config_json
     from costeff.models import CostEffConfig
 
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist")
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path} has no config.json: not a saved model directory")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg_file} is not valid JSON ({exc})") from None
-    model_type = raw.get("model_type")
-    if model_type != "costeff_bert":
-        raise ValueError(
-            f"{path} holds a '{model_type}' model, not a costeff model: train one with `costeff pipeline` "
-            "(its student is in <output>/student/model), or convert a BERT with costeff.models.from_bert"
-        )
+    check_costeff_type(path, read_config_json(path))
     return CostEffConfig.from_pretrained(path)
+
+
+def _engine_config_of(path: Path):
+    """What Predictor reads of a model directory: through the engine's reader when the extension is
+    built (no transformers), else from CostEffConfig."""
+    from costeff.inference.model_dir import EngineConfig, label_names, read_engine_config
+
+    if extension_loaded():
+        return read_engine_config(path)
+    cfg = load_model_config(path)
+    return EngineConfig(num_labels=cfg.num_labels, labels=label_names(cfg.id2label, cfg.num_labels), num_hidden_layers=cfg.num_hidden_layers,
+                        max_positions=cfg.max_position_embeddings - (cfg.position_offset or 0), type_vocab_size=cfg.type_vocab_size,
+                        inference_threshold=cfg.inference_threshold)
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -62,20 +62,21 @@ class Predictor:
 
     def __init__(self, model_dir, precision: Optional[str] = None, threshold: Optional[float] = None, tokenizer=None,
                  backend: Optional[str] = None, device: str = "cpu"):
-        from transformers import AutoTokenizer
+        from costeff.inference.model_dir import DirTokenizer
 
         path = Path(os.fspath(model_dir))
-        self.config = load_model_config(path)
+        self.config = _engine_config_of(path)
         tok_path = Path(os.fspath(tokenizer)) if tokenizer is not None else path
         if tokenizer is not None and not _has_tokenizer(tok_path):
             raise FileNotFoundError(f"--tokenizer {tok_path} holds no tokenizer (tokenizer.json / tokenizer_config.json / vocab.txt)")
         if tokenizer is None and not _has_tokenizer(path):
             raise FileNotFoundError(_NO_TOKENIZER.format(path=path))
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
-        limit = self.tokenizer.model_max_length
-        self.max_length = min(limit if limit and limit < 10**6 else self.config.max_position_embeddings, self.config.max_position_embeddings)
-        labels = self.config.id2label or {}
-        self.labels = [str(labels.get(i, labels.get(str(i), f"LABEL_{i}"))) for i in range(self.config.num_labels)]
+        self._tok_path = tok_path
+        self._hf_tokenizer = None
+        self.encoder = DirTokenizer(tok_path)
+        limit = self.encoder.model_max_length
+        self.max_length = min(limit or self.config.max_positions, self.config.max_positions)
+        self.labels = self.config.labels
         self.notice = None
         if threshold is not None:
             self.threshold = check_threshold("predict", threshold)
@@ -84,7 +85,7 @@ class Predictor:
         else:
             self.threshold = 0.0
             self.notice = f"{path}: no calibrated threshold (config inference_threshold): every input runs to the last layer (threshold 0); pass --threshold NATS to exit early"
-        from costeff.inference.onnx_runner import OnnxEarlyExit, is_onnx_directory
+        from costeff.inference.model_dir import is_onnx_directory
 
         if backend not in (None, "engine", "pytorch"):
             raise ValueError(f"backend must be None (automatic), 'engine' or 'pytorch', got {backend!r}")
@@ -105,6 +106,8 @@ class Predictor:
             self.backend = f"gpu {runner.precision} ({on})"
             self._run = lambda ids, mask, types: _on_cpu(runner(ids, mask, types, threshold=self.threshold))
         elif is_onnx_directory(path):  # written by `costeff export --format onnx`: its precision was fixed there
+            from costeff.inference.onnx_runner import OnnxEarlyExit
+
             runner = OnnxEarlyExit(path)
             if precision is not None and precision != runner.precision:
                 raise ValueError(f"{path} is an ONNX export in {runner.precision}; --precision {precision} needs another export")
@@ -124,20 +127,29 @@ class Predictor:
             self._run = lambda ids, mask, types: model.early_exit(ids, mask, types, threshold=self.threshold)
         self.truncated = 0
 
+    @property
+    def tokenizer(self):
+        """The directory's transformers tokenizer (loaded on first use: calibration's data loaders want it)."""
+        if self._hf_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._hf_tokenizer = AutoTokenizer.from_pretrained(self._tok_path)
+        return self._hf_tokenizer
+
     def __call__(self, texts: list[str], pairs: Optional[list[str]] = None, probs: bool = False) -> list[dict]:
         """One record per text: label (name), score (its softmax probability), exit_layer [, probs]."""
         if not texts:
             return []
-        full = self.tokenizer(texts, pairs, verbose=False)  # over-long inputs are counted and reported once below
-        over = sum(len(ids) > self.max_length for ids in full["input_ids"])
+        from costeff.inference.model_dir import pad_rows
+
+        ids, types = self.encoder.encode(texts, pairs)  # over-long inputs are counted and reported once below
+        over = sum(len(x) > self.max_length for x in ids)
         if over:
             self.truncated += over
-            enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        else:
-            enc = self.tokenizer.pad(full, return_tensors="pt")
-        types = enc.get("token_type_ids") if self.config.type_vocab_size > 1 else None  # families without token types
+            ids, types = self.encoder.encode(texts, pairs, max_length=self.max_length)
+        ids, mask, types = pad_rows(ids, types if self.config.type_vocab_size > 1 else None, self.encoder.pad_token_id)  # families without token types
         with torch.inference_mode():
-            out = self._run(enc["input_ids"], enc["attention_mask"], types)
+            out = self._run(ids, mask, types)
         p = torch.softmax(out.logits.float(), -1)
         best = p.argmax(-1)
         records = []

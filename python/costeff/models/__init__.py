@@ -54,3 +54,6 @@ __all__ = [
     "prune_vocabulary",
     "slenderize",
 ]
+
+# The pipeline task "costeff-text-classification" is registered with the model classes it runs.
+from costeff.inference import hf_pipeline as _hf_pipeline  # noqa: E402,F401

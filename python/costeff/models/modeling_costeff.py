@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -23,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
 from costeff._extension import extension_loaded
+from costeff.outputs import EarlyExitOutput  # noqa: F401  (defined apart: the engine returns it without importing this module)
 from costeff.models.configuration_costeff import CostEffConfig
 from costeff.ops import (
     add_layer_norm,
@@ -285,27 +285,6 @@ class CostEffSequenceClassifierOutput(ModelOutput):
     exit_logits: Optional[tuple] = None
     hidden_states: Optional[tuple] = None
     exit_layers: Optional[tuple] = None
-
-
-@dataclass
-class EarlyExitOutput(ModelOutput):
-    """Per input row in the original order: the logits of the exit it took, that exit's entropy
-    (nats) and its 1-based layer index."""
-
-    logits: Optional[torch.Tensor] = None
-    exit_layer: Optional[torch.Tensor] = None
-    entropy: Optional[torch.Tensor] = None
-
-    @classmethod
-    def of(cls, logits: torch.Tensor, exit_layer: torch.Tensor, entropy: torch.Tensor) -> "EarlyExitOutput":
-        """The same object as ``EarlyExitOutput(logits=..., exit_layer=..., entropy=...)`` with all three
-        given, without ModelOutput's per-instance dataclass checks (about 9 us, against under 100 us
-        for a batch-1 engine call)."""
-        out = cls.__new__(cls)
-        for name, value in (("logits", logits), ("exit_layer", exit_layer), ("entropy", entropy)):
-            OrderedDict.__setitem__(out, name, value)
-            object.__setattr__(out, name, value)
-        return out
 
 
 # ----------------------------------------------------------------------------------------------

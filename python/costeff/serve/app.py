@@ -56,6 +56,7 @@ class Metrics:
         self.rows_in_flight = Gauge("costeff_rows_in_flight", "Rows in the engine by layers done", ["depth"], registry=r)
         self.queued_tokens = Gauge("costeff_queued_tokens", "Tokens waiting for the engine", registry=r)
         self.flight_tokens = Gauge("costeff_flight_tokens", "Tokens in the engine", registry=r)
+        self.active = Gauge("costeff_requests_active", "Requests in the server (the --max-concurrent-requests count)", registry=r)
         seconds = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5]
         self.queue_s = Histogram("costeff_queue_seconds", "Time an input waited before the engine took it", buckets=seconds, registry=r)
         self.tokenize_s = Histogram("costeff_tokenization_seconds", "Tokenization time per request", buckets=seconds, registry=r)
@@ -94,13 +95,12 @@ class LoopLag:
 @dataclass
 class ServerState:
     config: ServeConfig
-    tokenizer: object
+    tokenizer: object  # costeff.inference.model_dir.DirTokenizer
     labels: list
     max_length: int
     num_layers: int
     has_token_types: bool
     info: dict
-    encoders: Optional[tuple] = None  # fast_encoder() without and with truncation (None: the tokenizer's own call)
     scheduler: Optional[Scheduler] = None
     metrics: Optional[Metrics] = None
     ready: bool = False
@@ -172,46 +172,15 @@ def parse_request(body: bytes, state: ServerState) -> dict:
             "threshold": None if threshold is None else float(threshold), "deadline_ms": deadline}
 
 
-def fast_encoder(tokenizer, max_length: Optional[int] = None):
-    """A copy of a fast tokenizer's Rust backend with no padding and, unless ``max_length``, no truncation
-    (None for a slow tokenizer): the same ids as the tokenizer's own call, without its Python layer."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    from tokenizers import Tokenizer
-
-    enc = Tokenizer.from_str(backend.to_str())
-    enc.no_padding()
-    if max_length is None:
-        enc.no_truncation()
-    else:
-        enc.enable_truncation(max_length)  # longest_first, as the tokenizer's truncation=True
-    return enc
-
-
-def _encode(state: ServerState, req: dict, truncate_to: Optional[int]) -> tuple[list, Optional[list]]:
-    texts, pairs = req["texts"], req["pairs"]
-    encoder = state.encoders[truncate_to is not None] if state.encoders else None
-    if encoder is None:
-        enc = state.tokenizer(texts, pairs, truncation=truncate_to is not None, max_length=truncate_to, verbose=False)
-        return enc["input_ids"], enc.get("token_type_ids")
-    if len(texts) == 1:  # encode_batch costs ~2x encode for one text (its thread pool)
-        out = [encoder.encode(texts[0]) if pairs is None else encoder.encode(texts[0], pairs[0])]
-    else:
-        out = encoder.encode_batch(texts if pairs is None else list(zip(texts, pairs)))
-    return [e.ids for e in out], [e.type_ids for e in out]
-
-
 def tokenize(state: ServerState, req: dict) -> list[Row]:
-    ids, types = _encode(state, req, None)
+    ids, types = state.tokenizer.encode(req["texts"], req["pairs"])
     too_long = [i for i, x in enumerate(ids) if len(x) > state.max_length]
     if too_long:
         if not req["truncate"]:
             raise BadRequest(422, f"inputs {too_long[:8]} are longer than {state.max_length} tokens and truncate is false", "validation")
-        ids, types = _encode(state, req, state.max_length)
-    types = types if state.has_token_types else None
+        ids, types = state.tokenizer.encode(req["texts"], req["pairs"], max_length=state.max_length)
     deadline = None if req["deadline_ms"] is None else time.monotonic() + req["deadline_ms"] / 1000
-    return [Row(list(x), list(types[i]) if types is not None else None, req["threshold"], deadline) for i, x in enumerate(ids)]
+    return [Row(x, types[i] if state.has_token_types else None, req["threshold"], deadline) for i, x in enumerate(ids)]
 
 
 def answer(state: ServerState, result: Result, raw_scores: bool) -> dict:
@@ -359,6 +328,7 @@ def create_app(state: ServerState) -> Starlette:
     async def metrics_route(request: Request) -> Response:
         if not authorized(request):
             return error(401, "missing or wrong API key (Authorization: Bearer ...)", "unauthorized")
+        metrics.active.set(state.active)
         s = state.scheduler
         if s is not None:
             st = s.stats()

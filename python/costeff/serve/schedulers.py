@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from costeff.inference.model_dir import pad_rows
 from costeff.ops._checks import check_threshold
 
 
@@ -64,13 +65,8 @@ class Result:
 
 
 def pad(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """input_ids, attention_mask (and token_type_ids when the rows have them), right-padded; one tensor
-    built from Python lists each (a sentence's request spends more in tensor calls than in the engine)."""
-    s = max(r.tokens for r in rows)
-    ids = torch.tensor([r.ids + [0] * (s - r.tokens) for r in rows], dtype=torch.long)
-    mask = torch.tensor([[1] * r.tokens + [0] * (s - r.tokens) for r in rows], dtype=torch.long)
-    types = torch.tensor([r.types + [0] * (s - r.tokens) for r in rows], dtype=torch.long) if rows[0].types is not None else None
-    return ids, mask, types
+    """input_ids, attention_mask (and token_type_ids when the rows have them), right-padded."""
+    return pad_rows([r.ids for r in rows], [r.types for r in rows] if rows[0].types is not None else None)
 
 
 class Scheduler:

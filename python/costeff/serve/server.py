@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from costeff.serve.app import Metrics, ServerState, create_app, fast_encoder
+from costeff.serve.app import Metrics, ServerState, create_app
 from costeff.serve.config import ServeConfig
 from costeff.serve.schedulers import Row, make_scheduler
 
@@ -41,8 +41,7 @@ class ModelSpec:
 
     def __init__(self, config: ServeConfig):
         from costeff.inference.classifier_runner import ClassifierRunner, is_classifier_directory
-        from costeff.inference.onnx_runner import OnnxEarlyExit, is_onnx_directory
-        from costeff.inference.predict import load_model_config
+        from costeff.inference.model_dir import is_onnx_directory, read_engine_config
 
         path = Path(config.model)
         if not path.is_dir():
@@ -52,39 +51,46 @@ class ModelSpec:
                 raise ValueError(f"serve: {path} runs whole requests (an ONNX export or a plain classifier has no engine session): "
                                  "use --scheduler batch")
         if is_onnx_directory(path):
+            from costeff.inference.onnx_runner import OnnxEarlyExit
+
             self.runner = OnnxEarlyExit(path, threads=engine_threads(config))
             if config.precision not in (None, self.runner.precision):
                 raise ValueError(f"serve: {path} is an ONNX export in {self.runner.precision}; --precision {config.precision} needs another export")
-            cfg = self.runner.config
-            self.kind, self.isa, self.threshold = "onnxruntime", None, cfg.inference_threshold
+            self.kind, self.isa = "onnxruntime", None
+            self._from_hf_config(self.runner.config, self.runner.config.inference_threshold)
         elif is_classifier_directory(path):
             self.runner = ClassifierRunner(path, config.precision or "fp32", threads=engine_threads(config))
-            cfg = self.runner.config
-            self.kind, self.isa, self.threshold = "pytorch" if self.runner.precision == "fp32" else "onnxruntime", None, None
+            self.kind, self.isa = "pytorch" if self.runner.precision == "fp32" else "onnxruntime", None
+            self._from_hf_config(self.runner.config, None)
         else:
             from costeff.inference.engine import InferenceEngine
 
-            cfg = load_model_config(path)
+            cfg = read_engine_config(path)  # the engine's own reader: no transformers
             self.runner = InferenceEngine.from_pretrained(path, config.precision or "fp32")
             self.kind, self.isa, self.threshold = "engine", self.runner.isa, cfg.inference_threshold
+            self.num_layers, self.max_positions, self.labels = cfg.num_hidden_layers, cfg.max_positions, cfg.labels
+            self.has_token_types = cfg.type_vocab_size > 1
         self.precision = self.runner.precision
+
+    def _from_hf_config(self, cfg, threshold) -> None:
+        from costeff.inference.model_dir import label_names
+
+        self.threshold = threshold
         self.num_layers = int(cfg.num_hidden_layers)
         self.max_positions = int(cfg.max_position_embeddings - (getattr(cfg, "position_offset", None) or 0))
-        id2label = cfg.id2label or {}
-        self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(cfg.num_labels)]
+        self.labels = label_names(cfg.id2label, cfg.num_labels)
         self.has_token_types = getattr(cfg, "type_vocab_size", 1) > 1
 
 
 def build_state(config: ServeConfig, warm: bool = True) -> ServerState:
     """The runner and scheduler of ``config.model``, warmed up (ready) unless ``warm`` is False."""
-    from transformers import AutoTokenizer
+    from costeff.inference.model_dir import DirTokenizer
 
     torch.set_num_threads(engine_threads(config))
     path = Path(config.model)
     spec = ModelSpec(config)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    limit = tokenizer.model_max_length
-    max_length = min(limit if limit and limit < 10**6 else spec.max_positions, spec.max_positions)
+    tokenizer = DirTokenizer(path)
+    max_length = min(tokenizer.model_max_length or spec.max_positions, spec.max_positions)
     threshold = config.threshold if config.threshold is not None else float(spec.threshold or 0.0)
     scheduler = config.scheduler or ("layer" if spec.kind == "engine" else "batch")
     info = {"model": str(path), "runtime": spec.kind, "threads": torch.get_num_threads(), "labels": spec.labels, "num_layers": spec.num_layers, "threshold": threshold,
@@ -95,9 +101,7 @@ def build_state(config: ServeConfig, warm: bool = True) -> ServerState:
             "brownout": None if config.max_threshold is None else {"target_queue_ms": config.target_queue_ms, "max_threshold": config.max_threshold,
                                                                    "step": config.threshold_step}}
     metrics = Metrics(spec.num_layers)
-    encoders = (fast_encoder(tokenizer), fast_encoder(tokenizer, max_length))
-    state = ServerState(config, tokenizer, spec.labels, max_length, spec.num_layers, spec.has_token_types, info,
-                        encoders=encoders if encoders[0] is not None else None, metrics=metrics)
+    state = ServerState(config, tokenizer, spec.labels, max_length, spec.num_layers, spec.has_token_types, info, metrics=metrics)
     state.scheduler = make_scheduler(scheduler, spec.runner, max_batch_tokens=config.max_batch_tokens, max_queue_tokens=config.max_queue_tokens,
                                      base_threshold=threshold, target_queue_ms=config.target_queue_ms, max_threshold=config.max_threshold,
                                      threshold_step=config.threshold_step, max_wait_ms=config.max_wait_ms, max_queue_ms=config.max_queue_ms,
@@ -110,8 +114,8 @@ def build_state(config: ServeConfig, warm: bool = True) -> ServerState:
 
 def warm_up(state: ServerState) -> None:
     """One short row through the scheduler (first-call allocations, thread pools), then ready."""
-    ids = state.tokenizer("warm up", truncation=True, max_length=state.max_length)
-    row = Row(list(ids["input_ids"]), list(ids["token_type_ids"]) if state.has_token_types and "token_type_ids" in ids else None, 0.0)
+    ids, types = state.tokenizer.encode(["warm up"], max_length=state.max_length)
+    row = Row(ids[0], types[0] if state.has_token_types else None, 0.0)
     state.scheduler.submit([row])
     row.future.result(timeout=60)
     state.ready = True
