@@ -5,7 +5,7 @@ Systems, each a ``costeff serve`` process run alone on the machine, one after th
 ``student/batch/int8`` (the request-level dynamic batcher), and the teacher behind the same server
 code: ``teacher/batch/int8`` (ONNX Runtime int8, what a user would serve without costeff) and
 ``teacher/batch/fp32`` (PyTorch). For each: the time to ready, concurrency 1 (p50 of serial
-requests), the capacity (sentences/s with ``--concurrency`` closed-loop clients), then offered loads
+requests), the capacity (requests/s with ``--concurrency`` closed-loop clients), then offered loads
 from 10% to 200% of that capacity, each for ``--seconds`` (at most ``--max-requests``): achieved
 throughput, p50/p90/p99/p99.9 latency, status counts, average exit layer, accuracy of the served
 answers, server CPU seconds and peak RSS. One sentence per request (Rotten Tomatoes test sentences).
@@ -209,8 +209,9 @@ async def open_loop(base: str, texts, labels, rate: float, seconds: float, max_r
         if code == 200:
             lat.append(time.monotonic() - t0)
             a = json.loads(body)
-            layers.append(a["exit_layer"])
-            correct += int(a["label"] == labels[i % len(labels)])
+            for ans, gold in zip(a if isinstance(a, list) else [a], labels[i % len(labels)]):
+                layers.append(ans["exit_layer"])
+                correct += int(ans["label"] == gold)
 
     tasks, t_start = [], time.monotonic()
     at = t_start
@@ -228,7 +229,7 @@ async def open_loop(base: str, texts, labels, rate: float, seconds: float, max_r
     return {"offered_per_s": rate, "requests": n, "achieved_per_s": ok / elapsed, "p50_ms": 1000 * q[499], "p90_ms": 1000 * q[899],
             "p99_ms": 1000 * q[989], "p999_ms": 1000 * q[998], "mean_ms": 1000 * statistics.fmean(lat) if lat else float("nan"),
             "client_late_p50_ms": 1000 * statistics.median(late) if late else None, "client_late_max_ms": 1000 * max(late) if late else None,
-            "statuses": statuses, "avg_exit_layer": statistics.fmean(layers) if layers else None, "accuracy": correct / ok if ok else None}
+            "statuses": statuses, "avg_exit_layer": statistics.fmean(layers) if layers else None, "accuracy": correct / len(layers) if layers else None}
 
 
 def engine_batch1_ms(model: str, precision: str, texts: list[str], threads: int) -> float:
@@ -286,6 +287,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-requests", type=int, default=5000)
     ap.add_argument("--loads", default=",".join(map(str, LOADS)), help="fractions of the measured capacity")
     ap.add_argument("--sentences", type=int, default=1000)
+    ap.add_argument("--per-request", type=int, default=1, help="sentences per request (rates and throughputs count requests)")
     ap.add_argument("--search-steps", type=int, default=7, help="bisection runs for the sustainable throughput (p99 <= 20 ms)")
     ap.add_argument("--server-args", default="", help="extra `costeff serve` flags for every system (e.g. '--max-queue-ms 100')")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "serve.json"))
@@ -302,9 +304,12 @@ def main(argv=None) -> int:
     from costeff.serve.server import engine_threads
 
     threads = engine_threads(ServeConfig(model="", threads=args.threads))  # what each server runs with
-    texts, labels = test_sentences(args.sentences)
+    sentences, gold = test_sentences(args.sentences)
+    k = args.per_request  # a request: one sentence (a string, as TEI's clients send) or a list of k
+    texts = sentences if k == 1 else [sentences[i:i + k] for i in range(0, len(sentences) - k + 1, k)]
+    labels = [[g] for g in gold] if k == 1 else [gold[i:i + k] for i in range(0, len(gold) - k + 1, k)]
     models = {"student": os.path.join(args.run, "student", "model"), "teacher": os.path.join(args.run, "teacher", "model")}
-    engine_ms = {p: engine_batch1_ms(models["student"], p, texts[:300], threads)
+    engine_ms = {p: engine_batch1_ms(models["student"], p, sentences[:300], threads)
                  for p in dict.fromkeys(s.split("/")[2] for s in args.systems.split(",") if s.startswith("student/"))}
     print(f"[bench_serve] engine batch 1 (no server): " + ", ".join(f"{p} {ms:.3f} ms" for p, ms in engine_ms.items()), flush=True)
     rows, summary = [], {}
@@ -314,7 +319,7 @@ def main(argv=None) -> int:
         try:
             c1 = asyncio.run(serial(base, texts, args.serial))
             capacity = asyncio.run(closed_loop(base, texts, args.concurrency, args.seconds))
-            print(f"[bench_serve] {system}: ready in {ready_s:.1f} s, concurrency 1 p50 {c1['p50_ms']:.3f} ms, capacity {capacity:.0f} sentences/s",
+            print(f"[bench_serve] {system}: ready in {ready_s:.1f} s, concurrency 1 p50 {c1['p50_ms']:.3f} ms, capacity {capacity:.0f} requests/s",
                   flush=True)
             for frac in (float(x) for x in args.loads.split(",")):
                 cpu0, _ = proc_usage(proc.pid)
@@ -331,7 +336,7 @@ def main(argv=None) -> int:
         finally:
             proc.terminate()
             proc.wait(60)
-    meta = {"cpu": cpu_model(), "run": args.run, "threads": threads, "seconds_per_point": args.seconds, "date": time.strftime("%Y-%m-%d"),
+    meta = {"cpu": cpu_model(), "run": args.run, "threads": threads, "sentences_per_request": k, "seconds_per_point": args.seconds, "date": time.strftime("%Y-%m-%d"),
             "command": "python benchmarks/bench_serve.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print_table(summary, rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -369,7 +374,7 @@ def plot(rows, path: str) -> None:
         ax.plot(*zip(*pts), marker="o", label=f"{system} p99")
         pts = sorted((r["achieved_per_s"], r["p50_ms"]) for r in rows if r["system"] == system)
         ax.plot(*zip(*pts), marker=".", linestyle="--", label=f"{system} p50")
-    ax.set_xlabel("achieved throughput (sentences/s)")
+    ax.set_xlabel("achieved throughput (requests/s)")
     ax.set_ylabel("latency (ms)")
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
