@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 # `import costeff` stays light (no torch, no transformers: `costeff --help` answers at once). The
 # submodules load on first use of their name, and with them what they register: costeff.ops (which
 # loads costeff._C) registers torch.ops.costeff.* and their fakes/autograd, costeff.models the Auto
-# classes of model_type costeff_bert, costeff.inference the "costeff-text-classification" pipeline.
+# classes of model_type costeff_bert and the "costeff-text-classification" pipeline task.
 _SUBMODULES = ("ops", "models", "inference")
 _FROM_EXTENSION = ("built_with_cuda", "extension_loaded")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -307,8 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="pick the entropy threshold of a model directory on the dev split",
                        description="Pick the entropy threshold (nats) of a saved model directory on a task's dev split and "
                                    "write it into its config.json (inference_threshold) and calibration.json.")
-    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model), a `costeff export --format onnx` "
-                   "directory, or a plain fine-tuned *ForSequenceClassification directory (the baseline without early exit)")
+    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model)")
     _add_data_args(p)
     p.add_argument("--split", default="dev", choices=["dev", "test"])
     p.add_argument("--split-seed", "--seed", dest="split_seed", type=int, default=0, help="the split seed the model was trained with")
@@ -358,8 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify text with a saved model directory (JSON Lines out)",
                        description="Classify text with a saved costeff model directory; one JSON line per input line, in order.")
-    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model), a `costeff export --format onnx` "
-                   "directory, or a plain fine-tuned *ForSequenceClassification directory (the baseline without early exit)")
+    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model)")
     p.add_argument("--input", help="input file (one text per line, or CSV / JSON Lines with --text-column); default or '-': stdin")
     p.add_argument("--format", choices=["lines", "csv", "jsonl"], help="input format (default: by file extension, stdin: lines)")
     p.add_argument("--text-column", help="CSV column / JSON field holding the text")
@@ -382,8 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a saved model directory to ONNX: embeddings.onnx and one segment_<k>.onnx per exit "
                                    "(hidden, attention_mask -> logits, entropy, hidden), dynamic batch and sequence axes, with the "
                                    "config, tokenizer and a manifest; `costeff predict --model OUT` runs it on ONNX Runtime.")
-    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model), a `costeff export --format onnx` "
-                   "directory, or a plain fine-tuned *ForSequenceClassification directory (the baseline without early exit)")
+    p.add_argument("--model", required=True, help="model directory (e.g. runs/demo/student/model)")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
     p.add_argument("--output", required=True, help="output directory (written as OUTPUT.partial, renamed when verified)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
@@ -437,12 +435,8 @@ def cmd_serve(args) -> int:
         raise MissingDependencyError("costeff serve needs the serve extra: pip install 'costeff[serve]' (requirements/serve.txt)") from None
     from costeff.serve.server import serve
 
-    config = ServeConfig(model=args.model, host=args.host, port=args.port, scheduler=args.scheduler, precision=args.precision, threads=args.threads,
-                         threshold=args.threshold, max_batch_tokens=args.max_batch_tokens, max_queue_tokens=args.max_queue_tokens,
-                         max_wait_ms=args.max_wait_ms, max_queue_ms=args.max_queue_ms, max_inputs=args.max_inputs,
-                         max_concurrent_requests=args.max_concurrent_requests, inline_max_tokens=args.inline_max_tokens, payload_limit=args.payload_limit, api_key=args.api_key,
-                         graceful_timeout=args.graceful_timeout, target_queue_ms=args.target_queue_ms, max_threshold=args.max_threshold,
-                         threshold_step=args.threshold_step)
+    # the flags are named as ServeConfig's fields: one list of knobs, checked in ServeConfig
+    config = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
     return serve(config)
 
 

@@ -65,6 +65,15 @@ class EngineConfig:
     inference_threshold: Optional[float]
 
 
+def engine_config_from(cfg, inference_threshold: Optional[float]) -> EngineConfig:
+    """The same fields from a transformers config (a CostEffConfig, or a plain classifier's)."""
+    return EngineConfig(num_labels=int(cfg.num_labels), labels=label_names(cfg.id2label, int(cfg.num_labels)),
+                        num_hidden_layers=int(cfg.num_hidden_layers),
+                        max_positions=int(cfg.max_position_embeddings - (getattr(cfg, "position_offset", None) or 0)),
+                        type_vocab_size=int(getattr(cfg, "type_vocab_size", 1)),
+                        inference_threshold=None if inference_threshold is None else float(inference_threshold))
+
+
 def read_engine_config(path) -> EngineConfig:
     """A costeff model directory's config through the engine's reader (needs the compiled extension)."""
     import torch
@@ -120,6 +129,10 @@ class DirTokenizer:
             pad_id = self._hf.pad_token_id
         self.pad_token_id = int(pad_id) if pad_id is not None else 0
         self._cut: dict[int, object] = {}
+
+    def max_length(self, max_positions: int) -> int:
+        """Tokens a row may have: the tokenizer's model_max_length, within the model's positions."""
+        return min(self.model_max_length or max_positions, max_positions)
 
     def _truncating(self, max_length: int):
         if max_length not in self._cut:

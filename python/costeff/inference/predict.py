@@ -38,14 +38,12 @@ def load_model_config(path: Path):
 def _engine_config_of(path: Path):
     """What Predictor reads of a model directory: through the engine's reader when the extension is
     built (no transformers), else from CostEffConfig."""
-    from costeff.inference.model_dir import EngineConfig, label_names, read_engine_config
+    from costeff.inference.model_dir import engine_config_from, read_engine_config
 
     if extension_loaded():
         return read_engine_config(path)
     cfg = load_model_config(path)
-    return EngineConfig(num_labels=cfg.num_labels, labels=label_names(cfg.id2label, cfg.num_labels), num_hidden_layers=cfg.num_hidden_layers,
-                        max_positions=cfg.max_position_embeddings - (cfg.position_offset or 0), type_vocab_size=cfg.type_vocab_size,
-                        inference_threshold=cfg.inference_threshold)
+    return engine_config_from(cfg, cfg.inference_threshold)
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -74,8 +72,7 @@ class Predictor:
         self._tok_path = tok_path
         self._hf_tokenizer = None
         self.encoder = DirTokenizer(tok_path)
-        limit = self.encoder.model_max_length
-        self.max_length = min(limit or self.config.max_positions, self.config.max_positions)
+        self.max_length = self.encoder.max_length(self.config.max_positions)
         self.labels = self.config.labels
         self.notice = None
         if threshold is not None:

@@ -146,14 +146,7 @@ class Scheduler:
             for r in rows:
                 r.enqueued = time.monotonic()
             self._start_rows(rows)
-            ids, mask, types = pad(rows)
-            try:
-                out = self.engine(ids, mask, types, threshold=rows[0].threshold)  # one request: one threshold
-            except (ValueError, TypeError) as exc:
-                self._fail(rows, exc)
-            else:
-                for i, r in enumerate(rows):
-                    self._resolve(r, out.logits[i].tolist(), int(out.exit_layer[i]), float(out.entropy[i]), False)
+            self._run_whole(rows, rows[0].threshold)  # one request: one threshold
         finally:
             with self.cond:
                 self.inline = False
@@ -238,6 +231,17 @@ class Scheduler:
             self.on_result(row, result)
         if not row.future.done():
             row.future.set_result(result)
+
+    def _run_whole(self, rows: list[Row], threshold: float) -> None:
+        """One engine call for ``rows`` (all their layers) and their answers."""
+        ids, mask, types = pad(rows)
+        try:
+            out = self.engine(ids, mask, types, threshold=threshold)
+        except (ValueError, TypeError) as exc:  # the app checked the inputs; never leave a row hanging
+            self._fail(rows, exc)
+            return
+        for i, r in enumerate(rows):
+            self._resolve(r, out.logits[i].tolist(), int(out.exit_layer[i]), float(out.entropy[i]), False)
 
     def _fail(self, rows: list[Row], exc: BaseException) -> None:
         for r in rows:
@@ -355,14 +359,7 @@ class BatchScheduler(Scheduler):
         for r in self.batch:
             by_threshold[r.threshold].append(r)
         for t, rows in by_threshold.items():
-            ids, mask, types = pad(rows)
-            try:
-                out = self.engine(ids, mask, types, threshold=t)
-            except (ValueError, TypeError) as exc:
-                self._fail(rows, exc)
-                continue
-            for i, r in enumerate(rows):
-                self._resolve(r, out.logits[i].tolist(), int(out.exit_layer[i]), float(out.entropy[i]), False)
+            self._run_whole(rows, t)
         with self.cond:
             self.flight_tokens -= sum(r.tokens for r in self.batch)
         self.batch = []

@@ -41,7 +41,7 @@ class ModelSpec:
 
     def __init__(self, config: ServeConfig):
         from costeff.inference.classifier_runner import ClassifierRunner, is_classifier_directory
-        from costeff.inference.model_dir import is_onnx_directory, read_engine_config
+        from costeff.inference.model_dir import engine_config_from, is_onnx_directory, read_engine_config
 
         path = Path(config.model)
         if not path.is_dir():
@@ -57,29 +57,18 @@ class ModelSpec:
             if config.precision not in (None, self.runner.precision):
                 raise ValueError(f"serve: {path} is an ONNX export in {self.runner.precision}; --precision {config.precision} needs another export")
             self.kind, self.isa = "onnxruntime", None
-            self._from_hf_config(self.runner.config, self.runner.config.inference_threshold)
+            self.config = engine_config_from(self.runner.config, self.runner.config.inference_threshold)
         elif is_classifier_directory(path):
             self.runner = ClassifierRunner(path, config.precision or "fp32", threads=engine_threads(config))
             self.kind, self.isa = "pytorch" if self.runner.precision == "fp32" else "onnxruntime", None
-            self._from_hf_config(self.runner.config, None)
+            self.config = engine_config_from(self.runner.config, None)
         else:
             from costeff.inference.engine import InferenceEngine
 
-            cfg = read_engine_config(path)  # the engine's own reader: no transformers
+            self.config = read_engine_config(path)  # the engine's own reader: no transformers
             self.runner = InferenceEngine.from_pretrained(path, config.precision or "fp32")
-            self.kind, self.isa, self.threshold = "engine", self.runner.isa, cfg.inference_threshold
-            self.num_layers, self.max_positions, self.labels = cfg.num_hidden_layers, cfg.max_positions, cfg.labels
-            self.has_token_types = cfg.type_vocab_size > 1
+            self.kind, self.isa = "engine", self.runner.isa
         self.precision = self.runner.precision
-
-    def _from_hf_config(self, cfg, threshold) -> None:
-        from costeff.inference.model_dir import label_names
-
-        self.threshold = threshold
-        self.num_layers = int(cfg.num_hidden_layers)
-        self.max_positions = int(cfg.max_position_embeddings - (getattr(cfg, "position_offset", None) or 0))
-        self.labels = label_names(cfg.id2label, cfg.num_labels)
-        self.has_token_types = getattr(cfg, "type_vocab_size", 1) > 1
 
 
 def build_state(config: ServeConfig, warm: bool = True) -> ServerState:
@@ -90,18 +79,19 @@ def build_state(config: ServeConfig, warm: bool = True) -> ServerState:
     path = Path(config.model)
     spec = ModelSpec(config)
     tokenizer = DirTokenizer(path)
-    max_length = min(tokenizer.model_max_length or spec.max_positions, spec.max_positions)
-    threshold = config.threshold if config.threshold is not None else float(spec.threshold or 0.0)
+    cfg = spec.config
+    max_length = tokenizer.max_length(cfg.max_positions)
+    threshold = config.threshold if config.threshold is not None else float(cfg.inference_threshold or 0.0)
     scheduler = config.scheduler or ("layer" if spec.kind == "engine" else "batch")
-    info = {"model": str(path), "runtime": spec.kind, "threads": torch.get_num_threads(), "labels": spec.labels, "num_layers": spec.num_layers, "threshold": threshold,
+    info = {"model": str(path), "runtime": spec.kind, "threads": torch.get_num_threads(), "labels": cfg.labels, "num_layers": cfg.num_hidden_layers, "threshold": threshold,
             "precision": spec.precision, "isa": spec.isa, "scheduler": scheduler, "max_length": max_length,
             "limits": {"max_batch_tokens": config.max_batch_tokens, "max_queue_tokens": config.max_queue_tokens, "max_inputs": config.max_inputs,
                        "payload_limit": config.payload_limit, "max_wait_ms": config.max_wait_ms,
                        "max_queue_ms": config.max_queue_ms, "inline_max_tokens": config.inline_max_tokens, "max_concurrent_requests": config.max_concurrent_requests},
             "brownout": None if config.max_threshold is None else {"target_queue_ms": config.target_queue_ms, "max_threshold": config.max_threshold,
                                                                    "step": config.threshold_step}}
-    metrics = Metrics(spec.num_layers)
-    state = ServerState(config, tokenizer, spec.labels, max_length, spec.num_layers, spec.has_token_types, info, metrics=metrics)
+    metrics = Metrics(cfg.num_hidden_layers)
+    state = ServerState(config, tokenizer, cfg.labels, max_length, cfg.num_hidden_layers, cfg.type_vocab_size > 1, info, metrics=metrics)
     state.scheduler = make_scheduler(scheduler, spec.runner, max_batch_tokens=config.max_batch_tokens, max_queue_tokens=config.max_queue_tokens,
                                      base_threshold=threshold, target_queue_ms=config.target_queue_ms, max_threshold=config.max_threshold,
                                      threshold_step=config.threshold_step, max_wait_ms=config.max_wait_ms, max_queue_ms=config.max_queue_ms,
