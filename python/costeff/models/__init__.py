@@ -4,7 +4,7 @@ and models with transformers' Auto classes (model_type ``costeff_bert``)."""
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from costeff.models.configuration_costeff import MODEL_TYPE, CostEffConfig
-from costeff.models.convert import factorize_embedding, from_bert, from_pretrained_encoder, prune_vocabulary, slenderize
+from costeff.models.convert import factorize_embedding, family_of, from_bert, from_pretrained_encoder, prune_vocabulary, slenderize
 from costeff.models.flops import (
     count_parameters,
     exit_macs,
@@ -43,6 +43,7 @@ __all__ = [
     "exit_macs",
     "exit_segments",
     "factorize_embedding",
+    "family_of",
     "flops_per_sample",
     "from_bert",
     "from_pretrained_encoder",

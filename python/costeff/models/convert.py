@@ -60,6 +60,12 @@ class _Parts:
     projection: Optional[nn.Linear] = None  # ELECTRA: embedding_size -> hidden after the embedding LayerNorm
 
 
+def family_of(model) -> str:
+    """The costeff family of a transformers model ("bert", "roberta", "distilbert", "electra"), or a
+    ValueError that says why it cannot be converted."""
+    return _check_family(model)
+
+
 def _check_family(model):
     mt = getattr(getattr(model, "config", None), "model_type", None)
     if mt in _UNSUPPORTED:

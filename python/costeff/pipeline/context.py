@@ -111,12 +111,21 @@ def prepare_data(
     bucket_by_length: bool = False,
     split_seed: Optional[int] = None,
     device: torch.device = torch.device("cpu"),
+    teacher: Optional[str] = None,
     **task_kwargs,
 ) -> RunData:
     """Tokenized splits and seeded loaders. ``split_seed`` fixes the train/dev/test split (None: ``seed``),
-    ``seed`` the batch order, so training seeds can vary on one test set. Batches arrive on ``device``."""
+    ``seed`` the batch order, so training seeds can vary on one test set. Batches arrive on ``device``.
+    ``teacher``: a fine-tuned classifier directory whose head the labels are renumbered to (and whose
+    label names the run keeps); a task whose labels its head does not have is refused."""
     split_seed = seed if split_seed is None else split_seed
     dd, num_labels, metric, names = load_task(task, data_dir=data_dir, seed=split_seed, **task_kwargs)
+    if teacher is not None:
+        from costeff.pipeline.teacher import classifier_label_order
+
+        ids, names = classifier_label_order(AutoConfig.from_pretrained(teacher), names, teacher)
+        if ids != list(range(num_labels)):
+            dd = dd.map(lambda r: {"label": ids[r["label"]]}, desc="labels in the teacher's order")
     if max_train_examples:
         dd["train"] = dd["train"].select(range(min(max_train_examples, len(dd["train"]))))
     if max_eval_examples:

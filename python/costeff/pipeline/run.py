@@ -37,7 +37,7 @@ from costeff.pipeline.evaluate import (
 )
 from costeff.pipeline.multi_exit import distill
 from costeff.pipeline.prune import ALLOCATIONS, SCHEDULES, PruneTarget, iterative_prune
-from costeff.pipeline.teacher import finetune_teacher
+from costeff.pipeline.teacher import finetune_teacher, import_teacher
 from costeff.pipeline.trainer import TrainConfig, is_main_process
 
 log = logging.getLogger("costeff")
@@ -55,6 +55,7 @@ class PipelineConfig:
     bucket_by_length: bool = False
     split_seed: int = 0  # the train/dev/test split of tasks without fixed splits; `seed` varies training only
     # teacher
+    teacher: Optional[str] = None  # an already fine-tuned *ForSequenceClassification directory: stage 1 imports it
     teacher_epochs: int = 3
     teacher_lr: float = 5e-5
     # TA (multi-exit, full width)
@@ -180,6 +181,10 @@ def _train_cfg(c: PipelineConfig, epochs: int, lr: float, exit_lr_multiplier: fl
 
 
 def stage_teacher(c: PipelineConfig, data, backbone: str, out: str, resume: bool = False) -> dict:
+    if c.teacher is not None:
+        _, summary = import_teacher(c.teacher, data, os.path.join(out, "teacher"), data.metric, device=data.device)
+        log.info("teacher: imported %s (dev %s %.2f)", c.teacher, data.metric, 100 * summary["best"][data.metric])
+        return summary
     _, summary = finetune_teacher(backbone, data.num_labels, data.metric, data, _train_cfg(c, c.teacher_epochs, c.teacher_lr),
                                   os.path.join(out, "teacher"), resume, device=data.device)
     return summary
