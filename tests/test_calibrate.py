@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from costeff.inference.calibrate import apply_threshold, calibrate_directory, choose_threshold
+from costeff.inference.calibrate import apply_threshold, calibrate_directory, choose_for_target, choose_threshold
 
 from test_predict import model_dir  # noqa: F401  (fixture)
 
@@ -125,6 +125,49 @@ def test_gflops_budget_takes_the_most_accurate_threshold_within_it(case):
         choose_threshold(ents, preds, labels, "accuracy", exit_start=1, max_gflops=0.9 * cheapest, gflops=gflops)
     with pytest.raises(ValueError, match="exactly one of"):
         choose_threshold(ents, preds, labels, "accuracy", exit_start=1, max_drop=0.5, max_gflops=1.0, gflops=gflops)
+
+
+def _grid_curve(ents, preds, labels, gflops):
+    """(threshold, accuracy points, mean GFLOPs) on a fine grid, from the plain-Python exit rule."""
+    curve = []
+    for t in torch.linspace(0, math.log(3) + 0.01, 600, dtype=torch.float64).tolist():
+        acc, _ = brute_force(ents, preds, labels, t)
+        k = [next((i for i, v in enumerate(e[:-1]) if v < t), len(e) - 1) for e in ents.tolist()]
+        curve.append((t, acc, float(gflops[torch.arange(len(labels)), torch.tensor(k)].mean())))
+    return curve
+
+
+@pytest.mark.parametrize("teacher_acc, drop, speedup", [(90.0, 1.5, 1.6), (90.0, 3.0, None), (95.0, 1.0, 1.6), (80.0, 0.0, 100.0)])
+def test_target_against_the_teacher_matches_a_brute_force_search(case, teacher_acc, drop, speedup):
+    ents, preds, labels = case
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(5, 40, (len(labels),), generator=g).double()
+    gflops = lengths[:, None] * torch.arange(1, ents.shape[1] + 1, dtype=torch.float64)
+    teacher_gflops = 1.2 * float(gflops[:, -1].mean())  # the teacher costs a little more than the student at full depth
+    res = choose_for_target(ents, preds, labels, "accuracy", 1, gflops, teacher_acc, teacher_gflops, drop, speedup)
+    acc, _ = brute_force(ents, preds, labels, res["threshold"])
+    assert res["dev_metric"] == pytest.approx(acc) and res["target"]["drop"] == pytest.approx(teacher_acc - acc)
+    assert res["target"]["speedup"] == pytest.approx(teacher_gflops / res["avg_gflops"])
+    curve = _grid_curve(ents, preds, labels, gflops)
+    ok_acc = [(a, c) for _, a, c in curve if a >= teacher_acc - drop - 1e-9]
+    ok_speed = [(a, c) for _, a, c in curve if speedup is None or teacher_gflops / c >= speedup]
+    both = [(a, c) for a, c in ok_acc if (a, c) in ok_speed]
+    assert res["target"]["met"] == bool(both)
+    if both and speedup is not None:  # the most accurate point meeting both; nothing on the grid beats it
+        assert res["target"]["meets_speedup"] and acc >= max(a for a, _ in both) - 1e-9
+    elif both:  # no speed-up asked: the cheapest within the drop
+        assert res["avg_gflops"] <= min(c for _, c in both) + 1e-9
+    else:
+        closest = res["closest"]
+        if ok_acc:  # the chosen point keeps the accuracy: the cheapest that does
+            assert closest["meets_max_drop"]["threshold"] == res["threshold"]
+            assert res["avg_gflops"] <= min(c for _, c in ok_acc) + 1e-9
+        else:  # nothing keeps it: the most accurate point
+            assert closest["meets_max_drop"] is None and acc >= max(a for _, a, _ in curve) - 1e-9
+        if ok_speed:
+            assert closest["meets_speedup"]["metric"] >= max(a for a, _ in ok_speed) - 1e-9
+        else:
+            assert closest["meets_speedup"] is None
 
 
 def test_gflops_budget_on_a_model_directory_matches_the_models_own_flops_count(model_dir, tmp_path):  # noqa: F811

@@ -87,7 +87,14 @@ def test_stages_one_by_one_then_whole_pipeline_resume(tiny_backbone, tmp_path):
     assert {m for m, _ in engine} == {f"COST-EFF engine {p}{c}" for p in ("fp32", "bf16", "int8") for c in ("", " (calibrated)")}
     # distill calibrated the student on dev; evaluate marks the row of that threshold
     cal = json.load(open(os.path.join(out, "student", "model", "calibration.json")))
-    assert cal["dev_metric"] >= cal["full_depth_dev_metric"] - 0.5 and cal["criterion"] == {"max_drop": 0.5}
+    # the default target: at most 1.5 points below the teacher on dev
+    assert cal["criterion"] == {"max_drop": 1.5, "speedup": None, "against": "teacher"}
+    assert cal["target"]["drop"] == pytest.approx(cal["teacher_dev_metric"] - cal["dev_metric"])
+    assert cal["target"]["met"] == (cal["target"]["drop"] <= 1.5 + 1e-9)
+    summary = json.load(open(os.path.join(out, "eval", "summary.json")))
+    on_test = summary["target"]["test"]
+    assert on_test["threshold"] == cal["threshold"] and on_test["drop"] == pytest.approx(100 * teacher["accuracy"] - on_test["metric"])
+    assert "target on test:" in res.stdout
     assert ("COST-EFF engine int8 (calibrated)", cal["threshold"]) in engine
     card = open(os.path.join(out, "student", "model", "README.md")).read()
     assert "Labels: rotten, fresh" in card and "COST-EFF engine int8 (calibrated)" in card and "Parameters:" in card
@@ -224,7 +231,7 @@ def test_clear_errors(tiny_backbone, tmp_path):
                                           ("max_length", 2.5), ("student_pred_lr", 0.0), ("ta_lr", float("nan")), ("temperature", -1.0),
                                           ("exit_hint_weight", -0.1), ("prune_repr_share", 1.5), ("embedding_rank", 0),
                                           ("exit_pooling", "max"), ("prune_schedule", "one-shot"), ("thresholds", (0.1, float("nan"))),
-                                          ("calibrate_max_drop", -1.0)])
+                                          ("max_drop", -1.0), ("speedup", 0.5)])
 def test_config_refuses_values_that_would_train_nothing_or_diverge(field, value):
     from costeff.pipeline.run import PRESETS, preset
 

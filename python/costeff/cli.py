@@ -113,12 +113,17 @@ LEARNING_RATES = ("teacher_lr", "ta_lr", "prune_lr", "student_repr_lr", "student
 _PASS_THROUGH = ("max_length", "batch_size", "eval_batch_size", "max_train_examples", "max_eval_examples", "seed", "heads", "ffn",
                  "exit_start", "max_steps_per_epoch", "save_every", "temperature", "latency_examples", "ta_init", "teacher_epochs",
                  "ta_pred_epochs", "ta_repr_epochs", "student_repr_epochs", "student_pred_epochs", "prune_steps_per_event",
-                 "prune_allocation", "split_seed", "exit_warmup_epochs", "exit_hint_weight", "device", "precision", *LEARNING_RATES)
+                 "prune_allocation", "split_seed", "max_drop", "speedup", "exit_warmup_epochs", "exit_hint_weight", "device", "precision", *LEARNING_RATES)
 
 
 def _pipeline_config(args):
     from costeff.pipeline.run import preset
 
+    return preset(args.preset, **_overrides(args))
+
+
+def _overrides(args) -> dict:
+    """The PipelineConfig fields set on the command line (a target derives only the others)."""
     over = {k: getattr(args, k) for k in _PASS_THROUGH if getattr(args, k, None) is not None}
     if teacher_of(args):
         over["teacher"] = os.path.abspath(teacher_of(args))
@@ -142,7 +147,24 @@ def _pipeline_config(args):
         over["bucket_by_length"] = True
     if getattr(args, "no_progress", False):
         over["progress"] = False
-    return preset(args.preset, **over)
+    return over
+
+
+def _with_target(args, c, data):
+    """(config, recipe): with --speedup, the recipe derived from the teacher's shape, the training split
+    and the target (costeff.pipeline.recipe); the config as given otherwise."""
+    if c.speedup is None:
+        return c, None
+    from costeff.models import converted_config
+    from costeff.pipeline.recipe import Target, derive_recipe
+    from costeff.pipeline.run import log
+
+    base = converted_config(c.teacher or backbone_of(args), num_labels=data.num_labels)
+    lengths = [len(ids) for ids in data.encoded["train"]["input_ids"]]
+    c, recipe = derive_recipe(c, Target(c.speedup, c.max_drop), base, lengths, explicit=tuple(_overrides(args)))
+    for name, r in recipe.items():
+        log.info("recipe: %s = %s (%s)", name, f"{r['value']:.2f}" if isinstance(r["value"], float) else r["value"], r["why"])
+    return c, recipe
 
 
 def _best_per_phase(summary: dict) -> dict:
@@ -181,6 +203,7 @@ def cmd_stage(args) -> int:
 
     c = _pipeline_config(args)
     data = _data_for(args, c)
+    c, _ = _with_target(args, c, data)
     backbone = backbone_of(args)
     stage = args.command
     t0 = time.time()
@@ -217,6 +240,8 @@ def _report(result: dict) -> None:
           f"student {p['student']['total']:,} (encoder {p['student']['encoder']:,}); "
           f"encoder 1/{p['encoder_ratio']:.1f}, total 1/{p['total_ratio']:.1f}")
     print(f"table: {result['paths']['csv']}\nplot:  {result['paths']['plot']}")
+    for split, t in result.get("target", {}).items():
+        print(f"target on {split}: {t['line']}")
 
 
 def cmd_pipeline(args) -> int:
@@ -227,7 +252,8 @@ def cmd_pipeline(args) -> int:
     c = _pipeline_config(args)
     t0 = time.time()
     data = _data_for(args, c)
-    result = run_pipeline(c, data, backbone_of(args), args.output, args.resume)
+    c, recipe = _with_target(args, c, data)
+    result = run_pipeline(c, data, backbone_of(args), args.output, args.resume, recipe=recipe)
     _report(result["evaluate"])
     timings = ", ".join(f"{k} {v:.0f}s" for k, v in result["timings_s"].items())
     print(f"total {time.time() - t0:.0f}s ({timings})")
@@ -242,6 +268,11 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
                    "with --teacher: the teacher itself)")
     g.add_argument("--teacher", help="an already fine-tuned *ForSequenceClassification directory (BERT, RoBERTa / XLM-R, DistilBERT, "
                    "ELECTRA) for the task: stage 1 imports it instead of fine-tuning the backbone; its tokenizer and label names carry over")
+    g.add_argument("--speedup", type=float, help="target: X times fewer analytic FLOPs than the teacher per dev example, early exit "
+                   "included; the recipe (widths, allocation, embedding rank, pruning steps, distillation epochs, teacher-output "
+                   "cache) is derived from it and the teacher's shape unless set explicitly (docs/pipeline.md)")
+    g.add_argument("--max-drop", type=float, help="target: at most D metric points below the teacher on dev (default 1.5); the "
+                   "early-exit threshold is calibrated on dev for it (and --speedup), and the result says whether it held on test")
     g.add_argument("--heads", type=int, help="attention heads kept per layer")
     g.add_argument("--ffn", type=int, help="FFN neurons kept per layer")
     g.add_argument("--embedding-rank", type=int, help="word-embedding rank after factorization (0: no factorization)")

@@ -12,6 +12,9 @@ which some decision changes (fine-grained, not a grid). Three criteria:
                    example's real length and exit layer) is within G: a budget that, unlike latency, is
                    the same on every machine.
 
+The pipeline calibrates against a target instead (:func:`choose_for_target`): at most ``max_drop``
+points below the *teacher* on dev and, optionally, ``speedup`` x fewer GFLOPs than the teacher.
+
 The choice is written into the directory's config.json (``inference_threshold``, nats) and, with the
 dev numbers, into calibration.json; thresholds stay in nats, ``normalized_threshold`` = threshold / ln C.
 """
@@ -147,6 +150,82 @@ def choose_threshold(ents, preds, labels, metric: str, exit_start: int, max_drop
             "measured": measured, "examples": len(labels), "criterion": criterion}
 
 
+def threshold_points(ents, preds, labels, metric: str, exit_start: int, gflops: torch.Tensor, thresholds=None) -> list[dict]:
+    """The dev (or test) curve: for each threshold (default: every candidate), the metric in points,
+    the average exit layer and the average GFLOPs per example."""
+    points = []
+    for t in candidate_thresholds(ents) if thresholds is None else thresholds:
+        p, idx = apply_threshold(ents, preds, t)
+        points.append({"threshold": float(t), "metric": 100 * M.compute(metric, p, labels)[metric],
+                       "avg_exit_layer": float(idx.double().mean()) + exit_start,
+                       "avg_gflops": float(gflops.gather(1, idx[:, None]).mean())})
+    return points
+
+
+def target_verdict(point: dict, teacher_metric: float, teacher_gflops: float, max_drop: float, speedup: Optional[float]) -> dict:
+    """One point of a curve against the target: its drop below the teacher (points), its speed-up in
+    analytic FLOPs, and which halves of the target it meets."""
+    drop = teacher_metric - point["metric"]
+    x = teacher_gflops / point["avg_gflops"]
+    meets_drop = drop <= max_drop + 1e-9
+    meets_speedup = speedup is None or x >= speedup * (1 - 1e-9)
+    return {**point, "drop": drop, "speedup": x, "meets_max_drop": meets_drop, "meets_speedup": meets_speedup,
+            "met": meets_drop and meets_speedup}
+
+
+def closest_points(points: list[dict]) -> dict:
+    """When no point meets the whole target: the cheapest that keeps the accuracy, the most accurate
+    that reaches the speed-up (None where no point does)."""
+    acc = [p for p in points if p["meets_max_drop"]]
+    fast = [p for p in points if p["meets_speedup"]]
+    return {"meets_max_drop": min(acc, key=lambda p: (p["avg_gflops"], -p["metric"])) if acc else None,
+            "meets_speedup": max(fast, key=lambda p: (p["metric"], -p["avg_gflops"])) if fast else None}
+
+
+def choose_for_target(ents, preds, labels, metric: str, exit_start: int, gflops: torch.Tensor, teacher_metric: float,
+                      teacher_gflops: float, max_drop: float, speedup: Optional[float] = None) -> dict:
+    """The pipeline's calibration. Among the thresholds within ``max_drop`` points of the teacher's dev
+    metric that reach ``speedup`` (teacher GFLOPs / the student's, when given): the most accurate when
+    a speed-up is asked (ties: the cheaper), else the cheapest (ties: the more accurate). When none
+    meets both, the closest point on each side is reported and the one that keeps the accuracy is
+    chosen (none does: the most accurate): a slower answer breaks no promise a wrong one would."""
+    if not (max_drop >= 0):
+        raise ValueError(f"calibrate: max_drop must be >= 0 points, got {max_drop}")
+    if speedup is not None and not (speedup >= 1):
+        raise ValueError(f"calibrate: speedup must be >= 1, got {speedup}")
+    if len(labels) == 0:
+        raise ValueError("calibrate: the dev split is empty")
+    points = [target_verdict(p, teacher_metric, teacher_gflops, max_drop, speedup)
+              for p in threshold_points(ents, preds, labels, metric, exit_start, gflops)]
+    met = [p for p in points if p["met"]]
+    closest = None
+    if met:
+        key = (lambda p: (p["metric"], -p["avg_gflops"])) if speedup is not None else (lambda p: (-p["avg_gflops"], p["metric"]))
+        chosen = max(met, key=key)
+    else:
+        closest = closest_points(points)
+        chosen = closest["meets_max_drop"] or max(points, key=lambda p: (p["metric"], -p["avg_gflops"]))
+    full = points[0]  # threshold 0: every example at the last exit
+    return {"threshold": chosen["threshold"], "metric": metric, "dev_metric": chosen["metric"], "full_depth_dev_metric": full["metric"],
+            "avg_exit_layer": chosen["avg_exit_layer"], "latency_ms": None, "avg_gflops": chosen["avg_gflops"],
+            "full_depth_gflops": full["avg_gflops"], "measured": [], "examples": len(labels),
+            "criterion": {"max_drop": max_drop, "speedup": speedup, "against": "teacher"},
+            "teacher_dev_metric": teacher_metric, "teacher_gflops": teacher_gflops,
+            "target": {k: chosen[k] for k in ("drop", "speedup", "meets_max_drop", "meets_speedup", "met")}, "closest": closest}
+
+
+def target_report(model, loader, metric: str, teacher: dict, threshold: float, max_drop: float, speedup: Optional[float] = None) -> dict:
+    """A calibrated threshold on another split (test): its verdict against the target, measured against
+    the teacher on that split (``teacher``: {"metric": points, "config": its converted config}), and,
+    when it misses, the closest point on each side of that split's curve."""
+    ents, preds, labels, lengths = exit_table(model, loader)
+    teacher_gflops = float(exit_gflops_table(teacher["config"], lengths)[:, -1].mean())
+    curve = threshold_points(ents, preds, labels, metric, model.config.exit_start, exit_gflops_table(model.config, lengths),
+                             [threshold] + candidate_thresholds(ents))
+    at, *rest = [target_verdict(p, teacher["metric"], teacher_gflops, max_drop, speedup) for p in curve]
+    return {**at, "teacher_metric": teacher["metric"], "teacher_gflops": teacher_gflops, "closest": None if at["met"] else closest_points(rest)}
+
+
 def normalized_threshold(threshold: float, num_labels: int) -> Optional[float]:
     """threshold / ln C: 1 is the entropy of a uniform guess over C classes (None for one class)."""
     return threshold / math.log(num_labels) if num_labels > 1 else None
@@ -201,14 +280,23 @@ def calibrate_directory(model_dir, task: str, data_dir: Optional[str] = None, se
 
 def calibrate_on_batches(model_dir, loader, metric: str, max_drop: Optional[float] = None, latency_ms: Optional[float] = None,
                          timed_batches=None, predictor=None, timer=None, write: bool = False, max_gflops: Optional[float] = None,
-                         device="cpu") -> dict:
+                         device="cpu", teacher: Optional[dict] = None, speedup: Optional[float] = None) -> dict:
     """The calibration on already-tokenized batches (the pipeline's dev loader, batches on ``device``,
     where the full-depth pass runs); `timed_batches` and `predictor` (a
-    costeff.inference.predict.Predictor of the directory) serve the latency criterion."""
+    costeff.inference.predict.Predictor of the directory) serve the latency criterion. ``teacher``
+    ({"metric": dev points, "config": its converted config}): calibrate against it for ``max_drop``
+    and ``speedup`` (:func:`choose_for_target`)."""
     from costeff.models import CostEffForSequenceClassification
 
     model = CostEffForSequenceClassification.from_pretrained(model_dir).to(device).eval()
     ents, preds, labels, lengths = exit_table(model, loader)
+    if teacher is not None:
+        teacher_gflops = float(exit_gflops_table(teacher["config"], lengths)[:, -1].mean())
+        result = choose_for_target(ents, preds, labels, metric, model.config.exit_start, exit_gflops_table(model.config, lengths),
+                                   teacher["metric"], teacher_gflops, max_drop, speedup)
+        if write:
+            write_calibration(model_dir, result, model.config.num_labels)
+        return result
     measure = None
     if latency_ms is not None:
         if predictor is None or not timed_batches:

@@ -4,7 +4,7 @@ and models with transformers' Auto classes (model_type ``costeff_bert``)."""
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from costeff.models.configuration_costeff import MODEL_TYPE, CostEffConfig
-from costeff.models.convert import factorize_embedding, family_of, from_bert, from_pretrained_encoder, prune_vocabulary, slenderize
+from costeff.models.convert import converted_config, factorize_embedding, family_of, from_bert, from_pretrained_encoder, prune_vocabulary, slenderize
 from costeff.models.flops import (
     count_parameters,
     exit_macs,
@@ -39,6 +39,7 @@ __all__ = [
     "EmbeddingSegment",
     "ExitSegment",
     "check_checkpoint",
+    "converted_config",
     "count_parameters",
     "exit_macs",
     "exit_segments",

@@ -236,6 +236,23 @@ def from_pretrained_encoder(
     return _convert(model, _check_family(model), num_labels, exit_start, exit_pooler_dense, missing_pooler, config_overrides)
 
 
+def converted_config(path: str, num_labels: Optional[int] = None, exit_start: int = 1, **config_overrides) -> CostEffConfig:
+    """The config :func:`from_pretrained_encoder` would give the model directory ``path``, read from its
+    config alone (the model is built on the meta device: no weights are loaded)."""
+    import transformers
+
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"converted_config: {path} is not a local model directory (config.json + weights)")
+    hc = transformers.AutoConfig.from_pretrained(path)
+    archs = getattr(hc, "architectures", None) or []
+    auto = transformers.AutoModelForSequenceClassification if any(a.endswith("ForSequenceClassification") for a in archs) else transformers.AutoModel
+    with torch.device("meta"):
+        model = auto.from_config(hc)
+    parts = _PARTS[_check_family(model)](model)
+    labels = num_labels if num_labels is not None else hc.num_labels
+    return CostEffConfig(**{**parts.config, "embedding_rank": None, "exit_start": exit_start, "num_labels": labels, **config_overrides})
+
+
 def from_bert(
     bert,
     num_labels: Optional[int] = None,

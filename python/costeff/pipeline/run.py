@@ -20,10 +20,18 @@ from costeff._extension import extension_loaded
 from costeff.device import check_device_spec, check_precision
 from costeff.ops._checks import check_threshold
 from costeff.inference import InferenceEngine
-from costeff.inference.calibrate import calibrate_on_batches
-from costeff.models import CostEffForSequenceClassification, count_parameters, from_pretrained_encoder, parameter_count, prune_vocabulary
+from costeff.inference.calibrate import calibrate_on_batches, target_report
+from costeff.models import (
+    CostEffForSequenceClassification,
+    converted_config,
+    count_parameters,
+    from_pretrained_encoder,
+    parameter_count,
+    prune_vocabulary,
+)
 from costeff.models.configuration_costeff import EXIT_POOLINGS
 from costeff.pipeline.checkpoint import atomic_write_json, replace_dir, temp_dir
+from costeff.pipeline.evaluate_utils import model_inputs, predict_logits, score_logits
 from costeff.pipeline.evaluate import (
     DEFAULT_THRESHOLD_FRACTIONS,
     add_latency,
@@ -95,7 +103,10 @@ class PipelineConfig:
     latency_examples: int = 256
     latency_rounds: int = 5  # interleaved timing rounds (median)
     engine_precisions: tuple = ("fp32", "bf16", "int8")  # C++ engine rows of the student in the sweep
-    calibrate_max_drop: Optional[float] = 0.5  # after distill: the student's default threshold (None: skip)
+    # the target: at most max_drop metric points below the teacher on dev (None: no calibration) and, when
+    # given, speedup x fewer analytic FLOPs than the teacher (costeff.pipeline.recipe derives the rest)
+    max_drop: Optional[float] = 1.5
+    speedup: Optional[float] = None
     # training loop
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -137,8 +148,12 @@ class PipelineConfig:
             check_threshold("PipelineConfig", t, "thresholds")
         check_device_spec("PipelineConfig", self.device)
         check_precision("PipelineConfig", self.precision)
-        if self.calibrate_max_drop is not None and not self.calibrate_max_drop >= 0:
-            raise ValueError(f"PipelineConfig: calibrate_max_drop must be None or >= 0, got {self.calibrate_max_drop!r}")
+        if self.max_drop is not None and not 0 <= self.max_drop < math.inf:
+            raise ValueError(f"PipelineConfig: max_drop must be None or a number of points >= 0, got {self.max_drop!r}")
+        if self.speedup is not None and not 1 <= self.speedup < math.inf:
+            raise ValueError(f"PipelineConfig: speedup must be None or a number >= 1, got {self.speedup!r}")
+        if self.speedup is not None and self.max_drop is None:
+            raise ValueError("PipelineConfig: speedup needs max_drop (the threshold meeting both is calibrated against the teacher)")
 
 
 PRESETS = {
@@ -256,14 +271,38 @@ def stage_distill(c: PipelineConfig, data, out: str, resume: bool = False) -> di
                          temperature=c.temperature, resume=resume, stage="student", cache_teacher_outputs=c.cache_teacher_outputs)
     if is_main_process() and c.prune_vocabulary:
         summary["vocabulary"] = prune_student_vocabulary(os.path.join(out, "student", "model"), data, c.max_length)
-    if is_main_process() and c.calibrate_max_drop is not None:
-        # the threshold a user gets by default: largest within calibrate_max_drop points of full depth on dev
-        cal = calibrate_on_batches(os.path.join(out, "student", "model"), data.dev, data.metric, max_drop=c.calibrate_max_drop, write=True,
-                                   device=data.device)
-        log.info("calibrated threshold %.4f nats: dev %s %.2f (full depth %.2f), average exit layer %.2f", cal["threshold"],
-                 data.metric, cal["dev_metric"], cal["full_depth_dev_metric"], cal["avg_exit_layer"])
+    if is_main_process() and c.max_drop is not None:
+        # the threshold a user gets by default: the target against the teacher on dev
+        cal = calibrate_on_batches(os.path.join(out, "student", "model"), data.dev, data.metric, max_drop=c.max_drop, write=True,
+                                   device=data.device, teacher=teacher_reference(out, data), speedup=c.speedup)
+        log.info("calibrated threshold %.4f nats: dev %s %.2f (teacher %.2f, full depth %.2f), %.2fx fewer FLOPs, average exit layer "
+                 "%.2f: %s", cal["threshold"], data.metric, cal["dev_metric"], cal["teacher_dev_metric"], cal["full_depth_dev_metric"],
+                 cal["target"]["speedup"], cal["avg_exit_layer"], describe_target(c, cal["target"], cal["closest"]))
         summary["calibration"] = cal
     return summary
+
+
+def teacher_reference(out: str, data, split: str = "dev") -> dict:
+    """What the target is measured against: the teacher's metric on ``split`` (points) and its
+    converted config (its analytic FLOPs)."""
+    path = os.path.join(out, "teacher", "model")
+    teacher = load_teacher(out, device=data.device)
+    logits, labels = predict_logits(lambda b: teacher(**model_inputs(b)).logits, data.split(split))
+    layers = converted_config(path).num_hidden_layers
+    return {"metric": 100 * score_logits(logits, labels, data.metric)[data.metric],
+            "config": converted_config(path, exit_start=layers)}
+
+
+def describe_target(c: PipelineConfig, verdict: dict, closest: Optional[dict]) -> str:
+    """One line: the target, and whether this point meets it (else the closest point on each side)."""
+    want = f"at most {c.max_drop:g} points below the teacher" + (f" at >= {c.speedup:g}x fewer FLOPs" if c.speedup else "")
+    if verdict["met"]:
+        return f"target met ({want}: {verdict['drop']:+.2f} points, {verdict['speedup']:.2f}x)"
+    line = f"target NOT met ({want}: {verdict['drop']:+.2f} points below, {verdict['speedup']:.2f}x)"
+    for side, p in (closest or {}).items():
+        if p is not None:
+            line += f"; closest {side.replace('meets_', 'within ')}: T={p['threshold']:.4f}, {p['drop']:+.2f} points, {p['speedup']:.2f}x"
+    return line
 
 
 def prune_student_vocabulary(path: str, data, max_length: int) -> dict:
@@ -343,6 +382,18 @@ def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> di
     sizes["encoder_ratio"] = sizes["teacher"]["encoder"] / sizes["student"]["encoder"]
     sizes["total_ratio"] = sizes["teacher"]["total"] / sizes["student"]["total"]
     result = {"rows": rows, "paths": paths, "params": sizes, "metric": data.metric, "split": split}
+    cal_path = os.path.join(out, "student", "model", "calibration.json")
+    if calibrated is not None and os.path.exists(cal_path):
+        with open(cal_path) as f:
+            cal = json.load(f)
+        if cal.get("criterion", {}).get("against") == "teacher":  # the pipeline's target: how it holds on this split
+            target = replace(c, max_drop=cal["criterion"]["max_drop"], speedup=cal["criterion"]["speedup"])
+            report = target_report(student.to(device), data.split(split), data.metric, teacher_reference(out, data, split), calibrated,
+                                   target.max_drop, target.speedup)
+            result["target"] = {"dev": {**cal["target"], "closest": cal["closest"], "line": describe_target(target, cal["target"], cal["closest"])},
+                                split: {**report, "line": describe_target(target, report, report["closest"])}}
+            log.info("target on dev: %s", result["target"]["dev"]["line"])
+            log.info("target on %s: %s", split, result["target"][split]["line"])
     if is_main_process():
         atomic_write_json(os.path.join(out, "eval", "summary.json"), result)
         write_model_card(os.path.join(out, "student", "model"), student.config, rows, sizes, data.metric, split)
@@ -388,10 +439,12 @@ def mark_done(out: str, stage: str, seconds: float) -> None:
             f.write(f"{seconds:.1f}\n")
 
 
-def run_pipeline(c: PipelineConfig, data, backbone: str, out: str, resume: bool = False, stages=("teacher", "ta", "prune", "distill", "evaluate")) -> dict:
+def run_pipeline(c: PipelineConfig, data, backbone: str, out: str, resume: bool = False, stages=("teacher", "ta", "prune", "distill", "evaluate"),
+                 recipe: Optional[dict] = None) -> dict:
+    """``recipe``: what a target derived (costeff.pipeline.recipe), recorded with the config."""
     os.makedirs(out, exist_ok=True)
     timings, result = {}, {}
-    atomic_write_json(os.path.join(out, "run_config.json"), {"config": c.__dict__, "backbone": backbone})
+    atomic_write_json(os.path.join(out, "run_config.json"), {"config": c.__dict__, "backbone": backbone, "recipe": recipe})
     for stage in stages:
         t0 = time.time()
         done_marker = os.path.join(out, f".{stage}.done")

@@ -1,0 +1,174 @@
+"""The recipe from a target: `costeff pipeline --speedup X --max-drop D` derives the knobs a user would
+otherwise set by hand from the teacher's shape, the task's data and the target. docs/pipeline.md
+("A target, not a recipe") says why each rule is what it is; the numbers below come from the measured
+runs it cites.
+
+- static compression S = min(X, STATIC_LIMIT): the width cut at full depth. Past about 7x the
+  students measured here lost accuracy fast (12 layers: 7.1x static, 0.71 points below the teacher;
+  8.8x, 3.7 points), so a larger X is left to early exit (the calibrated threshold), which the 6-layer
+  students reached 12-15x with.
+- widths: heads and FFN neurons kept per layer cut in the same proportion (the measured recipes kept
+  1/6 of the heads and 1/6-1/8 of the FFN), heads rounded to whole heads, the FFN then solved so
+  that the student's analytic FLOPs at full depth, over the training split's real lengths, are the
+  teacher's / S.
+- embedding rank: hidden / 6, in multiples of 8 (64 for hidden 384, the measured default).
+- allocation: "global" (heads and neurons ranked across layers) from 8 layers up: on 12 layers it was
+  2.4 points better at the same totals; on 6 layers "uniform" is what was measured.
+- healing steps: HEALING_EPOCHS epochs of training steps spread over the pruning events (the
+  12-layer runs gained 1.2 points from 24 to 48 steps per event, 1.5 epochs in all, nothing more at
+  96).
+- representation distillation: 2 x S + 2 epochs (16 at 7x: the 12-layer student gained 2.6 points
+  from 1 to 16 epochs), never fewer than the preset's.
+- teacher-output cache: on when the cached states fit in CACHE_MEMORY_SHARE of the available memory.
+- exits: on every layer (an exit costs under 1% of a layer's FLOPs; the threshold decides which fire).
+
+Only what the user did not set is derived: an explicit flag always wins."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Iterable, Optional, Sequence
+
+from costeff.models.flops import flops_per_sample
+
+log = logging.getLogger("costeff")
+
+STATIC_LIMIT = 7.0
+HEALING_EPOCHS = 1.5
+CACHE_MEMORY_SHARE = 0.3
+GLOBAL_FROM_LAYERS = 8
+# the fields a target derives (anything else in PipelineConfig is the preset's time budget or the user's)
+DERIVED = ("heads", "ffn", "embedding_rank", "prune_allocation", "prune_steps_per_event", "student_repr_epochs",
+           "cache_teacher_outputs", "exit_start")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the user asks for. speedup: analytic FLOPs per dev example, the teacher's over the
+    student's (with early exit); max_drop: metric points below the teacher on dev."""
+
+    speedup: Optional[float] = None
+    max_drop: float = 1.0
+
+    def __post_init__(self):
+        if self.speedup is not None and not (isinstance(self.speedup, (int, float)) and 1.0 <= self.speedup < math.inf):
+            raise ValueError(f"target: speedup must be a number >= 1 (the teacher's FLOPs over the student's), got {self.speedup!r}")
+        if not (isinstance(self.max_drop, (int, float)) and 0.0 <= self.max_drop < math.inf):
+            raise ValueError(f"target: max_drop must be a number of metric points >= 0, got {self.max_drop!r}")
+
+
+def mean_gflops(config, lengths: Counter, exit_layer: Optional[int] = None) -> float:
+    """Analytic GFLOPs per example averaged over a length histogram (length -> count)."""
+    n = sum(lengths.values())
+    return sum(c * flops_per_sample(config, length, exit_layer) for length, c in lengths.items()) / n / 1e9
+
+
+def _student_config(base, heads: int, ffn: int, rank: Optional[int]):
+    return replace_config(base, num_attention_heads=[min(heads, h) for h in base.num_attention_heads],
+                          intermediate_size=[min(ffn, f) for f in base.intermediate_size], embedding_rank=rank)
+
+
+def replace_config(config, **fields):
+    """A copy of a CostEffConfig with ``fields`` changed (per-layer lists as given)."""
+    return type(config)(**{**config.to_dict(), **fields})
+
+
+def embedding_rank_for(hidden_size: int) -> int:
+    return max(8, int(round(hidden_size / 6 / 8)) * 8)
+
+
+def solve_widths(base, lengths: Counter, static: float, rank: Optional[int]) -> tuple[int, int, float]:
+    """(heads, ffn, achieved static compression) per layer for a full-depth student at ``static``x
+    fewer FLOPs than ``base`` (the converted teacher, exit on the last layer only) over ``lengths``.
+    Heads and FFN are cut in the same proportion as nearly as whole heads allow; the FFN absorbs the
+    rounding. When even one head and one neuron per layer cost more than the budget, that is the
+    answer (the rest is left to early exit)."""
+    teacher = replace_config(base, exit_start=base.num_hidden_layers)
+    budget = mean_gflops(teacher, lengths) / static
+    heads_full, ffn_full = max(base.num_attention_heads), max(base.intermediate_size)
+    best = None
+    for heads in range(1, heads_full + 1):
+        at0 = mean_gflops(_student_config(base, heads, 0, rank), lengths)
+        per_neuron = mean_gflops(_student_config(base, heads, 1, rank), lengths) - at0
+        ffn = int(math.floor((budget - at0) / per_neuron)) if per_neuron > 0 else ffn_full
+        if ffn < 1:
+            continue
+        ffn = min(ffn, ffn_full)
+        gap = abs(math.log((heads / heads_full) / (ffn / ffn_full)))
+        if best is None or gap < best[0]:
+            best = (gap, heads, ffn)
+    if best is None:
+        heads, ffn = 1, 1
+    else:
+        _, heads, ffn = best
+    achieved = mean_gflops(teacher, lengths) / mean_gflops(_student_config(base, heads, ffn, rank), lengths)
+    return heads, ffn, achieved
+
+
+def available_memory_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def teacher_cache_bytes(base, lengths: Counter) -> int:
+    """What --cache-teacher-outputs keeps: every hidden state (embeddings + each layer) at real tokens in
+    float16 and every exit's logits in float32, per training example."""
+    tokens = sum(length * c for length, c in lengths.items())
+    examples = sum(lengths.values())
+    return tokens * (base.num_hidden_layers + 1) * base.hidden_size * 2 + examples * base.num_hidden_layers * base.num_labels * 4
+
+
+def derive_recipe(c, target: Target, base, train_lengths: Iterable[int], explicit: Sequence[str] = (),
+                  memory_bytes: Optional[int] = None) -> tuple[object, dict]:
+    """(PipelineConfig with the derived fields, the derivation: each field's value and why).
+    ``base``: the teacher converted to costeff's config (:func:`costeff.models.converted_config`);
+    ``train_lengths``: the training split's token counts; ``explicit``: fields the user set, kept."""
+    lengths = Counter(int(n) for n in train_lengths)
+    if not lengths:
+        raise ValueError("derive_recipe: the training split is empty")
+    examples = sum(lengths.values())
+    layers = base.num_hidden_layers
+    speedup = target.speedup if target.speedup is not None else 1.0
+    static = min(speedup, STATIC_LIMIT)
+    derived, why = {}, {}
+    rank = c.embedding_rank if "embedding_rank" in explicit else embedding_rank_for(base.hidden_size)
+    derived["embedding_rank"], why["embedding_rank"] = rank, f"hidden {base.hidden_size} / 6 in multiples of 8"
+    heads, ffn, achieved = solve_widths(base, lengths, static, rank)
+    derived["heads"], derived["ffn"] = heads, ffn
+    why["heads"] = why["ffn"] = (f"static compression {static:.2f}x = min(speedup {speedup:g}, {STATIC_LIMIT:g}); heads and FFN cut in "
+                                 f"one proportion; {achieved:.2f}x at full depth over the training lengths")
+    allocation = "global" if layers >= GLOBAL_FROM_LAYERS else "uniform"
+    derived["prune_allocation"] = allocation
+    why["prune_allocation"] = f"{layers} layers: {'ranked across layers' if allocation == 'global' else 'per layer'} (global from {GLOBAL_FROM_LAYERS})"
+    events = max(max(base.num_attention_heads) - heads, 1)
+    steps_per_epoch = math.ceil(examples / c.batch_size)
+    steps = min(160, max(16, round(HEALING_EPOCHS * steps_per_epoch / events)))
+    derived["prune_steps_per_event"] = steps
+    why["prune_steps_per_event"] = f"{HEALING_EPOCHS:g} epochs ({steps_per_epoch} steps each) over {events} pruning events, within [16, 160]"
+    repr_epochs = max(c.student_repr_epochs, int(round(2 * static + 2)))
+    derived["student_repr_epochs"] = repr_epochs
+    why["student_repr_epochs"] = f"2 x static {static:.2f} + 2, at least the preset's {c.student_repr_epochs}"
+    need = teacher_cache_bytes(base, lengths)
+    memory = available_memory_bytes() if memory_bytes is None else memory_bytes
+    cache = memory is not None and need <= CACHE_MEMORY_SHARE * memory
+    derived["cache_teacher_outputs"] = cache
+    why["cache_teacher_outputs"] = (f"{need / 2**30:.2f} GiB of teacher outputs vs {CACHE_MEMORY_SHARE:g} x "
+                                    f"{'unknown' if memory is None else f'{memory / 2**30:.1f} GiB'} available")
+    derived["exit_start"], why["exit_start"] = 1, "an exit on every layer (under 1% of a layer's FLOPs each)"
+    kept = {k: v for k, v in derived.items() if k not in explicit}
+    recipe = {k: {"value": getattr(c, k) if k in explicit else v, "why": "set by the user" if k in explicit else why[k]}
+              for k, v in derived.items()}
+    recipe["static_compression"] = {"value": achieved, "why": why["heads"]}
+    return replace(c, **kept), recipe
