@@ -95,3 +95,21 @@ def test_pipeline_with_a_speedup_target(tmp_path, minilm):
     assert cal["target"]["met"] and cal["target"]["speedup"] >= 3.0
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert summary["target"]["test"]["threshold"] == cal["threshold"] and "target on test: target" in res.stdout
+
+
+def test_max_length_from_the_data_covers_95_percent(minilm, tmp_path):
+    from transformers import AutoTokenizer
+
+    from costeff.pipeline.context import covering_length, prepare_data
+
+    tok = AutoTokenizer.from_pretrained(minilm)
+    assert len(tok("film " * 10)["input_ids"]) == 12  # one token per word, plus [CLS] and [SEP]
+    texts = ["film " * k for k in range(1, 101)]  # 3..102 tokens
+    assert covering_length(texts, None, tok, 512) == 104  # the 95th is 97 tokens: rounded up to 8
+    assert covering_length(texts, None, tok, 64) == 64 and covering_length(["film"] * 5, None, tok, 512) == 16
+    assert covering_length(texts[:10], texts[:10], tok, 512) == 24  # a pair counts both texts: 10 + 10 + 3 = 23
+    # long inputs need no flag: the pipeline's data truncates where 95% of the training inputs fit
+    (tmp_path / "long.csv").write_text("text,label\n" + "".join(f"{'film ' * (150 + i % 50)},{i % 2}\n" for i in range(200)))
+    data = prepare_data("csv", minilm, max_length=None, data_dir=str(tmp_path / "long.csv"))
+    longest = max(len(ids) for ids in data.encoded["train"]["input_ids"])
+    assert data.max_length == longest == data.tokenizer.model_max_length and 190 <= longest <= 200

@@ -151,8 +151,9 @@ def _overrides(args) -> dict:
 
 
 def _with_target(args, c, data):
-    """(config, recipe): with --speedup, the recipe derived from the teacher's shape, the training split
-    and the target (costeff.pipeline.recipe); the config as given otherwise."""
+    """(config, recipe): the max_length the data was truncated to and, with --speedup, the recipe derived
+    from the teacher's shape, the training split and the target (costeff.pipeline.recipe)."""
+    c = dataclasses.replace(c, max_length=data.max_length)
     if c.speedup is None:
         return c, None
     from costeff.models import converted_config
@@ -451,6 +452,7 @@ def cmd_ablate(args) -> int:
     arms = list(ARMS) if args.arms == "all" else [a.strip() for a in args.arms.split(",") if a.strip()]
     c = _pipeline_config(args)
     data = _data_for(args, c)
+    c = dataclasses.replace(c, max_length=data.max_length)
     result = run_ablation(c, data, backbone_of(args), args.output, seeds, arms, latency=not args.no_latency)
     print(format_summary(result["summary"], result["metric"]))
     print(f"\n{os.path.join(args.output, 'ablation.md')}, {os.path.join(args.output, 'ablation.json')}")

@@ -2,6 +2,7 @@
 (sharded across ranks under torchrun)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -40,6 +41,7 @@ class RunData:
     seed: int
     bucket_by_length: bool = False
     device: torch.device = torch.device("cpu")  # where every loader's batches arrive (models are moved there by the stages)
+    max_length: int = 128  # tokens per input the splits were truncated to
 
     def label_maps(self) -> dict:
         """id2label / label2id of the task's real label names, for every saved model's config."""
@@ -98,10 +100,35 @@ def drop_token_types(tokenizer) -> None:
     tokenizer.init_kwargs["model_input_names"] = names
 
 
+COVERED_SHARE = 0.95
+
+
+def covering_length(texts, pairs, tokenizer, limit: int, share: float = COVERED_SHARE) -> int:
+    """The token length that covers ``share`` of the inputs, rounded up to a multiple of 8, within
+    [16, limit]: what an automatic --max-length truncates to (long inputs are not cut at a
+    preset's guess, short ones are not padded to 128)."""
+    lengths = sorted(len(ids) for ids in tokenizer(list(texts), list(pairs) if pairs is not None else None)["input_ids"])
+    if not lengths:
+        raise ValueError("max_length: the training split is empty")
+    at = lengths[min(len(lengths) - 1, math.ceil(share * len(lengths)) - 1)]
+    return int(max(16, min(limit, 8 * math.ceil(at / 8))))
+
+
+def position_limit(model_path: str) -> int:
+    """The longest input the model's position table holds (RoBERTa-style tables start past the pad id)."""
+    from costeff.models import converted_config
+
+    try:
+        cfg = converted_config(model_path)
+    except (ValueError, OSError):
+        return 512
+    return int(cfg.max_position_embeddings - (cfg.position_offset or 0))
+
+
 def prepare_data(
     task: str,
     tokenizer_path: str,
-    max_length: int = 128,
+    max_length: Optional[int] = 128,
     batch_size: int = 32,
     eval_batch_size: int = 64,
     seed: int = 0,
@@ -117,7 +144,8 @@ def prepare_data(
     """Tokenized splits and seeded loaders. ``split_seed`` fixes the train/dev/test split (None: ``seed``),
     ``seed`` the batch order, so training seeds can vary on one test set. Batches arrive on ``device``.
     ``teacher``: a fine-tuned classifier directory whose head the labels are renumbered to (and whose
-    label names the run keeps); a task whose labels its head does not have is refused."""
+    label names the run keeps); a task whose labels its head does not have is refused.
+    ``max_length`` None: :func:`covering_length` of the training split (RunData.max_length says what)."""
     split_seed = seed if split_seed is None else split_seed
     dd, num_labels, metric, names = load_task(task, data_dir=data_dir, seed=split_seed, **task_kwargs)
     if teacher is not None:
@@ -132,8 +160,13 @@ def prepare_data(
         for s in ("dev", "test"):
             dd[s] = dd[s].select(range(min(max_eval_examples, len(dd[s]))))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if max_length is None:
+        train = dd["train"]
+        max_length = covering_length(train["text"], train["text_pair"] if "text_pair" in train.column_names else None, tokenizer,
+                                     position_limit(tokenizer_path))
     tokenizer.model_max_length = max_length  # saved with every model: what `costeff predict` truncates to
     if not _has_token_types(tokenizer_path):  # DistilBERT, RoBERTa-style: no token_type_ids in the batches
         drop_token_types(tokenizer)
     enc = tokenize(dd, tokenizer, max_length)
-    return RunData(tokenizer, enc, num_labels, metric, names, batch_size, eval_batch_size, seed, bucket_by_length, torch.device(device))
+    return RunData(tokenizer, enc, num_labels, metric, names, batch_size, eval_batch_size, seed, bucket_by_length, torch.device(device),
+                   max_length)

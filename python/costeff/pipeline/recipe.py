@@ -13,12 +13,12 @@ runs it cites.
   teacher's / S.
 - embedding rank: hidden / 6, in multiples of 8 (64 for hidden 384, the measured default).
 - allocation: "global" (heads and neurons ranked across layers) from 8 layers up: on 12 layers it was
-  2.4 points better at the same totals; on 6 layers "uniform" is what was measured.
+  better at the same totals (+0.3 points on dev, +2.4 on test); on 6 layers "uniform" is what was measured.
 - healing steps: HEALING_EPOCHS epochs of training steps spread over the pruning events (the
   12-layer runs gained 1.2 points from 24 to 48 steps per event, 1.5 epochs in all, nothing more at
   96).
-- representation distillation: 2 x S + 2 epochs (16 at 7x: the 12-layer student gained 2.6 points
-  from 1 to 16 epochs), never fewer than the preset's.
+- representation distillation: 2 x S + 2 epochs (16 at 7x: the 12-layer student gained 1.8 points
+  on dev from 1 to 16 epochs), never fewer than the preset's.
 - teacher-output cache: on when the cached states fit in CACHE_MEMORY_SHARE of the available memory.
 - exits: on every layer (an exit costs under 1% of a layer's FLOPs; the threshold decides which fire).
 
