@@ -113,3 +113,29 @@ def test_max_length_from_the_data_covers_95_percent(minilm, tmp_path):
     data = prepare_data("csv", minilm, max_length=None, data_dir=str(tmp_path / "long.csv"))
     longest = max(len(ids) for ids in data.encoded["train"]["input_ids"])
     assert data.max_length == longest == data.tokenizer.model_max_length and 190 <= longest <= 200
+
+
+@pytest.mark.parametrize("fraction, prunes", [(0.125, False), (0.08, True)])
+def test_params_fraction_holds_on_the_real_student(minilm, fraction, prunes):
+    from transformers import AutoModelForSequenceClassification
+
+    from costeff.models import count_parameters, prune_vocabulary
+
+    base = converted_config(minilm, num_labels=2)
+    c, recipe = derive_recipe(preset("demo", max_length=48), Target(15, 1.5, fraction), base, LENGTHS, vocabulary_rows=8000,
+                              memory_bytes=2**20)
+    assert c.prune_vocabulary == prunes and c.embedding_rank % 8 == 0
+    teacher = count_parameters(AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=2))
+    student = slenderize(from_pretrained_encoder(minilm, num_labels=2), [list(range(c.heads))] * 6, [list(range(c.ffn))] * 6,
+                         embedding_rank=c.embedding_rank)
+    if prunes:
+        student = prune_vocabulary(student, list(range(8000)), 100, 48)
+    assert count_parameters(student) <= fraction * teacher
+    if c.embedding_rank < 64:  # the largest rank that fits: 8 more does not
+        wider = slenderize(from_pretrained_encoder(minilm, num_labels=2), [list(range(c.heads))] * 6, [list(range(c.ffn))] * 6,
+                           embedding_rank=c.embedding_rank + 8)
+        if prunes:
+            wider = prune_vocabulary(wider, list(range(8000)), 100, 48)
+        assert count_parameters(wider) > fraction * teacher
+    with pytest.raises(ValueError, match="--params-fraction 0.01 is out of reach"):
+        derive_recipe(preset("demo", max_length=48), Target(15, 1.5, 0.01), base, LENGTHS, vocabulary_rows=8000)

@@ -113,7 +113,7 @@ LEARNING_RATES = ("teacher_lr", "ta_lr", "prune_lr", "student_repr_lr", "student
 _PASS_THROUGH = ("max_length", "batch_size", "eval_batch_size", "max_train_examples", "max_eval_examples", "seed", "heads", "ffn",
                  "exit_start", "max_steps_per_epoch", "save_every", "temperature", "latency_examples", "ta_init", "teacher_epochs",
                  "ta_pred_epochs", "ta_repr_epochs", "student_repr_epochs", "student_pred_epochs", "prune_steps_per_event",
-                 "prune_allocation", "split_seed", "max_drop", "speedup", "exit_warmup_epochs", "exit_hint_weight", "device", "precision", *LEARNING_RATES)
+                 "prune_allocation", "split_seed", "max_drop", "speedup", "params_fraction", "exit_warmup_epochs", "exit_hint_weight", "device", "precision", *LEARNING_RATES)
 
 
 def _pipeline_config(args):
@@ -154,15 +154,17 @@ def _with_target(args, c, data):
     """(config, recipe): the max_length the data was truncated to and, with --speedup, the recipe derived
     from the teacher's shape, the training split and the target (costeff.pipeline.recipe)."""
     c = dataclasses.replace(c, max_length=data.max_length)
-    if c.speedup is None:
+    if c.speedup is None and c.params_fraction is None:
         return c, None
     from costeff.models import converted_config
     from costeff.pipeline.recipe import Target, derive_recipe
     from costeff.pipeline.run import log
 
     base = converted_config(c.teacher or backbone_of(args), num_labels=data.num_labels)
-    lengths = [len(ids) for ids in data.encoded["train"]["input_ids"]]
-    c, recipe = derive_recipe(c, Target(c.speedup, c.max_drop), base, lengths, explicit=tuple(_overrides(args)))
+    ids = data.encoded["train"]["input_ids"]
+    rows = len(set().union(*map(set, ids)) | set(data.tokenizer.all_special_ids))  # the word rows --prune-vocabulary keeps
+    c, recipe = derive_recipe(c, Target(c.speedup, c.max_drop, c.params_fraction), base, [len(x) for x in ids],
+                              explicit=tuple(_overrides(args)), vocabulary_rows=rows)
     for name, r in recipe.items():
         log.info("recipe: %s = %s (%s)", name, f"{r['value']:.2f}" if isinstance(r["value"], float) else r["value"], r["why"])
     return c, recipe
@@ -272,6 +274,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speedup", type=float, help="target: X times fewer analytic FLOPs than the teacher per dev example, early exit "
                    "included; the recipe (widths, allocation, embedding rank, pruning steps, distillation epochs, teacher-output "
                    "cache) is derived from it and the teacher's shape unless set explicitly (docs/pipeline.md)")
+    g.add_argument("--params-fraction", type=float, help="target: the student holds at most F of the teacher's parameters (e.g. "
+                   "0.125); the embedding rank, and if needed --prune-vocabulary, are derived for it")
     g.add_argument("--max-drop", type=float, help="target: at most D metric points below the teacher on dev (default 1.5); the "
                    "early-exit threshold is calibrated on dev for it (and --speedup), and the result says whether it held on test")
     g.add_argument("--heads", type=int, help="attention heads kept per layer")

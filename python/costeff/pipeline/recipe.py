@@ -21,6 +21,10 @@ runs it cites.
   on dev from 1 to 16 epochs), never fewer than the preset's.
 - teacher-output cache: on when the cached states fit in CACHE_MEMORY_SHARE of the available memory.
 - exits: on every layer (an exit costs under 1% of a layer's FLOPs; the threshold decides which fire).
+- parameters (``params_fraction`` F): the embedding rank comes down in steps of 8 until the student
+  holds at most F of the teacher's parameters; when rank 8 is not enough, the word rows the training
+  split never uses are dropped too (``prune_vocabulary``), and the rank solved again. The widths stay
+  what the speed-up asked (most of a small student's parameters are its word embedding).
 
 Only what the user did not set is derived: an explicit flag always wins."""
 from __future__ import annotations
@@ -40,10 +44,6 @@ STATIC_LIMIT = 7.0
 HEALING_EPOCHS = 1.5
 CACHE_MEMORY_SHARE = 0.3
 GLOBAL_FROM_LAYERS = 8
-# the fields a target derives (anything else in PipelineConfig is the preset's time budget or the user's)
-DERIVED = ("heads", "ffn", "embedding_rank", "prune_allocation", "prune_steps_per_event", "student_repr_epochs",
-           "cache_teacher_outputs", "exit_start")
-
 
 @dataclass(frozen=True)
 class Target:
@@ -52,8 +52,11 @@ class Target:
 
     speedup: Optional[float] = None
     max_drop: float = 1.0
+    params_fraction: Optional[float] = None  # the student's parameters over the teacher's, at most
 
     def __post_init__(self):
+        if self.params_fraction is not None and not (isinstance(self.params_fraction, (int, float)) and 0 < self.params_fraction <= 1):
+            raise ValueError(f"target: params_fraction must be a number in (0, 1], got {self.params_fraction!r}")
         if self.speedup is not None and not (isinstance(self.speedup, (int, float)) and 1.0 <= self.speedup < math.inf):
             raise ValueError(f"target: speedup must be a number >= 1 (the teacher's FLOPs over the student's), got {self.speedup!r}")
         if not (isinstance(self.max_drop, (int, float)) and 0.0 <= self.max_drop < math.inf):
@@ -130,11 +133,42 @@ def teacher_cache_bytes(base, lengths: Counter) -> int:
     return tokens * (base.num_hidden_layers + 1) * base.hidden_size * 2 + examples * base.num_hidden_layers * base.num_labels * 4
 
 
+def fit_parameters(base, student, fraction: float, vocabulary_rows: Optional[int], max_length: Optional[int],
+                   fixed_rank: bool = False) -> tuple[Optional[int], bool, dict]:
+    """(embedding rank, prune the vocabulary?, counts): the largest rank (multiple of 8, at most the
+    student's) with which the student holds at most ``fraction`` of the teacher's parameters, first
+    with the whole vocabulary, then with ``vocabulary_rows`` word rows and positions up to
+    ``max_length``. A ValueError says how close the smallest student comes."""
+    from costeff.models.flops import parameter_count
+
+    teacher = parameter_count(replace_config(base, exit_start=base.num_hidden_layers))
+    top = student.embedding_rank or base.hidden_size
+    ranks = [student.embedding_rank] if fixed_rank else list(range(8 * (top // 8), 7, -8))
+    tried = []
+    for prune in (False, True):
+        if prune and not vocabulary_rows:
+            break
+        extra = {}
+        if prune:
+            extra = {"pruned_vocab_size": min(vocabulary_rows, base.vocab_size)}
+            if max_length:
+                extra["max_position_embeddings"] = min(base.max_position_embeddings, max_length + (base.position_offset or 0))
+        for rank in ranks:
+            params = parameter_count(replace_config(student, embedding_rank=rank, **extra))
+            tried.append(params)
+            if params <= fraction * teacher:
+                return rank, prune, {"student": params, "teacher": teacher}
+    raise ValueError(f"target: --params-fraction {fraction:g} is out of reach at these widths: the smallest student holds "
+                     f"{min(tried):,} parameters, {min(tried) / teacher:.3f} of the teacher's {teacher:,}")
+
+
 def derive_recipe(c, target: Target, base, train_lengths: Iterable[int], explicit: Sequence[str] = (),
-                  memory_bytes: Optional[int] = None) -> tuple[object, dict]:
+                  memory_bytes: Optional[int] = None, vocabulary_rows: Optional[int] = None) -> tuple[object, dict]:
     """(PipelineConfig with the derived fields, the derivation: each field's value and why).
     ``base``: the teacher converted to costeff's config (:func:`costeff.models.converted_config`);
-    ``train_lengths``: the training split's token counts; ``explicit``: fields the user set, kept."""
+    ``train_lengths``: the training split's token counts; ``explicit``: fields the user set, kept;
+    ``vocabulary_rows``: distinct token ids of the training split with the special tokens (for
+    ``params_fraction``)."""
     lengths = Counter(int(n) for n in train_lengths)
     if not lengths:
         raise ValueError("derive_recipe: the training split is empty")
@@ -145,10 +179,16 @@ def derive_recipe(c, target: Target, base, train_lengths: Iterable[int], explici
     derived, why = {}, {}
     rank = c.embedding_rank if "embedding_rank" in explicit else embedding_rank_for(base.hidden_size)
     derived["embedding_rank"], why["embedding_rank"] = rank, f"hidden {base.hidden_size} / 6 in multiples of 8"
-    heads, ffn, achieved = solve_widths(base, lengths, static, rank)
-    derived["heads"], derived["ffn"] = heads, ffn
-    why["heads"] = why["ffn"] = (f"static compression {static:.2f}x = min(speedup {speedup:g}, {STATIC_LIMIT:g}); heads and FFN cut in "
-                                 f"one proportion; {achieved:.2f}x at full depth over the training lengths")
+    teacher_gflops = mean_gflops(replace_config(base, exit_start=layers), lengths)
+    if target.speedup is not None:
+        heads, ffn, achieved = solve_widths(base, lengths, static, rank)
+        derived["heads"], derived["ffn"] = heads, ffn
+        why["heads"] = why["ffn"] = (f"static compression {static:.2f}x = min(speedup {speedup:g}, {STATIC_LIMIT:g}); heads and FFN cut "
+                                     f"in one proportion; {achieved:.2f}x at full depth over the training lengths")
+    else:  # no speed asked: the preset's (or the user's) widths
+        heads, ffn = c.heads, c.ffn
+        achieved = teacher_gflops / mean_gflops(_student_config(base, heads, ffn, rank), lengths)
+        static = achieved
     allocation = "global" if layers >= GLOBAL_FROM_LAYERS else "uniform"
     derived["prune_allocation"] = allocation
     why["prune_allocation"] = f"{layers} layers: {'ranked across layers' if allocation == 'global' else 'per layer'} (global from {GLOBAL_FROM_LAYERS})"
@@ -167,8 +207,15 @@ def derive_recipe(c, target: Target, base, train_lengths: Iterable[int], explici
     why["cache_teacher_outputs"] = (f"{need / 2**30:.2f} GiB of teacher outputs vs {CACHE_MEMORY_SHARE:g} x "
                                     f"{'unknown' if memory is None else f'{memory / 2**30:.1f} GiB'} available")
     derived["exit_start"], why["exit_start"] = 1, "an exit on every layer (under 1% of a layer's FLOPs each)"
+    if target.params_fraction is not None:
+        student = _student_config(base, c.heads if "heads" in explicit else heads, c.ffn if "ffn" in explicit else ffn, rank)
+        rank, vocabulary, params = fit_parameters(base, student, target.params_fraction, vocabulary_rows, c.max_length,
+                                                  fixed_rank="embedding_rank" in explicit)
+        derived["embedding_rank"], derived["prune_vocabulary"] = rank, vocabulary
+        why["embedding_rank"] = why["prune_vocabulary"] = (f"{params['student']:,} parameters, {params['student'] / params['teacher']:.3f} "
+                                                           f"of the teacher's {params['teacher']:,} (at most {target.params_fraction:g})")
     kept = {k: v for k, v in derived.items() if k not in explicit}
     recipe = {k: {"value": getattr(c, k) if k in explicit else v, "why": "set by the user" if k in explicit else why[k]}
               for k, v in derived.items()}
-    recipe["static_compression"] = {"value": achieved, "why": why["heads"]}
+    recipe["static_compression"] = {"value": achieved, "why": why.get("heads", "the preset's widths")}
     return replace(c, **kept), recipe

@@ -107,6 +107,7 @@ class PipelineConfig:
     # given, speedup x fewer analytic FLOPs than the teacher (costeff.pipeline.recipe derives the rest)
     max_drop: Optional[float] = 1.5
     speedup: Optional[float] = None
+    params_fraction: Optional[float] = None  # at most this share of the teacher's parameters
     # training loop
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -154,6 +155,8 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig: max_drop must be None or a number of points >= 0, got {self.max_drop!r}")
         if self.speedup is not None and not 1 <= self.speedup < math.inf:
             raise ValueError(f"PipelineConfig: speedup must be None or a number >= 1, got {self.speedup!r}")
+        if self.params_fraction is not None and not 0 < self.params_fraction <= 1:
+            raise ValueError(f"PipelineConfig: params_fraction must be None or a number in (0, 1], got {self.params_fraction!r}")
         if self.speedup is not None and self.max_drop is None:
             raise ValueError("PipelineConfig: speedup needs max_drop (the threshold meeting both is calibrated against the teacher)")
 
