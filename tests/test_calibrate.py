@@ -97,7 +97,7 @@ def test_calibrate_directory_writes_the_threshold(model_dir, tmp_path):  # noqa:
     assert Predictor(d).threshold == res2["threshold"]  # predict now uses the calibrated threshold
     csv_path = tmp_path / "reviews.csv"
     csv_path.write_text("text,label\n" + "".join(f"review number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(60)))
-    with pytest.raises(ValueError, match=r"the task's labels \['neg', 'pos'\] are not the model's \['rotten', 'fresh'\]"):
+    with pytest.raises(ValueError, match=r"its labels \['rotten', 'fresh'\] are not the task's \['neg', 'pos'\]"):
         calibrate_directory(d, "csv", data_dir=str(csv_path), max_drop=0.5)
 
 

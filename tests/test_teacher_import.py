@@ -166,3 +166,15 @@ def test_pipeline_from_an_imported_teacher(tmp_path):
     res = subprocess.run([sys.executable, "-m", "costeff.cli", "predict", "--model", str(out / "student" / "model")],
                          input="the cast is great fun\n", capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and json.loads(res.stdout)["label"] in ("pos", "neg"), res.stderr
+    # `costeff calibrate --teacher` measures the teacher on dev its own way (its own tokenizer and loop) and
+    # lands where the pipeline's calibration did
+    pipeline_cal = json.loads((out / "student" / "model" / "calibration.json").read_text())
+    res = subprocess.run([sys.executable, "-m", "costeff.cli", "calibrate", "--model", str(out / "student" / "model"), "--teacher",
+                          str(out / "teacher" / "model"), "--task", "csv", "--data-dir", task], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "target" in res.stdout, res.stderr[-2000:]
+    cal = json.loads((out / "student" / "model" / "calibration.json").read_text())
+    assert cal["teacher_dev_metric"] == pytest.approx(pipeline_cal["teacher_dev_metric"])
+    assert cal["threshold"] == pytest.approx(pipeline_cal["threshold"]) and cal["target"] == pipeline_cal["target"]
+    res = subprocess.run([sys.executable, "-m", "costeff.cli", "calibrate", "--model", str(out / "student" / "model"), "--speedup", "2",
+                          "--task", "csv", "--data-dir", task], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "give its directory (--teacher)" in res.stderr

@@ -366,7 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--split", default="dev", choices=["dev", "test"])
     p.add_argument("--split-seed", "--seed", dest="split_seed", type=int, default=0, help="the split seed the model was trained with")
-    p.add_argument("--max-drop", type=float, help="largest threshold within this many metric points of full depth (default 0.5)")
+    p.add_argument("--max-drop", type=float, help="largest threshold within this many metric points of full depth (default 0.5); "
+                   "with --teacher: at most this many points below the teacher")
+    p.add_argument("--teacher", help="the classifier directory the model was distilled from: --max-drop is then measured against it, as "
+                   "`costeff pipeline` calibrates")
+    p.add_argument("--speedup", type=float, help="with --teacher: also at least X times fewer analytic FLOPs than the teacher")
     p.add_argument("--latency-ms", type=float, help="most accurate threshold within this latency per sample, measured here")
     p.add_argument("--max-gflops", type=float, help="most accurate threshold within this many analytic GFLOPs per dev example "
                                                    "(machine-independent; the full-depth cost is printed)")
@@ -468,11 +472,22 @@ def cmd_calibrate(args) -> int:
 
     if sum(x is not None for x in (args.max_drop, args.latency_ms, args.max_gflops)) > 1:
         raise ValueError("give one of --max-drop, --latency-ms and --max-gflops")
-    max_drop = 0.5 if args.max_drop is None and args.latency_ms is None and args.max_gflops is None else args.max_drop
+    default_drop = 1.5 if args.teacher else 0.5  # against the teacher: the pipeline's default
+    max_drop = default_drop if args.max_drop is None and args.latency_ms is None and args.max_gflops is None else args.max_drop
     kw = _task_kwargs(args)
     res = calibrate_directory(args.model, args.task, args.data_dir, args.split_seed, args.split, max_drop, args.latency_ms,
                               args.latency_batch_size, args.precision, args.max_eval_examples or 0, tokenizer=args.tokenizer,
-                              max_length=args.max_length, max_gflops=args.max_gflops, device=args.device, **kw)
+                              max_length=args.max_length, max_gflops=args.max_gflops, device=args.device, teacher_dir=args.teacher,
+                              speedup=args.speedup, **kw)
+    if "target" in res:
+        t = res["target"]
+        print(f"threshold {res['threshold']:.4f} nats: dev {res['metric']} {res['dev_metric']:.2f} (teacher {res['teacher_dev_metric']:.2f}, "
+              f"full depth {res['full_depth_dev_metric']:.2f}), {t['speedup']:.2f}x fewer FLOPs than the teacher, average exit layer "
+              f"{res['avg_exit_layer']:.2f}; target {'met' if t['met'] else 'NOT met'}; written to {args.model}/config.json")
+        for side, p in (res["closest"] or {}).items():
+            if p is not None:
+                print(f"  closest {side.replace('meets_', 'within ')}: threshold {p['threshold']:.4f}, {p['drop']:+.2f} points, {p['speedup']:.2f}x")
+        return 0
     lat = f", {res['latency_ms']:.3f} ms/sample at batch {res['batch_size']}" if res["latency_ms"] is not None else ""
     lat += f", {res['avg_gflops']:.4f} GFLOPs per example (full depth {res['full_depth_gflops']:.4f})"
     print(f"threshold {res['threshold']:.4f} nats: dev {res['metric']} {res['dev_metric']:.2f} (full depth "

@@ -23,6 +23,7 @@ import csv
 import hashlib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -263,6 +264,45 @@ def load_csv(
     ds = _read_table(path, "\t" if path.endswith(".tsv") else ",")
     converted, label_values = _convert(ds, path, text_column, text_pair_column, label_column, None)
     return _records_to_dataset_dict(converted.to_list(), seed, dev_fraction, test_fraction), label_values
+
+
+# ----------------------------------------------------------------------------- a classifier's labels
+def head_label_names(config) -> list[str]:
+    """A classifier config's label names in its head's order."""
+    n = int(config.num_labels)
+    mapping = getattr(config, "id2label", None) or {}
+    return [str(mapping.get(i, f"LABEL_{i}")) for i in range(n)]
+
+
+def is_placeholder(names: Sequence[str]) -> bool:
+    """transformers' placeholder names (LABEL_0, LABEL_1, ...): the head's ids carry no names."""
+    return all(re.fullmatch(r"LABEL_\d+", str(n)) for n in names)
+
+
+def head_label_order(head_names: Sequence[str], task_names: Sequence[str], subject: str) -> tuple[list[int], tuple]:
+    """How a task's labels map onto a classifier head: (ids, names), ``ids[task id]`` the head's id of
+    that label and ``names`` the label names in the head's order (the head's own, or the task's when
+    the head has only placeholder names). Names match case-insensitively; any other difference is an
+    error naming ``subject``, since the head's ids would mean other labels."""
+    theirs, task = [str(n) for n in head_names], [str(n) for n in task_names]
+    if len(theirs) != len(task):
+        named = f" ({', '.join(theirs)})" if not is_placeholder(theirs) else ""
+        raise DataError(f"{subject}: its head has {len(theirs)} labels{named}, the task has {len(task)} ({', '.join(task)}); "
+                        "a classifier must be fine-tuned on the task it is used for")
+    if is_placeholder(theirs):
+        return list(range(len(task))), tuple(task)
+    index = {name.lower(): i for i, name in enumerate(theirs)}
+    if len(index) != len(theirs) or {t.lower() for t in task} != set(index):
+        raise DataError(f"{subject}: its labels {theirs} are not the task's {task}; rename them in its config.json (id2label/label2id, "
+                        "in the head's order) or give the task data with the same label names")
+    return [index[t.lower()] for t in task], tuple(theirs)
+
+
+def renumber_labels(dd: datasets.DatasetDict, ids: Sequence[int]) -> datasets.DatasetDict:
+    """Every split's label column mapped through ``ids`` (task id -> head id)."""
+    if list(ids) == list(range(len(ids))):
+        return dd
+    return datasets.DatasetDict({s: d.map(lambda r: {"label": ids[r["label"]]}, desc="labels in the head's order") for s, d in dd.items()})
 
 
 # ----------------------------------------------------------------------------- registry

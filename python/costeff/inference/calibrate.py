@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from costeff.data import load_task, make_loader, tokenize
+from costeff.data.tasks import head_label_names, head_label_order, renumber_labels
 from costeff.data import metrics as M
 
 
@@ -248,22 +249,22 @@ def calibrate_directory(model_dir, task: str, data_dir: Optional[str] = None, se
                         max_drop: Optional[float] = None, latency_ms: Optional[float] = None, batch_size: int = 1,
                         precision: str = "fp32", max_examples: int = 0, timer: Optional[Callable[[Callable[[], None]], float]] = None,
                         tokenizer=None, max_length: Optional[int] = None, max_gflops: Optional[float] = None, device: str = "cpu",
-                        **task_kwargs) -> dict:
+                        teacher_dir: Optional[str] = None, speedup: Optional[float] = None, **task_kwargs) -> dict:
     """Calibrates a model directory on a task's split and writes the choice into it; returns the result.
     `timer(fn) -> seconds per call` measures a callable (default: median of interleaved wall-clock runs).
-    ``device``: where the full-depth pass and the latency criterion run ("cuda": GpuRunner)."""
+    ``device``: where the full-depth pass and the latency criterion run ("cuda": GpuRunner).
+    ``teacher_dir``: the classifier the model was distilled from; ``max_drop`` is then measured against
+    it on the split, and ``speedup`` (its analytic FLOPs over the model's) may be asked too
+    (:func:`choose_for_target`, the pipeline's own calibration)."""
     from costeff.device import resolve_device
     from costeff.inference.predict import Predictor
 
     pred = Predictor(model_dir, precision, threshold=0.0, tokenizer=tokenizer, device=device)
     dd, num_labels, metric, names = load_task(task, data_dir=data_dir, seed=seed, **task_kwargs)
     cfg = pred.config
-    if num_labels != cfg.num_labels:
-        raise ValueError(f"calibrate: task {task!r} has {num_labels} labels but the model has {cfg.num_labels}")
-    model_names = [pred.labels[i] for i in range(num_labels)]
-    if not all(n.startswith("LABEL_") for n in model_names) and list(model_names) != [str(n) for n in names]:
-        raise ValueError(f"calibrate: the task's labels {list(names)} are not the model's {model_names}")
-    ds = dd[split]
+    model_names = [pred.labels[i] for i in range(cfg.num_labels)]
+    ids, _ = head_label_order(model_names, names, f"calibrate: the model {model_dir}")
+    ds = renumber_labels(type(dd)({split: dd[split]}), ids)[split]
     if max_examples:
         ds = ds.select(range(min(max_examples, len(ds))))
     enc = tokenize(type(dd)({split: ds}), pred.tokenizer, max_length or pred.max_length)[split]
@@ -271,11 +272,44 @@ def calibrate_directory(model_dir, task: str, data_dir: Optional[str] = None, se
     timed = None
     if latency_ms is not None:
         timed = list(make_loader(enc.select(range(min(128, len(enc)))), pred.tokenizer, batch_size, shuffle=False))
+    reference = None
+    if teacher_dir is not None:
+        if max_drop is None or latency_ms is not None or max_gflops is not None:
+            raise ValueError("calibrate: against a teacher the criterion is max_drop (and speedup)")
+        reference = teacher_on_split(teacher_dir, type(dd)({split: ds}), metric, model_names, max_length or pred.max_length)
+    elif speedup is not None:
+        raise ValueError("calibrate: speedup is measured against a teacher: give its directory (--teacher)")
     result = calibrate_on_batches(model_dir, loader, metric, max_drop, latency_ms, timed, pred, timer, max_gflops=max_gflops,
-                                  device=resolve_device(device, "calibrate --device"))
+                                  device=resolve_device(device, "calibrate --device"), teacher=reference, speedup=speedup)
     result.update(task=task, split=split, precision=precision, batch_size=batch_size if latency_ms is not None else None)
     write_calibration(model_dir, result, cfg.num_labels)
     return result
+
+
+def teacher_on_split(teacher_dir: str, splits, metric: str, label_names, max_length: int) -> dict:
+    """{"metric": points, "config": converted config} of a fine-tuned classifier directory on the one
+    split in ``splits`` (tokenized with its own tokenizer); its labels must be ``label_names``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from costeff.models import converted_config
+
+    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+    ids, _ = head_label_order(head_label_names(model.config), label_names, f"calibrate: the teacher {teacher_dir}")
+    if ids != list(range(len(ids))):
+        raise ValueError(f"calibrate: the teacher {teacher_dir} orders its labels {head_label_names(model.config)} unlike the model "
+                         f"{list(label_names)}; it is not the teacher this model was distilled from")
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    (split,) = list(splits)
+    enc = tokenize(splits, tok, max_length)[split]
+    predictions, labels = [], []
+    with torch.inference_mode():
+        for b in make_loader(enc, tok, 64, shuffle=False):
+            inputs = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in b}
+            predictions.append(model(**inputs).logits.argmax(-1))
+            labels.append(b["labels"])
+    layers = converted_config(teacher_dir).num_hidden_layers
+    return {"metric": 100 * M.compute(metric, torch.cat(predictions), torch.cat(labels))[metric],
+            "config": converted_config(teacher_dir, exit_start=layers)}
 
 
 def calibrate_on_batches(model_dir, loader, metric: str, max_drop: Optional[float] = None, latency_ms: Optional[float] = None,

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from transformers import AutoConfig, AutoTokenizer
 
 from costeff.data import load_task, make_loader, tokenize
+from costeff.data.tasks import head_label_names, head_label_order, renumber_labels
 from costeff.device import to_device
 
 
@@ -149,11 +150,8 @@ def prepare_data(
     split_seed = seed if split_seed is None else split_seed
     dd, num_labels, metric, names = load_task(task, data_dir=data_dir, seed=split_seed, **task_kwargs)
     if teacher is not None:
-        from costeff.pipeline.teacher import classifier_label_order
-
-        ids, names = classifier_label_order(AutoConfig.from_pretrained(teacher), names, teacher)
-        if ids != list(range(num_labels)):
-            dd = dd.map(lambda r: {"label": ids[r["label"]]}, desc="labels in the teacher's order")
+        ids, names = head_label_order(head_label_names(AutoConfig.from_pretrained(teacher)), names, f"--teacher {teacher}")
+        dd = renumber_labels(dd, ids)
     if max_train_examples:
         dd["train"] = dd["train"].select(range(min(max_train_examples, len(dd["train"]))))
     if max_eval_examples:
