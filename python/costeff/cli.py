@@ -485,8 +485,8 @@ def cmd_calibrate(args) -> int:
               f"full depth {res['full_depth_dev_metric']:.2f}), {t['speedup']:.2f}x fewer FLOPs than the teacher, average exit layer "
               f"{res['avg_exit_layer']:.2f}; target {'met' if t['met'] else 'NOT met'}; written to {args.model}/config.json")
         for side, p in (res["closest"] or {}).items():
-            if p is not None:
-                print(f"  closest {side.replace('meets_', 'within ')}: threshold {p['threshold']:.4f}, {p['drop']:+.2f} points, {p['speedup']:.2f}x")
+            print(f"  closest {side.replace('meets_', 'within ').replace('_', ' ')}: " + (
+                "none" if p is None else f"threshold {p['threshold']:.4f}, {-p['drop']:+.2f} points vs the teacher, {p['speedup']:.2f}x"))
         return 0
     lat = f", {res['latency_ms']:.3f} ms/sample at batch {res['batch_size']}" if res["latency_ms"] is not None else ""
     lat += f", {res['avg_gflops']:.4f} GFLOPs per example (full depth {res['full_depth_gflops']:.4f})"

@@ -307,9 +307,8 @@ def teacher_on_split(teacher_dir: str, splits, metric: str, label_names, max_len
             inputs = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in b}
             predictions.append(model(**inputs).logits.argmax(-1))
             labels.append(b["labels"])
-    layers = converted_config(teacher_dir).num_hidden_layers
     return {"metric": 100 * M.compute(metric, torch.cat(predictions), torch.cat(labels))[metric],
-            "config": converted_config(teacher_dir, exit_start=layers)}
+            "config": converted_config(teacher_dir, exit_start=None)}
 
 
 def calibrate_on_batches(model_dir, loader, metric: str, max_drop: Optional[float] = None, latency_ms: Optional[float] = None,

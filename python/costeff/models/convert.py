@@ -236,9 +236,10 @@ def from_pretrained_encoder(
     return _convert(model, _check_family(model), num_labels, exit_start, exit_pooler_dense, missing_pooler, config_overrides)
 
 
-def converted_config(path: str, num_labels: Optional[int] = None, exit_start: int = 1, **config_overrides) -> CostEffConfig:
+def converted_config(path: str, num_labels: Optional[int] = None, exit_start: Optional[int] = 1, **config_overrides) -> CostEffConfig:
     """The config :func:`from_pretrained_encoder` would give the model directory ``path``, read from its
-    config alone (the model is built on the meta device: no weights are loaded)."""
+    config alone (the model is built on the meta device: no weights are loaded). ``exit_start`` None:
+    the last layer only, the source classifier's own cost (what a teacher's FLOPs are counted on)."""
     import transformers
 
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
@@ -250,6 +251,8 @@ def converted_config(path: str, num_labels: Optional[int] = None, exit_start: in
         model = auto.from_config(hc)
     parts = _PARTS[_check_family(model)](model)
     labels = num_labels if num_labels is not None else hc.num_labels
+    if exit_start is None:  # the source as it is: one classifier, after the last layer
+        exit_start = parts.config["num_hidden_layers"]
     return CostEffConfig(**{**parts.config, "embedding_rank": None, "exit_start": exit_start, "num_labels": labels, **config_overrides})
 
 

@@ -294,20 +294,18 @@ def teacher_reference(out: str, data, split: str = "dev") -> dict:
     path = os.path.join(out, "teacher", "model")
     teacher = load_teacher(out, device=data.device)
     logits, labels = predict_logits(lambda b: teacher(**model_inputs(b)).logits, data.split(split))
-    layers = converted_config(path).num_hidden_layers
-    return {"metric": 100 * score_logits(logits, labels, data.metric)[data.metric],
-            "config": converted_config(path, exit_start=layers)}
+    return {"metric": 100 * score_logits(logits, labels, data.metric)[data.metric], "config": converted_config(path, exit_start=None)}
 
 
 def describe_target(c: PipelineConfig, verdict: dict, closest: Optional[dict]) -> str:
     """One line: the target, and whether this point meets it (else the closest point on each side)."""
     want = f"at most {c.max_drop:g} points below the teacher" + (f" at >= {c.speedup:g}x fewer FLOPs" if c.speedup else "")
     if verdict["met"]:
-        return f"target met ({want}: {verdict['drop']:+.2f} points, {verdict['speedup']:.2f}x)"
-    line = f"target NOT met ({want}: {verdict['drop']:+.2f} points below, {verdict['speedup']:.2f}x)"
+        return f"target met ({want}): {-verdict['drop']:+.2f} points vs the teacher, {verdict['speedup']:.2f}x fewer FLOPs"
+    line = f"target NOT met ({want}): {-verdict['drop']:+.2f} points vs the teacher, {verdict['speedup']:.2f}x fewer FLOPs"
     for side, p in (closest or {}).items():
-        if p is not None:
-            line += f"; closest {side.replace('meets_', 'within ')}: T={p['threshold']:.4f}, {p['drop']:+.2f} points, {p['speedup']:.2f}x"
+        line += f"; closest {side.replace('meets_', 'within ').replace('_', ' ')}: " + (
+            "none" if p is None else f"T={p['threshold']:.4f}, {-p['drop']:+.2f} points, {p['speedup']:.2f}x")
     return line
 
 
