@@ -13,7 +13,10 @@ call). Host syncs per call are counted with torch.cuda.set_sync_debug_mode. Prin
 writes JSON (benchmarks/results/gpu.json). Without CUDA it says so and exits 0; ``--device cpu``
 runs the same code on the CPU (no graphs, no compile): the smoke test of scripts/gpu_check.sh --dry-run.
 
-  python benchmarks/bench_gpu.py [--run runs/demo] [--threshold 0.5] [--batches 1,32,256] [--rounds 9]
+``--profile``: where the time goes at batch 1, a torch.profiler excerpt (top kernels and host ops, and
+the GPU-busy share of the wall time) of the student's GpuRunner bf16 and the fastest teacher.
+
+  python benchmarks/bench_gpu.py [--run runs/demo] [--threshold 0.5] [--batches 1,32,256] [--rounds 9] [--profile]
 """
 from __future__ import annotations
 
@@ -178,6 +181,54 @@ def build_systems(teacher, student, device, threshold: float, max_len: int, no_c
     return systems
 
 
+def profile_excerpt(name: str, fn, batches, device: torch.device, calls: int = 20) -> dict:
+    """torch.profiler over ``calls`` calls of ``fn``: prints the top ops by device time and the
+    device-busy share of the wall time (low = launch or host bound). Returns the share and totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    batches = (batches * calls)[:calls]
+    with torch.inference_mode():
+        for ids, mask in batches[:3]:
+            fn(ids, mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            for ids, mask in batches:
+                fn(ids, mask)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    from torch.autograd import DeviceType
+
+    events = prof.key_averages()
+    sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    on_device = [e for e in events if e.device_type == DeviceType.CUDA]  # kernels and copies, not the host ops launching them
+    dev_us = sum(e.self_device_time_total for e in on_device)
+    kernels = sum(e.count for e in on_device)
+    print(f"[bench_gpu] profile {name}: {calls} calls at batch {batches[0][0].shape[0]}, wall {wall_us / calls:.1f} us/call "
+          f"(profiler on), device busy {dev_us / calls:.1f} us/call ({100 * dev_us / wall_us:.0f}%), {kernels / calls:.1f} device ops/call")
+    print(events.table(sort_by=sort_key, row_limit=12, max_name_column_width=48))
+    return {"system": name, "calls": calls, "wall_us_per_call": wall_us / calls, "device_us_per_call": dev_us / calls,
+            "device_ops_per_call": kernels / calls}
+
+
+def write_results(path: str, meta: dict, rows: list, profiles: list) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"meta": meta, "rows": rows, "profiles": profiles}, f, indent=2)
+    os.replace(tmp, path)
+
+
+def print_rows(rows: list) -> None:
+    print(f"{'system':<36} {'batch':>5} {'ms/sample':>10} {'sent/s':>10} {'syncs':>6} {'x fastest teacher':>18}")
+    for r in rows:
+        print(f"{r['system']:<36} {r['batch']:>5} {r['ms_per_sample']:>10.4f} {r['sentences_per_s']:>10.0f} "
+              f"{r['host_syncs_per_call']:>6} {r.get('x_fastest_teacher', float('nan')):>18.2f}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default=os.path.join(ROOT, "runs", "demo"), help="trained run directory (teacher/model, student/model)")
@@ -185,23 +236,43 @@ def main(argv=None) -> int:
     ap.add_argument("--threshold", type=float, default=None, help="entropy threshold (default: the student's calibrated one, else 0.5)")
     ap.add_argument("--batches", default="1,32,256")
     ap.add_argument("--rows", type=int, default=512, help="sentences per batch size")
+    ap.add_argument("--max-calls", type=int, default=48,
+                    help="at most this many batches per timed block (bounds batch 1's time; default 48)")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile teacher")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler excerpt at the first batch size")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "gpu.json"))
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("[bench_gpu] skipped: no CUDA device visible (torch.cuda.is_available() is False); nothing measured")
         return 0
+    if args.max_calls < 1 or args.rounds < 1 or args.rows < 1:
+        ap.error("--max-calls, --rounds and --rows must be >= 1")
     device = torch.device(args.device)
     batch_sizes = [int(b) for b in args.batches.split(",")]
     have_run = os.path.isfile(os.path.join(args.run, "student", "model", "config.json"))
     teacher, student, weights = trained_models(args.run) if have_run else random_models()
     threshold = args.threshold if args.threshold is not None else (student.config.inference_threshold or 0.5)
     data, source = sentence_batches(args.run if have_run else None, batch_sizes, args.rows)
+    data = {bs: batches[:args.max_calls] for bs, batches in data.items()}
     max_len = max(ids.shape[1] for batches in data.values() for ids, _ in batches)
     torch.backends.cuda.matmul.allow_tf32 = False
+    t_build = time.perf_counter()
     systems = build_systems(teacher, student, device, threshold, max_len, args.no_compile or device.type != "cuda")
-    rows = []
+    avg_exit = None
+    if data[batch_sizes[0]]:
+        with torch.inference_mode():
+            layers = [student.early_exit(ids.to(device), mask.to(device), threshold=threshold).exit_layer.float().mean().item()
+                      for ids, mask in data[batch_sizes[0]][:64]]
+        avg_exit = statistics.fmean(layers)
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "weights": weights, "inputs": source, "threshold": threshold, "avg_exit_layer": avg_exit, "rounds": args.rounds,
+            "max_calls": args.max_calls,
+            "timing": "host clock around blocks ending in torch.cuda.synchronize(), interleaved rounds, median",
+            "date": time.strftime("%Y-%m-%d")}
+    print(f"[bench_gpu] {meta['device']}, torch {meta['torch']}, {weights}, {source}, threshold {threshold:.4g} "
+          f"(average exit layer {avg_exit if avg_exit is None else round(avg_exit, 2)})", flush=True)
+    rows, profiles = [], []
     with torch.inference_mode():
         for bs in batch_sizes:
             batches = [(ids.to(device), mask.to(device)) for ids, mask in data[bs]]
@@ -218,41 +289,31 @@ def main(argv=None) -> int:
                     return n
                 return go
 
+            t0 = time.perf_counter()
             stats = time_interleaved({name: block(fn) for name, fn in systems.items()}, args.rounds, warmup=2)
+            part = []
             for name, fn in systems.items():
                 ids, mask = batches[0]
                 ms = stats[name]["median"] * 1000
-                rows.append({"system": name, "batch": bs, "ms_per_sample": ms, "sentences_per_s": 1000 / ms,
-                             "host_syncs_per_call": count_syncs(device, lambda: fn(ids, mask))})
-    for bs in batch_sizes:
-        part = [r for r in rows if r["batch"] == bs]
-        teachers = [r for r in part if r["system"].startswith("teacher")]
-        if teachers:
-            fastest = min(teachers, key=lambda r: r["ms_per_sample"])
+                part.append({"system": name, "batch": bs, "calls_per_block": len(batches), "ms_per_sample": ms,
+                             "sentences_per_s": 1000 / ms, "host_syncs_per_call": count_syncs(device, lambda: fn(ids, mask))})
+            fastest = min((r for r in part if r["system"].startswith("teacher")), key=lambda r: r["ms_per_sample"])
             for r in part:
                 r["x_fastest_teacher"] = fastest["ms_per_sample"] / r["ms_per_sample"]
                 r["fastest_teacher"] = fastest["system"]
-    avg_exit = None
-    if data[batch_sizes[0]]:
-        with torch.inference_mode():
-            layers = [student.early_exit(ids.to(device), mask.to(device), threshold=threshold).exit_layer.float().mean().item()
-                      for ids, mask in data[batch_sizes[0]][:64]]
-        avg_exit = statistics.fmean(layers)
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "weights": weights, "inputs": source, "threshold": threshold, "avg_exit_layer": avg_exit, "rounds": args.rounds,
-            "timing": "host clock around blocks ending in torch.cuda.synchronize(), interleaved rounds, median",
-            "date": time.strftime("%Y-%m-%d")}
-    print(f"[bench_gpu] {meta['device']}, torch {meta['torch']}, {weights}, {source}, threshold {threshold:.4g} "
-          f"(average exit layer {avg_exit if avg_exit is None else round(avg_exit, 2)})")
-    print(f"{'system':<36} {'batch':>5} {'ms/sample':>10} {'sent/s':>10} {'syncs':>6} {'x fastest teacher':>18}")
-    for r in rows:
-        print(f"{r['system']:<36} {r['batch']:>5} {r['ms_per_sample']:>10.4f} {r['sentences_per_s']:>10.0f} "
-              f"{r['host_syncs_per_call']:>6} {r.get('x_fastest_teacher', float('nan')):>18.2f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    os.replace(tmp, args.out)
+            rows += part
+            print(f"[bench_gpu] batch {bs}: {len(batches)} calls per block, {time.perf_counter() - t0:.0f}s "
+                  f"({time.perf_counter() - t_build:.0f}s since the systems were built)")
+            print_rows(part)
+            sys.stdout.flush()
+            write_results(args.out, meta, rows, profiles)  # after each batch size: a time limit keeps what was measured
+            if args.profile and bs == batch_sizes[0]:
+                teacher_name = fastest["system"]
+                for name in ("student GpuRunner bf16", teacher_name):
+                    profiles.append(profile_excerpt(name, systems[name], batches, device))
+                write_results(args.out, meta, rows, profiles)
+    print("[bench_gpu] all batch sizes")
+    print_rows(rows)
     print(f"[bench_gpu] wrote {args.out}")
     return 0
 

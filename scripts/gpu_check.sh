@@ -3,10 +3,11 @@
 # within COSTEFF_GPU_BUDGET_S seconds (default 540), logs and JSON under $OUT:
 #   1. env.txt        environment probe (GPU, python, torch, triton, transformers, the carried files)
 #   2. build.log      python3 setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST=9.0+PTX, MAX_JOBS=16)
-#   3. tests.log      the GPU tests (pytest -m gpu) and the Triton kernels compiled for the GPU
-#   4. bench.log, bench_gpu.json   benchmarks/bench_gpu.py
-#   5. train.log      the tiny preset on the GPU (fp32, then bf16), then the demo preset if time is left
-#   6. summary.txt    one line per step: status and seconds
+#   3. tests.log      the GPU tests (pytest -m gpu), the Triton kernels compiled for the GPU, each op's error vs float64
+#   4. train.log      the tiny preset on the GPU (fp32, then bf16)
+#   5. bench.log, bench_gpu.json   benchmarks/bench_gpu.py --profile
+#   6. train.log      the demo preset if time is left, then bench_gpu.py on its trained models
+#   7. summary.txt    one line per step: status and seconds
 # Before the device call, here: `bash scripts/gpu_carry.sh` (wheels the machine lacks, the corpus, the
 # tokenizer, the MiniLM in fp16); the call carries .gpu_carry. Nothing is pip-installed from the network.
 #
@@ -76,6 +77,10 @@ if [ $DRY = 0 ]; then
     # ATen's CUDA headers include cuBLAS/cuSPARSE headers; where the toolkit lacks them, torch's nvidia-* wheels ship them
     NV_INCLUDE="$("$PY" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))' 2>/dev/null || true)"
     [ -n "$NV_INCLUDE" ] && [ -d "$NV_INCLUDE" ] && export CPATH="$NV_INCLUDE${CPATH:+:$CPATH}"
+    # -lcudart: a toolkit without lib64/libcudart.so (nvcc alone) links against the wheel's libcudart.so.13
+    NV_CUDART="$(dirname "$NV_INCLUDE")/lib/libcudart.so.13"
+    if [ -f "$NV_CUDART" ]; then mkdir -p "$WORK/cudart" && ln -sf "$NV_CUDART" "$WORK/cudart/libcudart.so" \
+        && export LIBRARY_PATH="${LIBRARY_PATH:+$LIBRARY_PATH:}$WORK/cudart"; fi
     step build 240 build.log env TORCH_CUDA_ARCH_LIST="9.0+PTX" MAX_JOBS=16 COSTEFF_CUDA=1 "$PY" setup.py build_ext --inplace
 else
     step build 60 build.log "$PY" -c "import torch, costeff, costeff._C; print('CPU extension built; CUDA kernels registered:', costeff.info().get('cuda_kernels'))"
@@ -85,21 +90,17 @@ fi
 # --- 3. tests ---
 GPU_TESTS=(tests/test_gpu_ops.py tests/test_gpu_runner.py)
 if [ $DRY = 0 ]; then
-    step tests 150 tests.log "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu "${GPU_TESTS[@]}"
-    step triton 120 tests.log env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs -p no:cacheprovider -x tests/test_triton_kernels.py
+    # pytest-xdist where the machine has it: the Triton compiles and the CUDA contexts spread over its cores
+    XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+    step tests 150 tests.log "$PY" -m pytest -q -rs -p no:cacheprovider "${XDIST[@]}" -m gpu "${GPU_TESTS[@]}"
+    step triton 120 tests.log env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs -p no:cacheprovider "${XDIST[@]}" tests/test_triton_kernels.py
 else
     step tests 120 tests.log "$PY" -m pytest -q -rs -p no:cacheprovider --collect-only -m gpu "${GPU_TESTS[@]}" tests/test_triton_kernels.py
     step tests-cpu 120 tests.log "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu_runner.py
 fi
+step op-errors 60 tests.log "$PY" benchmarks/op_errors.py --devices cpu,$DEVICE
 
-# --- 4. benchmark ---
-if [ $DRY = 0 ]; then
-    step bench 150 bench.log "$PY" benchmarks/bench_gpu.py --run "$WORK/run_demo" --out "$OUT/bench_gpu.json"
-else
-    step bench 120 bench.log "$PY" benchmarks/bench_gpu.py --device cpu --run "$WORK/none" --batches 1,8 --rows 16 --rounds 1 --out "$OUT/bench_gpu.json"
-fi
-
-# --- 5. training on the device ---
+# --- 4. training on the device: the tiny preset (fp32, bf16) ---
 step tiny-backbone 60 train.log "$PY" - "$CARRY/tokenizer" "$WORK/tinybert" <<'PY'
 import sys, torch
 from transformers import AutoTokenizer, BertConfig, BertModel
@@ -112,6 +113,14 @@ PY
 TINY=(--preset tiny --backbone "$WORK/tinybert" --device "$DEVICE" --no-progress --heads 1 --ffn 16 --embedding-rank 16 --thresholds 0,0.3,100)
 step train-tiny-fp32 90 train.log "$PY" -m costeff.cli pipeline "${TINY[@]}" --output "$WORK/run_tiny"
 step train-tiny-bf16 90 train.log "$PY" -m costeff.cli pipeline "${TINY[@]}" --precision bf16 --output "$WORK/run_tiny_bf16"
+# --- 5. benchmark (random weights of the demo's shapes; again on the trained models after the demo run) ---
+if [ $DRY = 0 ]; then
+    step bench 240 bench.log "$PY" benchmarks/bench_gpu.py --run "$WORK/run_demo" --profile --out "$OUT/bench_gpu.json"
+else
+    step bench 120 bench.log "$PY" benchmarks/bench_gpu.py --device cpu --run "$WORK/none" --batches 1,8 --rows 16 --rounds 1 --profile --out "$OUT/bench_gpu.json"
+fi
+
+# --- 6. the demo preset on the carried MiniLM, then the benchmark on its trained models ---
 if [ -f "$CARRY/minilm-fp16/model.safetensors" ]; then
     step demo-backbone 60 train.log "$PY" - "$CARRY/minilm-fp16" "$WORK/minilm" <<'PY'
 import os, shutil, sys
