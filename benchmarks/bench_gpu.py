@@ -214,11 +214,11 @@ def profile_excerpt(name: str, fn, batches, device: torch.device, calls: int = 2
             "device_ops_per_call": kernels / calls}
 
 
-def write_results(path: str, meta: dict, rows: list, profiles: list) -> None:
+def write_results(path: str, meta: dict, rows: list, profiles: list, failed: list) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"meta": meta, "rows": rows, "profiles": profiles}, f, indent=2)
+        json.dump({"meta": meta, "rows": rows, "profiles": profiles, "failed": failed}, f, indent=2)
     os.replace(tmp, path)
 
 
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d")}
     print(f"[bench_gpu] {meta['device']}, torch {meta['torch']}, {weights}, {source}, threshold {threshold:.4g} "
           f"(average exit layer {avg_exit if avg_exit is None else round(avg_exit, 2)})", flush=True)
-    rows, profiles = [], []
+    rows, profiles, failed = [], [], []
     with torch.inference_mode():
         for bs in batch_sizes:
             batches = [(ids.to(device), mask.to(device)) for ids, mask in data[bs]]
@@ -290,6 +290,13 @@ def main(argv=None) -> int:
                 return go
 
             t0 = time.perf_counter()
+            for name, fn in list(systems.items()):  # a system that fails is reported and left out, not the whole table
+                try:
+                    fn(*batches[0])
+                except Exception as exc:  # noqa: BLE001
+                    print(f"[bench_gpu] {name} FAILED at batch {bs}, left out: {type(exc).__name__}: {str(exc)[:2000]}")
+                    failed.append({"system": name, "batch": bs, "error": f"{type(exc).__name__}: {str(exc)[:2000]}"})
+                    del systems[name]
             stats = time_interleaved({name: block(fn) for name, fn in systems.items()}, args.rounds, warmup=2)
             part = []
             for name, fn in systems.items():
@@ -306,12 +313,13 @@ def main(argv=None) -> int:
                   f"({time.perf_counter() - t_build:.0f}s since the systems were built)")
             print_rows(part)
             sys.stdout.flush()
-            write_results(args.out, meta, rows, profiles)  # after each batch size: a time limit keeps what was measured
+            write_results(args.out, meta, rows, profiles, failed)  # after each batch size: a time limit keeps what was measured
             if args.profile and bs == batch_sizes[0]:
                 teacher_name = fastest["system"]
                 for name in ("student GpuRunner bf16", teacher_name):
-                    profiles.append(profile_excerpt(name, systems[name], batches, device))
-                write_results(args.out, meta, rows, profiles)
+                    if name in systems:
+                        profiles.append(profile_excerpt(name, systems[name], batches, device))
+                write_results(args.out, meta, rows, profiles, failed)
     print("[bench_gpu] all batch sizes")
     print_rows(rows)
     print(f"[bench_gpu] wrote {args.out}")

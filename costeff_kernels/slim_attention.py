@@ -25,7 +25,7 @@ def _attention_kernel(
     qkv_ptr, mask_ptr, ctx_ptr,
     S, NH, D,
     stride_qkv_row, stride_mask_b, stride_mask_s, stride_ctx_row,
-    ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SUM_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)  # batch * heads on axis 0: its limit is 2^31 - 1, axis 1's only 65535
@@ -60,7 +60,10 @@ def _attention_kernel(
         if UPCAST:
             k = k.to(ACC)
             v = v.to(ACC)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * scale
+        if SUM_DOT:
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+        else:
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * scale
         scores = tl.where(real[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         # A row that has seen no real key yet keeps m = -inf: use 0 as its reference so that
@@ -69,7 +72,9 @@ def _attention_kernel(
         alpha = tl.exp(m_i - ref)
         p = tl.exp(scores - ref[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if UPCAST:
+        if SUM_DOT:
+            pv = tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        elif UPCAST:
             pv = tl.dot(p, v, input_precision=PRECISION, out_dtype=ACC)
         else:
             pv = tl.dot(p.to(v.dtype), v, out_dtype=ACC)
@@ -106,6 +111,9 @@ def slim_attention_triton(hidden: torch.Tensor, key_padding_mask: torch.Tensor, 
         s, num_heads, head_size,
         qkv.stride(0), key_padding_mask.stride(0), key_padding_mask.stride(1), ctx.stride(0),
         ACC=acc_dtype(dtype), UPCAST=upcast_operands(dtype), PRECISION=dot_precision(dtype),
+        # float64 products as sums of broadcast products: Triton 3.6's fp64 MMA lowering failed on an
+        # H200 ("fp64 don't support largeK MMA", head size 1); the attention tiles are small
+        SUM_DOT=dtype == torch.float64,
         BLOCK_Q=block_q, BLOCK_KV=block_kv, BLOCK_D=block_d,
     )
     return linear(ctx, out_weight, out_bias, act=ACT_NONE).view(b, s, h)

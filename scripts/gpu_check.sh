@@ -14,6 +14,10 @@
 # --dry-run (CPU, CI): every step's command and file, with the CPU's stand-ins: the build is the CPU
 # extension already built, the tests are collected and the CPU ones run, the benchmark runs with
 # --device cpu on a few rows, the training runs on the CPU with capped steps.
+#
+# A shorter recheck on the same machine: COSTEFF_GPU_STEPS="build tests bench" runs only the steps
+# named (names as in summary.txt); COSTEFF_GPU_PYTEST_K=EXPR narrows both pytest steps (-k EXPR);
+# COSTEFF_GPU_XDIST=0 runs them in one process; COSTEFF_GPU_BENCH_ARGS adds bench_gpu.py flags.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -33,6 +37,7 @@ remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # step NAME CAP LOG COMMAND...: runs COMMAND under timeout min(CAP, time left), appends to $OUT/LOG
 step() {
     local name=$1 cap=$2 log=$3; shift 3
+    if [ -n "${COSTEFF_GPU_STEPS:-}" ] && [[ " $COSTEFF_GPU_STEPS " != *" $name "* ]]; then return 0; fi
     local left; left=$(remaining)
     local limit=$(( cap < left ? cap : left ))
     if [ "$limit" -lt 10 ]; then echo "$name: skipped (budget spent)" | tee -a "$OUT/summary.txt"; return 1; fi
@@ -91,9 +96,10 @@ fi
 GPU_TESTS=(tests/test_gpu_ops.py tests/test_gpu_runner.py)
 if [ $DRY = 0 ]; then
     # pytest-xdist where the machine has it: the Triton compiles and the CUDA contexts spread over its cores
-    XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-    step tests 150 tests.log "$PY" -m pytest -q -rs -p no:cacheprovider "${XDIST[@]}" -m gpu "${GPU_TESTS[@]}"
-    step triton 120 tests.log env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs -p no:cacheprovider "${XDIST[@]}" tests/test_triton_kernels.py
+    XDIST=(); [ "${COSTEFF_GPU_XDIST:-1}" = 1 ] && "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+    K=(); [ -n "${COSTEFF_GPU_PYTEST_K:-}" ] && K=(-k "$COSTEFF_GPU_PYTEST_K")
+    step tests 150 tests.log "$PY" -m pytest -q -rs -p no:cacheprovider "${XDIST[@]}" "${K[@]}" -m gpu "${GPU_TESTS[@]}"
+    step triton 120 tests.log env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs -p no:cacheprovider "${XDIST[@]}" "${K[@]}" tests/test_triton_kernels.py
 else
     step tests 120 tests.log "$PY" -m pytest -q -rs -p no:cacheprovider --collect-only -m gpu "${GPU_TESTS[@]}" tests/test_triton_kernels.py
     step tests-cpu 120 tests.log "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu_runner.py
@@ -115,7 +121,8 @@ step train-tiny-fp32 90 train.log "$PY" -m costeff.cli pipeline "${TINY[@]}" --o
 step train-tiny-bf16 90 train.log "$PY" -m costeff.cli pipeline "${TINY[@]}" --precision bf16 --output "$WORK/run_tiny_bf16"
 # --- 5. benchmark (random weights of the demo's shapes; again on the trained models after the demo run) ---
 if [ $DRY = 0 ]; then
-    step bench 240 bench.log "$PY" benchmarks/bench_gpu.py --run "$WORK/run_demo" --profile --out "$OUT/bench_gpu.json"
+    # shellcheck disable=SC2086  # COSTEFF_GPU_BENCH_ARGS: extra flags, split on spaces
+    step bench 240 bench.log "$PY" benchmarks/bench_gpu.py --run "$WORK/run_demo" --profile --out "$OUT/bench_gpu.json" ${COSTEFF_GPU_BENCH_ARGS:-}
 else
     step bench 120 bench.log "$PY" benchmarks/bench_gpu.py --device cpu --run "$WORK/none" --batches 1,8 --rows 16 --rounds 1 --profile --out "$OUT/bench_gpu.json"
 fi

@@ -45,12 +45,13 @@ def _assert_same_as_early_exit(runner, model, batch, threshold, atol=1e-5):
     ids, mask, types = batch
     want = model.early_exit(ids, mask, types, threshold=threshold, use_kernels=False)
     got = runner(ids, mask, types, threshold=threshold)
+    want_layer, want_logits, want_entropy = want.exit_layer.cpu(), want.logits.cpu(), want.entropy.cpu()  # the model may be on a GPU
     # away from the threshold the exit layers agree; a row within 1e-4 nats may go either way
-    far = ~((want.entropy - threshold).abs() < 1e-4)
-    assert torch.equal(got.exit_layer.cpu()[far], want.exit_layer[far])
-    same = got.exit_layer.cpu() == want.exit_layer
-    torch.testing.assert_close(got.logits.cpu()[same], want.logits[same], atol=atol, rtol=atol)
-    torch.testing.assert_close(got.entropy.cpu()[same], want.entropy[same], atol=atol, rtol=atol)
+    far = ~((want_entropy - threshold).abs() < 1e-4)
+    assert torch.equal(got.exit_layer.cpu()[far], want_layer[far])
+    same = got.exit_layer.cpu() == want_layer
+    torch.testing.assert_close(got.logits.cpu()[same], want_logits[same], atol=atol, rtol=atol)
+    torch.testing.assert_close(got.entropy.cpu()[same], want_entropy[same], atol=atol, rtol=atol)
     return got, want
 
 
