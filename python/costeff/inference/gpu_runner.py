@@ -35,6 +35,8 @@ from costeff.device import resolve_device
 from costeff.models.modeling_costeff import (CostEffForSequenceClassification, EarlyExitOutput, check_input_shape, exit_input,
                                              segment_spans)
 from costeff.ops._checks import check_threshold
+from costeff.ops._registry import has_compiled_kernel
+from costeff.ops.add_layer_norm import add_layer_norm
 from costeff.ops.exit_head import exit_head_logits_entropy
 
 PRECISIONS = ("fp32", "bf16")
@@ -112,9 +114,12 @@ class GpuRunner:
         if precision == "bf16":
             m.costeff.to(torch.bfloat16)  # the exits stay float32: entropies decide
         self.model = m
-        # LayerNorm parameters in float32 once (the sums are normalised in float32 at either precision)
-        self._norms = [tuple((n.weight.float(), n.bias.float(), n.eps) for n in (layer.attention_norm, layer.ffn_norm))
-                       for layer in m.costeff.layers]
+        # residual add + LayerNorm: costeff's fused kernel where it is compiled for the device (sums and
+        # normalisation in float32, one launch instead of five); else PyTorch on float32 copies of the
+        # parameters, the same arithmetic
+        self._fused_norm = has_compiled_kernel("add_layer_norm", "CUDA" if self.device.type == "cuda" else "CPU")
+        self._norms = [tuple((n.weight if self._fused_norm else n.weight.float(), n.bias if self._fused_norm else n.bias.float(), n.eps)
+                             for n in (layer.attention_norm, layer.ffn_norm)) for layer in m.costeff.layers]
         self.spans = segment_spans(cfg)
         self.exit_layers = cfg.exit_layers()
         self._graphs: dict = {}
@@ -153,11 +158,16 @@ class GpuRunner:
             a = F.linear(ctx.transpose(1, 2).reshape(b, s, -1), att.out_weight, att.out_bias)
         else:
             a = att.out_bias.expand_as(h)
-        h1 = F.layer_norm(a.float() + h.float(), (width,), w1, b1, e1).to(h.dtype)
+        h1 = self._add_norm(a, h, w1, b1, e1)
         ffn = layer.ffn
         f = F.linear(F.gelu(F.linear(h1, ffn.in_weight, ffn.in_bias)), ffn.out_weight, ffn.out_bias) if ffn.in_weight.shape[0] \
             else ffn.out_bias.expand_as(h1)
-        return F.layer_norm(f.float() + h1.float(), (width,), w2, b2, e2).to(h.dtype)
+        return self._add_norm(f, h1, w2, b2, e2)
+
+    def _add_norm(self, x: torch.Tensor, residual: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+        if self._fused_norm:
+            return add_layer_norm(x.contiguous(), residual, weight, bias, eps)
+        return F.layer_norm(x.float() + residual.float(), (x.shape[-1],), weight, bias, eps).to(residual.dtype)
 
     def _segment(self, k: int, h: torch.Tensor, key_mask: torch.Tensor):
         start, end = self.spans[k]
