@@ -28,12 +28,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import costeff.ops as ops
-    from costeff.ops._registry import has_compiled_kernel
+    from costeff.ops._registry import TRITON_CUDA_OPS
 
     def kernel_of(name, device):
         if device == "cpu":
             return "C++ CPU"
-        return "CUDA C++" if has_compiled_kernel(name, "CUDA") else "Triton"
+        return "Triton" if name in TRITON_CUDA_OPS else "CUDA C++"
 
     torch.backends.cuda.matmul.allow_tf32 = False
     devices = list(dict.fromkeys(d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()))

@@ -105,6 +105,23 @@ else
     step tests-cpu 120 tests.log "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu_runner.py
 fi
 step op-errors 60 tests.log "$PY" benchmarks/op_errors.py --devices cpu,$DEVICE
+# The C++ config reader on its own: on the H200 (2026-12-04) torch.ops.costeff._engine_config crashed
+# (SIGSEGV) when the tests' model_dir fixture called it, while the engine built from JSON ran. A crash
+# here is rerun under cuda-gdb (the machine has no gdb) for the C++ backtrace.
+cat > "$WORK/engine_config_probe.py" <<'PY'
+import faulthandler, torch
+import costeff  # noqa: F401  (loads the extension)
+from costeff.models import CostEffConfig
+faulthandler.enable()
+for cfg in (CostEffConfig(), CostEffConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, attention_head_size=16,
+                                           intermediate_size=24, max_position_embeddings=128, num_labels=2, exit_pooling="mean")):
+    print(torch.ops.costeff._engine_config(cfg.to_json_string()), flush=True)
+try:
+    torch.ops.costeff._engine_config("{not json")
+except ValueError as exc:
+    print("a bad config is a ValueError:", str(exc).splitlines()[0], flush=True)
+PY
+step engine-config 90 tests.log bash -c '"$0" "$1" && exit 0; rc=$?; command -v cuda-gdb > /dev/null && cuda-gdb -q -batch -ex run -ex bt --args "$0" "$1"; exit $rc' "$PY" "$WORK/engine_config_probe.py"
 
 # --- 4. training on the device: the tiny preset (fp32, bf16) ---
 step tiny-backbone 60 train.log "$PY" - "$CARRY/tokenizer" "$WORK/tinybert" <<'PY'

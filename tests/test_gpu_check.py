@@ -18,11 +18,12 @@ def test_gpu_check_dry_run(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert res.returncode == 0, summary + res.stdout[-2000:] + res.stderr[-2000:]
     steps = [line.split(":")[0] for line in summary.splitlines() if ": ok (" in line]
-    assert steps == ["probe", "build", "tests", "tests-cpu", "op-errors", "tiny-backbone", "train-tiny-fp32", "train-tiny-bf16", "bench"], summary
+    assert steps == ["probe", "build", "tests", "tests-cpu", "op-errors", "engine-config", "tiny-backbone", "train-tiny-fp32", "train-tiny-bf16", "bench"], summary
     assert "FAILED" not in summary and "TIMEOUT" not in summary
     assert {"env.txt", "build.log", "tests.log", "bench.log", "bench_gpu.json", "train.log", "summary.txt"} <= set(os.listdir(tmp_path / "out"))
     assert "student GpuRunner bf16" in (tmp_path / "out" / "bench.log").read_text()
-    assert "exit_head" in (tmp_path / "out" / "tests.log").read_text()  # the op error table
+    log = (tmp_path / "out" / "tests.log").read_text()
+    assert "exit_head" in log and "a bad config is a ValueError" in log  # the op error table, the config reader probe
     # a recheck of named steps only
     env["OUT"] = str(tmp_path / "out2")
     res = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--dry-run"], env=dict(env, COSTEFF_GPU_STEPS="probe op-errors"),

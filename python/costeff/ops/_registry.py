@@ -87,11 +87,15 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+TRITON_CUDA_OPS: set = set()  # the ops whose CUDA kernel is the Triton one (register_triton_cuda)
+
+
 def register_triton_cuda(name: str) -> bool:
     """Registers costeff_kernels.<name>.<name>_triton for the CUDA key unless a compiled CUDA kernel
     (csrc/cuda/<name>.cu) already serves it. The Triton module is imported on first call only."""
     if not extension_loaded() or has_compiled_kernel(name, "CUDA") or not triton_available():
         return False
+    TRITON_CUDA_OPS.add(name)
 
     def launcher(*args):
         module = importlib.import_module(f"costeff_kernels.{name}")
