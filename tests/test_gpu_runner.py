@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from costeff.inference.gpu_runner import GpuRunner, bucket, compact_order, length_buckets, scatter_target
+from costeff.inference.gpu_runner import GpuRunner, bucket, compaction_dest, length_buckets, scatter_target
 from costeff.models import CostEffConfig, CostEffForSequenceClassification
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it on a lent machine)")
@@ -15,7 +15,12 @@ def test_buckets_and_compaction_helpers():
     assert [bucket(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 8]
     assert length_buckets(128) == (8, 16, 32, 64, 128) and length_buckets(100) == (8, 16, 32, 64, 100) and length_buckets(5) == (5,)
     stay = torch.tensor([False, True, False, True, True, False])
-    assert compact_order(stay).tolist() == [1, 3, 4, 0, 2, 5]  # stayers first, each group in order
+    dest = compaction_dest(stay)
+    assert dest.tolist() == [3, 0, 4, 1, 2, 5]  # stayers first, each group in order
+    moved = torch.empty(6, dtype=torch.long).index_copy_(0, dest, torch.arange(6))
+    assert moved.tolist() == [1, 3, 4, 0, 2, 5]
+    assert compaction_dest(torch.zeros(3, dtype=torch.bool)).tolist() == [0, 1, 2]
+    assert compaction_dest(torch.ones(3, dtype=torch.bool)).tolist() == [0, 1, 2]
     rows = torch.tensor([10, 11, 12, 13, 14, 15])
     assert scatter_target(~stay, rows, 99).tolist() == [10, 99, 12, 99, 99, 15]
 
