@@ -552,3 +552,73 @@ def test_triton_op_under_torch_compile(test_ops):
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     expected = slim_ffn_reference(add_layer_norm_reference(x, r, w, b, 1e-12), *ffn[1:])
     torch.testing.assert_close(compiled(x, r, w, b), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- the GPU runner's exit bookkeeping (costeff_kernels/exit_decide.py) ---------------------------
+
+def _exit_decide_case(b, s, labels, spare, seed):
+    g = torch.Generator().manual_seed(seed)
+    entropy = torch.rand(b, generator=g, dtype=torch.float64).float()
+    entropy[torch.randint(0, b, (max(1, b // 7),), generator=g)] = 0.25  # ties with the threshold below
+    logits = torch.randn(b, labels, generator=g)
+    row = torch.randperm(spare, generator=g)[:b]
+    row[torch.rand(b, generator=g) < 0.3] = spare  # rows that are not real (left already, bucket padding)
+    lengths = torch.randint(1, s + 1, (b,), generator=g)
+    key = torch.arange(s)[None] < lengths[:, None]
+    key[::3] = key[::3].flip(1)  # left-padded rows too: the length is the last real position
+    return entropy, logits, row, key
+
+
+@pytest.mark.parametrize("b,s,labels,last", [(1, 5, 2, False), (7, 33, 3, False), (37, 70, 77, False), (256, 40, 2, False), (19, 9, 4, True)])
+def test_exit_decide_matches_the_reference(b, s, labels, last):
+    from costeff.inference.gpu_runner import exit_decide_reference
+    from costeff_kernels.exit_decide import exit_decide_triton
+
+    spare = 300
+    entropy, logits, row, key = _exit_decide_case(b, s, labels, spare, seed=b + s)
+    entropy[b // 2] = float("nan") if b > 4 else entropy[b // 2]
+    threshold = torch.tensor(0.25)
+    results = []
+    for fn in (exit_decide_reference, exit_decide_triton):
+        out = torch.full((spare + 1, labels + 2), -7.0, device=DEVICE)
+        stats = torch.full((9,), -1, dtype=torch.long, device=DEVICE)
+        dest, new_row = fn(*(t.to(DEVICE) for t in (entropy, logits, row, key, threshold)), out, stats, 3.0, spare, last)
+        # row `spare` takes the reference's writes of the rows that do not leave; the kernel skips them
+        results.append((out.cpu()[:spare], stats.cpu(), dest.cpu(), new_row.cpu()))
+    (out_r, stats_r, dest_r, row_r), (out_t, stats_t, dest_t, row_t) = results
+    assert torch.equal(out_t, out_r) and torch.equal(stats_t[:3], stats_r[:3])
+    assert torch.equal(dest_t, dest_r) and torch.equal(row_t, row_r)
+    assert sorted(dest_r.tolist()) == list(range(b))  # a permutation
+    valid = row != spare
+    assert stats_r[2].item() == int((valid & entropy.isnan()).sum())
+    if last:
+        assert stats_r[0].item() == 0 and (row_r == spare).all()
+
+
+def test_gpu_runner_with_the_fused_exit_equals_early_exit():
+    from tests.test_gpu_runner import _assert_same_as_early_exit, _batch, _model
+
+    from costeff.inference import GpuRunner
+
+    model = _model()
+    runner = GpuRunner(model, device=DEVICE, fused_exit=True, batch_buckets=(1, 2, 4, 8, 16, 32))
+    assert runner._exit_decide.__name__ == "exit_decide_triton"
+    for t in (0.0, 0.6, math.inf):
+        _assert_same_as_early_exit(runner, model.to(DEVICE), tuple(x.to(DEVICE) for x in _batch(b=23, s=31)), t)
+
+
+def test_gpu_runner_falls_back_when_the_fused_exit_kernel_fails(monkeypatch):
+    from tests.test_gpu_runner import _assert_same_as_early_exit, _batch, _model
+
+    from costeff.inference import GpuRunner
+    from costeff.inference.gpu_runner import exit_decide_reference
+
+    def broken(*args):
+        raise RuntimeError("PassManager::run failed")  # what a Triton compile error looks like
+
+    model = _model()
+    runner = GpuRunner(model, device=DEVICE, fused_exit=True, graphs=False)
+    runner._exit_decide = broken
+    with pytest.warns(RuntimeWarning, match="fused exit kernel failed"):
+        _assert_same_as_early_exit(runner, model.to(DEVICE), tuple(x.to(DEVICE) for x in _batch(b=9, s=12)), 0.6)
+    assert runner._exit_decide is exit_decide_reference

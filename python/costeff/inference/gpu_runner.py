@@ -27,6 +27,7 @@ A runner is not thread-safe: its buffers hold one call's state.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -76,6 +77,24 @@ def scatter_target(leave: torch.Tensor, rows: torch.Tensor, spare: int) -> torch
     return torch.where(leave, rows, spare)
 
 
+def exit_decide_reference(entropy: torch.Tensor, logits: torch.Tensor, row: torch.Tensor, key: torch.Tensor, threshold: torch.Tensor,
+                          out: torch.Tensor, stats: torch.Tensor, layer: float, spare: int, last: bool):
+    """The exit bookkeeping of one segment (costeff_kernels/exit_decide.py does it in one launch): the
+    rows that leave (valid rows with entropy < threshold; every valid row at the last exit) are
+    written into their output rows of ``out`` as [logits | entropy | exit layer]; ``stats[:3]`` gets
+    the rows that stay, their longest real length and the non-finite rows. A row is valid when its
+    output row is not ``spare``. Returns (dest, new_row): where each row goes when the rows that stay
+    move to the front, and each row's output row after this exit (``spare`` unless it stays)."""
+    valid = row != spare
+    leave = valid if last else valid & (entropy < threshold)
+    out.index_copy_(0, scatter_target(leave, row, spare), torch.cat([logits.float(), entropy.float()[:, None], torch.full_like(entropy[:, None], layer)], 1))
+    stay = valid ^ leave  # leave is within valid
+    positions = torch.arange(1, key.shape[1] + 1, device=key.device)
+    length = torch.where(key & stay[:, None], positions, 0).amax()
+    torch.stack([stay.sum(), length, (valid & ~torch.isfinite(entropy)).sum()], out=stats[:3])
+    return compaction_dest(stay), torch.where(stay, row, spare)
+
+
 class GpuRunner:
     """Early exit of a costeff classifier with on-device compaction and CUDA graphs.
 
@@ -86,7 +105,7 @@ class GpuRunner:
 
     def __init__(self, model: CostEffForSequenceClassification, device: str = "auto", precision: str = "fp32",
                  graphs: Optional[bool] = None, batch_buckets: Sequence[int] = BATCH_BUCKETS,
-                 length_sizes: Optional[Sequence[int]] = None):
+                 length_sizes: Optional[Sequence[int]] = None, fused_exit: Optional[bool] = None):
         if not isinstance(model, CostEffForSequenceClassification):
             raise TypeError(f"GpuRunner needs a costeff CostEffForSequenceClassification, got {type(model).__name__}")
         if precision not in PRECISIONS:
@@ -121,6 +140,7 @@ class GpuRunner:
                              for n in (layer.attention_norm, layer.ffn_norm)) for layer in m.costeff.layers]
         self.spans = segment_spans(cfg)
         self.exit_layers = cfg.exit_layers()
+        self._exit_decide = self._choose_exit_decide(fused_exit)
         self._graphs: dict = {}
         self._pool = None
         self.syncs = 0
@@ -137,7 +157,6 @@ class GpuRunner:
         self._mask = torch.zeros(mb, ml, dtype=torch.bool, device=dev)
         self._iota = torch.arange(mb, device=dev)
         self._positions = torch.arange(1, ml + 1, device=dev)
-        self._layer_cols = [torch.full((mb, 1), float(layer), device=dev) for layer in self.exit_layers]
         self._row = torch.zeros(mb, dtype=torch.long, device=dev)
         self._out = torch.zeros(mb + 1, cfg.num_labels + 2, dtype=torch.float32, device=dev)  # logits, entropy, exit layer
         self._stats = torch.zeros(9, dtype=torch.long, device=dev)
@@ -181,6 +200,21 @@ class GpuRunner:
         logits, entropy = exit_head_logits_entropy(x, ex.classifier.weight, ex.classifier.bias, pw, pb, ex.activation)
         return logits, entropy, h
 
+    def _choose_exit_decide(self, fused: Optional[bool]):
+        """The exit bookkeeping: the Triton kernel (one launch) on CUDA where Triton is installed, else
+        exit_decide_reference. ``fused=True`` asks for the kernel (on the CPU only under TRITON_INTERPRET=1)."""
+        import importlib.util
+        import os
+
+        if fused is None:
+            fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        if not fused:
+            return exit_decide_reference
+        if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError("GpuRunner: fused_exit=True needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+        from costeff_kernels.exit_decide import exit_decide_triton
+        return exit_decide_triton
+
     def _step(self, k: int, bb: int, ll: int) -> None:
         """Segment k on the (bb, ll) corner of the state buffers: the layers, the exit, the outputs
         of the rows that leave, the compacted rows that stay, the stats for the host. Fixed shapes
@@ -205,33 +239,42 @@ class GpuRunner:
             h = self._hidden[:bb, :ll].contiguous()
             key = self._mask[:bb, :ll].clone()  # a copy: the compaction below writes back over this corner
             row_of = self._row[:bb]
-            valid = row_of != spare
             checks = []
         logits, entropy, h = self._segment(k, h, key)
         last = k == len(self.spans) - 1
-        leave = valid if last else valid & (entropy < self._threshold)
-        self._out.index_copy_(0, scatter_target(leave, row_of, spare),
-                              torch.cat([logits.float(), entropy.float()[:, None], self._layer_cols[k][:bb]], 1))
-        stay = valid ^ leave  # leave is within valid
-        length = torch.where(key & stay[:, None], positions, 0).amax()
-        non_finite = (valid & ~torch.isfinite(entropy)).sum()
-        torch.stack([stay.sum(), length, non_finite, *checks], out=self._stats[:3 + len(checks)])
+        dest, new_row = self._exit_decide(entropy.float(), logits.float(), row_of, key, self._threshold, self._out, self._stats,
+                                          float(self.exit_layers[k]), spare, last)
+        if checks:
+            torch.stack(checks, out=self._stats[3:9])
         if not last:
-            dest = compaction_dest(stay, self._iota[:bb])
             self._hidden[:bb, :ll].index_copy_(0, dest, h)
             self._mask[:bb, :ll].index_copy_(0, dest, key)
-            self._row[:bb].index_copy_(0, dest, torch.where(stay, row_of, spare))
+            self._row[:bb].index_copy_(0, dest, new_row)
 
     # -- graphs ------------------------------------------------------------------------------------
 
     def _state(self) -> tuple:
         return self._in, self._size, self._hidden, self._mask, self._row, self._out, self._stats
 
+    def _eager_step(self, k: int, bb: int, ll: int) -> None:
+        """``_step`` run eagerly; if the fused exit kernel fails there (a Triton compile error on an
+        untried GPU), say so and use exit_decide_reference from then on (the step writes no state
+        before the exit bookkeeping, so it is simply rerun)."""
+        try:
+            self._step(k, bb, ll)
+        except Exception as exc:  # noqa: BLE001 - any failure of the kernel path; the rerun raises what is not its fault
+            if self._exit_decide is exit_decide_reference:
+                raise
+            warnings.warn(f"GpuRunner: the fused exit kernel failed ({type(exc).__name__}: {str(exc)[:500]}); "
+                          "using the PyTorch exit bookkeeping (exit_decide_reference)", RuntimeWarning, stacklevel=2)
+            self._exit_decide = exit_decide_reference
+            self._step(k, bb, ll)
+
     def _run(self, k: int, bb: int, ll: int) -> None:
         """Segment k at buckets (bb, ll): eagerly, or by replaying its graph (captured on first use;
         the warm-up runs change the state buffers, so the call's state is put back after them)."""
         if not self.graphs:
-            self._step(k, bb, ll)
+            self._eager_step(k, bb, ll)
             return
         graph = self._graphs.get((k, bb, ll))
         if graph is None:
@@ -239,8 +282,8 @@ class GpuRunner:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up outside the capture (cuBLAS handles, SDPA kernel choice)
-                    self._step(k, bb, ll)
+                for _ in range(2):  # warm-up outside the capture (cuBLAS handles, SDPA kernel choice, Triton compile)
+                    self._eager_step(k, bb, ll)
             torch.cuda.current_stream(self.device).wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -332,4 +375,4 @@ class GpuRunner:
             raise ValueError(f"GpuRunner: token_type_ids must be in [0, type_vocab_size={cfg.type_vocab_size})")
 
 
-__all__ = ["GpuRunner", "bucket", "length_buckets", "compaction_dest", "scatter_target", "BATCH_BUCKETS"]
+__all__ = ["GpuRunner", "bucket", "length_buckets", "compaction_dest", "scatter_target", "exit_decide_reference", "BATCH_BUCKETS"]
