@@ -2,7 +2,8 @@
 
 Teacher (MiniLM-L6 shapes): Hugging Face eager and sdpa, sdpa + torch.compile, sdpa replayed as a
 CUDA graph (inputs padded to one shape), each in fp32 and bf16. Student (the demo's shapes): the
-PyTorch ``early_exit`` (eager) and costeff.inference.GpuRunner in fp32 and bf16. Batch 1, 32 and 256
+PyTorch ``early_exit`` (eager) and costeff.inference.GpuRunner in fp32 and bf16 (on CUDA also bf16
+with the PyTorch exit bookkeeping instead of the fused Triton one). Batch 1, 32 and 256
 of real Rotten Tomatoes test sentences when the run directory and corpus are there (``--run``),
 otherwise random-weight models of those shapes on random token lengths (8..48, the corpus' range).
 
@@ -178,6 +179,9 @@ def build_systems(teacher, student, device, threshold: float, max_len: int, no_c
     for precision in ("fp32", "bf16"):
         r = GpuRunner(student, device=str(device), precision=precision)
         systems[f"student GpuRunner {precision}"] = (lambda ids, mask, r=r: r(ids, mask, threshold=threshold).logits)
+    if cuda:  # the fused exit bookkeeping's effect: the same runner with the PyTorch one
+        r = GpuRunner(student, device=str(device), precision="bf16", fused_exit=False)
+        systems["student GpuRunner bf16 torch-exit"] = (lambda ids, mask, r=r: r(ids, mask, threshold=threshold).logits)
     return systems
 
 
