@@ -601,24 +601,61 @@ def test_gpu_runner_with_the_fused_exit_equals_early_exit():
     from costeff.inference import GpuRunner
 
     model = _model()
-    runner = GpuRunner(model, device=DEVICE, fused_exit=True, batch_buckets=(1, 2, 4, 8, 16, 32))
-    assert runner._exit_decide.__name__ == "exit_decide_triton"
-    for t in (0.0, 0.6, math.inf):
-        _assert_same_as_early_exit(runner, model.to(DEVICE), tuple(x.to(DEVICE) for x in _batch(b=23, s=31)), t)
+    for pooling in ("mean", "cls"):
+        model = _model(pooling)
+        runner = GpuRunner(model, device=DEVICE, fused_exit=True, batch_buckets=(1, 2, 4, 8, 16, 32))
+        assert [k.__name__ for k in runner._kernels] == ["exit_decide_triton", "exit_pool_head_triton"]
+        for t in (0.0, 0.6, math.inf):
+            _assert_same_as_early_exit(runner, model.to(DEVICE), tuple(x.to(DEVICE) for x in _batch(b=23, s=31)), t)
 
 
 def test_gpu_runner_falls_back_when_the_fused_exit_kernel_fails(monkeypatch):
     from tests.test_gpu_runner import _assert_same_as_early_exit, _batch, _model
 
     from costeff.inference import GpuRunner
-    from costeff.inference.gpu_runner import exit_decide_reference
 
     def broken(*args):
         raise RuntimeError("PassManager::run failed")  # what a Triton compile error looks like
 
     model = _model()
     runner = GpuRunner(model, device=DEVICE, fused_exit=True, graphs=False)
-    runner._exit_decide = broken
-    with pytest.warns(RuntimeWarning, match="fused exit kernel failed"):
+    runner._kernels = (broken, runner._kernels[1])
+    with pytest.warns(RuntimeWarning, match="fused exit kernels failed"):
         _assert_same_as_early_exit(runner, model.to(DEVICE), tuple(x.to(DEVICE) for x in _batch(b=9, s=12)), 0.6)
-    assert runner._exit_decide is exit_decide_reference
+    assert runner._kernels is None
+
+
+@pytest.mark.parametrize("b,s,h,c,act,mean,dtype", [(1, 5, 32, 2, "tanh", True, torch.float32), (9, 33, 40, 77, "gelu", True, torch.bfloat16),
+                                                   (6, 17, 384, 3, "relu", False, torch.float32), (4, 3, 24, 300, "tanh", True, torch.float32)])
+def test_exit_pool_head_matches_the_reference(b, s, h, c, act, mean, dtype):
+    from costeff.models import CostEffConfig
+    from costeff.models.modeling_costeff import exit_input
+    from costeff.ops.exit_head import exit_head_logits_entropy
+    from costeff_kernels.exit_pool_head import exit_pool_head_triton
+
+    gen = torch.Generator().manual_seed(b * 7 + c)
+    hidden = (torch.randn(b, s, h, generator=gen) * 2).to(dtype)
+    lengths = torch.randint(1, s + 1, (b,), generator=gen)
+    key = torch.arange(s)[None] < lengths[:, None]
+    w, bias = torch.randn(c, h, generator=gen) * 0.3, torch.randn(c, generator=gen)
+    cfg = CostEffConfig(exit_pooling="mean" if mean else "cls")
+    want_logits, want_entropy = exit_head_logits_entropy(exit_input(hidden.float(), key, cfg, last=False), w, bias, None, None, act)
+    logits, entropy = exit_pool_head_triton(hidden.to(DEVICE), key.to(DEVICE), w.to(DEVICE), bias.to(DEVICE), act, mean)
+    torch.testing.assert_close(logits.cpu(), want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.cpu(), want_entropy, rtol=1e-5, atol=1e-5)
+    hidden[0, 0, 0] = float("nan")  # a non-finite row gives a non-finite entropy: the runner counts those
+    _, entropy = exit_pool_head_triton(hidden.to(DEVICE), key.to(DEVICE), w.to(DEVICE), bias.to(DEVICE), act, mean)
+    assert not torch.isfinite(entropy[0]) and torch.isfinite(entropy[1:]).all()
+
+
+def test_gpu_runner_with_the_fused_exit_refuses_non_finite_logits():
+    from tests.test_gpu_runner import _batch, _model
+
+    from costeff.inference import GpuRunner
+
+    model = _model()
+    with torch.no_grad():
+        model.costeff.layers[0].ffn.out_bias[3] = float("nan")
+    runner = GpuRunner(model, device=DEVICE, fused_exit=True, graphs=False)
+    with pytest.raises(ValueError, match="non-finite logits"):
+        runner(*(x.to(DEVICE) for x in _batch(b=5, s=7)), threshold=0.5)

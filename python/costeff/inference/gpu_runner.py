@@ -140,7 +140,7 @@ class GpuRunner:
                              for n in (layer.attention_norm, layer.ffn_norm)) for layer in m.costeff.layers]
         self.spans = segment_spans(cfg)
         self.exit_layers = cfg.exit_layers()
-        self._exit_decide = self._choose_exit_decide(fused_exit)
+        self._kernels = self._fused_kernels(fused_exit)  # (exit_decide, exit_pool_head) Triton launchers, or None
         self._graphs: dict = {}
         self._pool = None
         self.syncs = 0
@@ -194,26 +194,33 @@ class GpuRunner:
         for i in range(start, end):
             h = self._layer(i, h, key_mask)
         ex = self.model.exits[k]
-        x = exit_input(h.float(), key_mask, self.config, end == self.config.num_hidden_layers)
+        last = end == self.config.num_hidden_layers
+        if self._kernels and ex.pooler is None:
+            logits, entropy = self._kernels[1](h, key_mask, ex.classifier.weight, ex.classifier.bias, ex.activation,
+                                               not last and self.config.exit_pooling == "mean")
+            return logits, entropy, h
+        x = exit_input(h.float(), key_mask, self.config, last)
         pw = ex.pooler.weight if ex.pooler is not None else None
         pb = ex.pooler.bias if ex.pooler is not None else None
         logits, entropy = exit_head_logits_entropy(x, ex.classifier.weight, ex.classifier.bias, pw, pb, ex.activation)
         return logits, entropy, h
 
-    def _choose_exit_decide(self, fused: Optional[bool]):
-        """The exit bookkeeping: the Triton kernel (one launch) on CUDA where Triton is installed, else
-        exit_decide_reference. ``fused=True`` asks for the kernel (on the CPU only under TRITON_INTERPRET=1)."""
+    def _fused_kernels(self, fused: Optional[bool]):
+        """The exit head and the exit bookkeeping as one Triton launch each (costeff_kernels/exit_pool_head.py,
+        exit_decide.py) on CUDA where Triton is installed; else (None) their PyTorch references.
+        ``fused=True`` asks for the kernels (on the CPU only under TRITON_INTERPRET=1)."""
         import importlib.util
         import os
 
         if fused is None:
             fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
         if not fused:
-            return exit_decide_reference
+            return None
         if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise ValueError("GpuRunner: fused_exit=True needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
         from costeff_kernels.exit_decide import exit_decide_triton
-        return exit_decide_triton
+        from costeff_kernels.exit_pool_head import exit_pool_head_triton
+        return exit_decide_triton, exit_pool_head_triton
 
     def _step(self, k: int, bb: int, ll: int) -> None:
         """Segment k on the (bb, ll) corner of the state buffers: the layers, the exit, the outputs
@@ -242,7 +249,8 @@ class GpuRunner:
             checks = []
         logits, entropy, h = self._segment(k, h, key)
         last = k == len(self.spans) - 1
-        dest, new_row = self._exit_decide(entropy.float(), logits.float(), row_of, key, self._threshold, self._out, self._stats,
+        exit_decide = self._kernels[0] if self._kernels else exit_decide_reference
+        dest, new_row = exit_decide(entropy.float(), logits.float(), row_of, key, self._threshold, self._out, self._stats,
                                           float(self.exit_layers[k]), spare, last)
         if checks:
             torch.stack(checks, out=self._stats[3:9])
@@ -257,17 +265,17 @@ class GpuRunner:
         return self._in, self._size, self._hidden, self._mask, self._row, self._out, self._stats
 
     def _eager_step(self, k: int, bb: int, ll: int) -> None:
-        """``_step`` run eagerly; if the fused exit kernel fails there (a Triton compile error on an
-        untried GPU), say so and use exit_decide_reference from then on (the step writes no state
+        """``_step`` run eagerly; if a fused exit kernel fails there (a Triton compile error on an
+        untried GPU), say so and use the PyTorch references from then on (the step writes no state
         before the exit bookkeeping, so it is simply rerun)."""
         try:
             self._step(k, bb, ll)
         except Exception as exc:  # noqa: BLE001 - any failure of the kernel path; the rerun raises what is not its fault
-            if self._exit_decide is exit_decide_reference:
+            if self._kernels is None:
                 raise
-            warnings.warn(f"GpuRunner: the fused exit kernel failed ({type(exc).__name__}: {str(exc)[:500]}); "
-                          "using the PyTorch exit bookkeeping (exit_decide_reference)", RuntimeWarning, stacklevel=2)
-            self._exit_decide = exit_decide_reference
+            warnings.warn(f"GpuRunner: the fused exit kernels failed ({type(exc).__name__}: {str(exc)[:500]}); "
+                          "using their PyTorch references", RuntimeWarning, stacklevel=2)
+            self._kernels = None
             self._step(k, bb, ll)
 
     def _run(self, k: int, bb: int, ll: int) -> None:
