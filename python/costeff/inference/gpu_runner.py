@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from costeff.device import resolve_device
 from costeff.models.modeling_costeff import (CostEffForSequenceClassification, EarlyExitOutput, check_input_shape, exit_input,
-                                             segment_spans)
+                                             pools_mean, segment_spans)
 from costeff.ops._checks import check_threshold
 from costeff.ops._registry import has_compiled_kernel
 from costeff.ops.add_layer_norm import add_layer_norm
@@ -62,13 +62,12 @@ def length_buckets(max_len: int, smallest: int = 8) -> tuple:
     return tuple(sizes) + (max_len,)
 
 
-def compaction_dest(stay: torch.Tensor, iota: Optional[torch.Tensor] = None) -> torch.Tensor:
+def compaction_dest(stay: torch.Tensor) -> torch.Tensor:
     """Where each row goes when the rows that stay move to the front, each group in its original
     order: a permutation from cumulative sums (no host sync, unlike boolean indexing or nonzero; no
-    sort). ``iota``: ``arange(len(stay))`` if the caller keeps one."""
+    sort)."""
     before = stay.cumsum(0)  # rows that stay up to and including each row
-    iota = torch.arange(stay.shape[0], device=stay.device) if iota is None else iota
-    return torch.where(stay, before - 1, before[-1] + iota - before)
+    return torch.where(stay, before - 1, before[-1] + torch.arange(stay.shape[0], device=stay.device) - before)
 
 
 def scatter_target(leave: torch.Tensor, rows: torch.Tensor, spare: int) -> torch.Tensor:
@@ -197,7 +196,7 @@ class GpuRunner:
         last = end == self.config.num_hidden_layers
         if self._kernels and ex.pooler is None:
             logits, entropy = self._kernels[1](h, key_mask, ex.classifier.weight, ex.classifier.bias, ex.activation,
-                                               not last and self.config.exit_pooling == "mean")
+                                               pools_mean(self.config, last))
             return logits, entropy, h
         x = exit_input(h.float(), key_mask, self.config, last)
         pw = ex.pooler.weight if ex.pooler is not None else None
@@ -228,8 +227,8 @@ class GpuRunner:
         and no host sync: what one CUDA graph captures. A row is valid while its output row is not
         ``spare``. Written for few launches: each costs 1-4 us on the GPU at these sizes."""
         cfg, spare = self.config, self.spare
-        positions = self._positions[:ll]  # 1..ll
         if k == 0:
+            positions = self._positions[:ll]  # 1..ll
             iota = self._iota[:bb]
             valid = iota < self._size[0]
             inside = valid[:, None] & (positions <= self._size[1])

@@ -645,10 +645,15 @@ class CostEffForSequenceClassification(CostEffPreTrainedModel):
         }
 
 
+def pools_mean(config: CostEffConfig, last: bool) -> bool:
+    """Whether an exit reads the average of the real tokens (intermediate exits with
+    exit_pooling="mean") rather than CLS."""
+    return not last and config.exit_pooling != "cls"
+
+
 def exit_input(h: torch.Tensor, mask: torch.Tensor, config: CostEffConfig, last: bool) -> torch.Tensor:
-    """The state an exit reads: CLS, or for intermediate exits with exit_pooling="mean" the average
-    of the real tokens."""
-    if last or config.exit_pooling == "cls":
+    """The state an exit reads: CLS, or the average of the real tokens where :func:`pools_mean`."""
+    if not pools_mean(config, last):
         return h[:, 0]
     m = mask.to(h.dtype).unsqueeze(-1)
     return (h * m).sum(1) / m.sum(1).clamp_min(1)
