@@ -86,7 +86,16 @@ if [ $DRY = 0 ]; then
     NV_CUDART="$(dirname "$NV_INCLUDE")/lib/libcudart.so.13"
     if [ -f "$NV_CUDART" ]; then mkdir -p "$WORK/cudart" && ln -sf "$NV_CUDART" "$WORK/cudart/libcudart.so" \
         && export LIBRARY_PATH="${LIBRARY_PATH:+$LIBRARY_PATH:}$WORK/cudart"; fi
-    step build 240 build.log env TORCH_CUDA_ARCH_LIST="9.0+PTX" MAX_JOBS=16 COSTEFF_CUDA=1 "$PY" setup.py build_ext --inplace
+    # The image sets CXX=/opt/gcc/bin/g++, a toolchain that links libstdc++ statically: the extension then
+    # carries a second libstdc++ whose iostreams crash in the locale code (SIGSEGV in the first
+    # std::ostringstream, H200 2026-12-04). The system compiler links the process's shared libstdc++.
+    SYS_CC=/usr/bin/gcc SYS_CXX=/usr/bin/g++
+    [ -x "$SYS_CXX" ] || { SYS_CC="$(command -v gcc)"; SYS_CXX="$(command -v g++)"; }
+    { echo "image compilers: CC=${CC:-} CXX=${CXX:-} LDSHARED=${LDSHARED:-}; building with $SYS_CC / $SYS_CXX"; "$SYS_CXX" --version | head -1
+      file -L /opt/gcc/bin/g++ 2>/dev/null; head -c 300 /opt/gcc/bin/g++ 2>/dev/null | grep -a . | head -5; } >> "$OUT/build.log" 2>&1
+    step build 240 build.log env -u LDSHARED CC="$SYS_CC" CXX="$SYS_CXX" TORCH_CUDA_ARCH_LIST="9.0+PTX" MAX_JOBS=16 COSTEFF_CUDA=1 \
+        "$PY" setup.py build_ext --inplace
+    ldd python/costeff/_C*.so | grep -E "stdc\+\+|not found" >> "$OUT/build.log" 2>&1 || echo "_C links no shared libstdc++ (static copy?)" >> "$OUT/build.log"
 else
     step build 60 build.log "$PY" -c "import torch, costeff, costeff._C; print('CPU extension built; CUDA kernels registered:', costeff.info().get('cuda_kernels'))"
 fi
