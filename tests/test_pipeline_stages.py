@@ -527,3 +527,34 @@ def test_distillation_with_cached_teacher_outputs_matches_without(tiny_backbone,
     torch.testing.assert_close(plain["repr"]["history"][-1]["dev_repr_loss"], cached["repr"]["history"][-1]["dev_repr_loss"], rtol=1e-3, atol=0)
     for k in w_plain:
         torch.testing.assert_close(w_cached[k], w_plain[k], rtol=0, atol=2e-3)
+
+
+def test_run_config_records_the_data_arguments_and_commands_read_them(tmp_path):
+    """A run reopened without --task (a stage command, calibrate on its model, bench_anchors) reads the
+    task and data arguments the run recorded; an explicit --task wins; runs from before the record fall
+    back to their config's task, else the default."""
+    import argparse
+
+    from costeff.cli import _data_args, _run_dir_of_model
+    from costeff.pipeline.run import preset, read_run_data_args, write_run_config
+
+    run = tmp_path / "run"
+    (run / "student" / "model").mkdir(parents=True)
+    given = {"task": "banking77", "data_dir": "/data/banking"}
+    write_run_config(str(run), preset("tiny"), "bb", None, given)
+    assert read_run_data_args(str(run)) == given
+
+    def cli(task=None, data_dir=None):
+        return argparse.Namespace(task=task, data_dir=data_dir, text_column="t", label_column="l", text_pair_column=None)
+
+    assert _data_args(cli(), str(run)) == given
+    assert _run_dir_of_model(str(run / "student" / "model")) == str(run)
+    assert _data_args(cli(), _run_dir_of_model(str(run / "student" / "model"))) == given
+    assert _data_args(cli("csv", "x.csv"), str(run)) == {"task": "csv", "data_dir": "x.csv", "text_column": "t", "label_column": "l",
+                                                        "text_pair_column": None}
+    assert _data_args(cli(), str(tmp_path / "none")) == {"task": "rotten_tomatoes", "data_dir": None}
+    assert _run_dir_of_model(str(tmp_path / "elsewhere" / "model")) is None
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "run_config.json").write_text(json.dumps({"config": {"seed": 0}, "backbone": "bb", "recipe": None}))
+    assert read_run_data_args(str(old)) == {"task": "rotten_tomatoes"}

@@ -166,12 +166,16 @@ def test_pipeline_from_an_imported_teacher(tmp_path):
     res = subprocess.run([sys.executable, "-m", "costeff.cli", "predict", "--model", str(out / "student" / "model")],
                          input="the cast is great fun\n", capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and json.loads(res.stdout)["label"] in ("pos", "neg"), res.stderr
-    # `costeff calibrate --teacher` measures the teacher on dev its own way (its own tokenizer and loop) and
-    # lands where the pipeline's calibration did
+    # the run records its task and data arguments, and a later command on the run reads them
+    recorded = json.loads((out / "run_config.json").read_text())["data"]
+    assert recorded == {"task": "csv", "data_dir": task, "text_column": "text", "label_column": "label", "text_pair_column": None}
+    # `costeff calibrate --teacher` (no --task: the run's) measures the teacher on dev its own way (its own
+    # tokenizer and loop) and lands where the pipeline's calibration did
     pipeline_cal = json.loads((out / "student" / "model" / "calibration.json").read_text())
     res = subprocess.run([sys.executable, "-m", "costeff.cli", "calibrate", "--model", str(out / "student" / "model"), "--teacher",
-                          str(out / "teacher" / "model"), "--task", "csv", "--data-dir", task], capture_output=True, text=True, timeout=300)
+                          str(out / "teacher" / "model")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "target" in res.stdout, res.stderr[-2000:]
+    assert "--task csv (recorded in" in res.stderr
     cal = json.loads((out / "student" / "model" / "calibration.json").read_text())
     assert cal["teacher_dev_metric"] == pytest.approx(pipeline_cal["teacher_dev_metric"])
     assert cal["threshold"] == pytest.approx(pipeline_cal["threshold"]) and cal["target"] == pipeline_cal["target"]

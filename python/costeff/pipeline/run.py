@@ -436,6 +436,32 @@ def write_model_card(path: str, config, rows: list[dict], sizes: dict, metric: s
     os.replace(tmp, os.path.join(path, "README.md"))
 
 
+RUN_CONFIG = "run_config.json"
+DEFAULT_TASK = "rotten_tomatoes"
+
+
+def write_run_config(out: str, c: PipelineConfig, backbone: str, recipe: Optional[dict], data_args: Optional[dict]) -> None:
+    """run_config.json: the config, the backbone, what a target derived and the data arguments (task,
+    data_dir, CSV columns), so that a later command or benchmark reopens the run on its own task."""
+    if is_main_process():
+        atomic_write_json(os.path.join(out, RUN_CONFIG), {"config": c.__dict__, "backbone": backbone, "recipe": recipe,
+                                                         "data": data_args or {"task": DEFAULT_TASK}})
+
+
+def read_run_data_args(run_dir: str) -> Optional[dict]:
+    """The data arguments a run recorded (see write_run_config), or None when it has no run_config.json.
+    Runs written before the data arguments were recorded: the task of their config if any, else the default."""
+    path = os.path.join(run_dir, RUN_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    data = saved.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("task"), str):
+        return {"task": saved.get("config", {}).get("task", DEFAULT_TASK)}
+    return data
+
+
 def mark_done(out: str, stage: str, seconds: float) -> None:
     """Marks a finished stage, so `pipeline --resume` skips it."""
     if is_main_process():
@@ -444,11 +470,12 @@ def mark_done(out: str, stage: str, seconds: float) -> None:
 
 
 def run_pipeline(c: PipelineConfig, data, backbone: str, out: str, resume: bool = False, stages=("teacher", "ta", "prune", "distill", "evaluate"),
-                 recipe: Optional[dict] = None) -> dict:
-    """``recipe``: what a target derived (costeff.pipeline.recipe), recorded with the config."""
+                 recipe: Optional[dict] = None, data_args: Optional[dict] = None) -> dict:
+    """``recipe``: what a target derived (costeff.pipeline.recipe); ``data_args``: the task and its data
+    arguments as given; both recorded with the config (write_run_config)."""
     os.makedirs(out, exist_ok=True)
     timings, result = {}, {}
-    atomic_write_json(os.path.join(out, "run_config.json"), {"config": c.__dict__, "backbone": backbone, "recipe": recipe})
+    write_run_config(out, c, backbone, recipe, data_args)
     for stage in stages:
         t0 = time.time()
         done_marker = os.path.join(out, f".{stage}.done")
