@@ -193,3 +193,39 @@ def test_gflops_budget_on_a_model_directory_matches_the_models_own_flops_count(m
     assert ref["avg_flops"] / 1e9 == pytest.approx(res["avg_gflops"]) and res["avg_gflops"] <= 0.7 * full
     assert ref["avg_exit_layer"] == pytest.approx(res["avg_exit_layer"])
     assert model.config.inference_threshold == res["threshold"]
+
+
+@pytest.mark.parametrize("teacher_acc, drop, latency", [(90.0, 3.0, 0.75), (90.0, 3.0, 0.2), (90.0, 0.0, 10.0), (99.0, 0.0, 0.75)])
+def test_latency_target_against_the_teacher_takes_the_most_accurate_measured_point(case, teacher_acc, drop, latency):
+    """choose_for_target with latency_ms: the latency is measured on a grid of thresholds spread over the
+    exit layers; only measured points can meet it; among those meeting both halves, the most accurate."""
+    ents, preds, labels = case
+    gflops = torch.arange(1, ents.shape[1] + 1, dtype=torch.float64).expand(len(labels), -1).contiguous()
+    calls = []
+
+    def measure(t):  # a latency that follows the layers run, as the engine's does
+        calls.append(t)
+        return 0.1 + 0.2 * brute_force(ents, preds, labels, t)[1]
+
+    res = choose_for_target(ents, preds, labels, "accuracy", 1, gflops, teacher_acc, 5.0, drop, latency_ms=latency, measure=measure,
+                            latency_grid=8)
+    assert 2 <= len(calls) <= 8 and [m["threshold"] for m in res["measured"]] == calls
+    layers = [brute_force(ents, preds, labels, t)[1] for t in calls]
+    assert max(layers) == pytest.approx(ents.shape[1])  # the grid reaches full depth
+    for m in res["measured"]:
+        assert m["latency_ms"] == pytest.approx(0.1 + 0.2 * m["avg_exit_layer"]) and m["metric"] == pytest.approx(
+            brute_force(ents, preds, labels, m["threshold"])[0])
+    both = [m for m in res["measured"] if m["latency_ms"] <= latency and m["metric"] >= teacher_acc - drop - 1e-9]
+    assert res["target"]["met"] == bool(both) and res["criterion"]["latency_ms"] == latency
+    if both:
+        assert res["target"]["meets_latency"] and res["dev_metric"] >= max(m["metric"] for m in both) - 1e-9
+        assert res["latency_ms"] <= latency and res["closest"] is None
+    else:
+        fast = [m for m in res["measured"] if m["latency_ms"] <= latency]
+        best = res["closest"]["meets_latency"]
+        assert (best is None) == (not fast) and (best is None or best["metric"] >= max(m["metric"] for m in fast) - 1e-9)
+        assert "meets_speedup" not in res["closest"]
+    with pytest.raises(ValueError, match="latency_ms must be"):
+        choose_for_target(ents, preds, labels, "accuracy", 1, gflops, teacher_acc, 5.0, drop, latency_ms=-1.0, measure=measure)
+    with pytest.raises(ValueError, match="needs a timer"):
+        choose_for_target(ents, preds, labels, "accuracy", 1, gflops, teacher_acc, 5.0, drop, latency_ms=1.0)

@@ -81,7 +81,7 @@ def test_pipeline_with_a_speedup_target(tmp_path, minilm):
     tok.save_pretrained(tmp_path / "bb")
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "costeff.cli", "pipeline", "--preset", "tiny", "--no-progress", "--backbone", str(tmp_path / "bb"),
-                          "--output", str(out), "--speedup", "3", "--max-drop", "100", "--student-repr-epochs", "1"],
+                          "--output", str(out), "--speedup", "3", "--max-drop", "100", "--student-repr-epochs", "1", "--latency-ms", "1000"],
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = json.loads((out / "run_config.json").read_text())
@@ -90,11 +90,15 @@ def test_pipeline_with_a_speedup_target(tmp_path, minilm):
     student = json.loads((out / "student" / "model" / "config.json").read_text())
     assert student["num_attention_heads"] == [heads] * 3 and student["intermediate_size"] == [ffn] * 3
     cal = json.loads((out / "student" / "model" / "calibration.json").read_text())
-    assert cal["criterion"] == {"max_drop": 100.0, "speedup": 3.0, "against": "teacher"}
-    # 100 points of slack: the target is met on dev at >= 3x, the most accurate such threshold
-    assert cal["target"]["met"] and cal["target"]["speedup"] >= 3.0
+    assert cal["criterion"] == {"max_drop": 100.0, "speedup": 3.0, "against": "teacher", "latency_ms": 1000.0, "precision": "int8"}
+    # 100 points and 1 s of slack: the target is met on dev at >= 3x, the most accurate such threshold among
+    # those whose latency was measured (the engine in int8 at batch 1)
+    assert cal["target"]["met"] and cal["target"]["speedup"] >= 3.0 and 0 < cal["target"]["latency_ms"] <= 1000
+    assert cal["threshold"] in [m["threshold"] for m in cal["measured"]] and cal["precision"] == "int8"
     summary = json.loads((out / "eval" / "summary.json").read_text())
-    assert summary["target"]["test"]["threshold"] == cal["threshold"] and "target on test: target" in res.stdout
+    test = summary["target"]["test"]
+    assert test["threshold"] == cal["threshold"] and "target on test: target" in res.stdout and "ms per example (engine int8" in res.stdout
+    assert test["meets_latency"] and 0 < test["latency_ms"] <= 1000  # the calibrated int8 engine row, timed on test
 
 
 def test_max_length_from_the_data_covers_95_percent(minilm, tmp_path):
@@ -139,3 +143,20 @@ def test_params_fraction_holds_on_the_real_student(minilm, fraction, prunes):
         assert count_parameters(wider) > fraction * teacher
     with pytest.raises(ValueError, match="--params-fraction 0.01 is out of reach"):
         derive_recipe(preset("demo", max_length=48), Target(15, 1.5, 0.01), base, LENGTHS, vocabulary_rows=8000)
+
+
+def test_speedup_for_a_latency_target(minilm):
+    """A latency target sizes the widths by the teacher's shape timed here: its time over the target."""
+    from costeff.pipeline.recipe import speedup_for_latency
+
+    base = converted_config(minilm, num_labels=2)
+    ids = [[101] + [2000 + i] * (n - 2) + [102] for i, n in enumerate(LENGTHS)]
+    x, why = speedup_for_latency(base, ids, 0.25, "int8", timer=lambda block: 0.002)  # 2 ms per example here
+    assert x == pytest.approx(8.0) and "2.000 ms per example" in why and "engine int8" in why
+    c8, _ = derive_recipe(preset("demo"), Target(x, 1.5), base, LENGTHS)
+    want, _ = derive_recipe(preset("demo"), Target(8.0, 1.5), base, LENGTHS)
+    assert (c8.heads, c8.ffn) == (want.heads, want.ffn)
+    x, why = speedup_for_latency(base, ids[:4], 1e6, "fp32", rounds=1)  # timed for real: a loose target needs no cut
+    assert x == 1.0 and float(why.split("takes ")[1].split(" ms")[0]) > 0
+    with pytest.raises(ValueError, match="latency_ms must be"):
+        speedup_for_latency(base, ids, 0.0, "int8")

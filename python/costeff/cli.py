@@ -115,7 +115,7 @@ LEARNING_RATES = ("teacher_lr", "ta_lr", "prune_lr", "student_repr_lr", "student
 _PASS_THROUGH = ("max_length", "batch_size", "eval_batch_size", "max_train_examples", "max_eval_examples", "seed", "heads", "ffn",
                  "exit_start", "max_steps_per_epoch", "save_every", "temperature", "latency_examples", "ta_init", "teacher_epochs",
                  "ta_pred_epochs", "ta_repr_epochs", "student_repr_epochs", "student_pred_epochs", "prune_steps_per_event",
-                 "prune_allocation", "split_seed", "max_drop", "speedup", "params_fraction", "exit_warmup_epochs", "exit_hint_weight", "device", "precision", *LEARNING_RATES)
+                 "prune_allocation", "split_seed", "max_drop", "speedup", "params_fraction", "latency_ms", "latency_precision", "exit_warmup_epochs", "exit_hint_weight", "device", "precision", *LEARNING_RATES)
 
 
 def _pipeline_config(args):
@@ -156,17 +156,22 @@ def _with_target(args, c, data):
     """(config, recipe): the max_length the data was truncated to and, with --speedup, the recipe derived
     from the teacher's shape, the training split and the target (costeff.pipeline.recipe)."""
     c = dataclasses.replace(c, max_length=data.max_length)
-    if c.speedup is None and c.params_fraction is None:
+    if c.speedup is None and c.params_fraction is None and c.latency_ms is None:
         return c, None
     from costeff.models import converted_config
-    from costeff.pipeline.recipe import Target, derive_recipe
+    from costeff.pipeline.recipe import Target, derive_recipe, speedup_for_latency
     from costeff.pipeline.run import log
 
     base = converted_config(c.teacher or backbone_of(args), num_labels=data.num_labels)
     ids = data.encoded["train"]["input_ids"]
     rows = len(set().union(*map(set, ids)) | set(data.tokenizer.all_special_ids))  # the word rows --prune-vocabulary keeps
-    c, recipe = derive_recipe(c, Target(c.speedup, c.max_drop, c.params_fraction), base, [len(x) for x in ids],
+    speedup, latency_why = c.speedup, None
+    if c.latency_ms is not None and speedup is None:
+        speedup, latency_why = speedup_for_latency(base, ids, c.latency_ms, c.latency_precision)
+    c, recipe = derive_recipe(c, Target(speedup, c.max_drop, c.params_fraction), base, [len(x) for x in ids],
                               explicit=tuple(_overrides(args)), vocabulary_rows=rows)
+    if latency_why is not None:
+        recipe["speedup_for_latency"] = {"value": speedup, "why": latency_why}
     for name, r in recipe.items():
         log.info("recipe: %s = %s (%s)", name, f"{r['value']:.2f}" if isinstance(r["value"], float) else r["value"], r["why"])
     return c, recipe
@@ -304,8 +309,13 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
                    "cache) is derived from it and the teacher's shape unless set explicitly (docs/pipeline.md)")
     g.add_argument("--params-fraction", type=float, help="target: the student holds at most F of the teacher's parameters (e.g. "
                    "0.125); the embedding rank, and if needed --prune-vocabulary, are derived for it")
+    g.add_argument("--latency-ms", type=float, help="target: at most T ms per example on this machine (the C++ engine at "
+                   "--latency-precision, batch 1, the threads of --threads); the widths are derived from the teacher's latency here, "
+                   "the threshold is calibrated on dev against measured latency")
+    g.add_argument("--latency-precision", choices=["fp32", "bf16", "int8"], help="engine precision of --latency-ms (default int8; "
+                   "--precision is the training precision)")
     g.add_argument("--max-drop", type=float, help="target: at most D metric points below the teacher on dev (default 1.5); the "
-                   "early-exit threshold is calibrated on dev for it (and --speedup), and the result says whether it held on test")
+                   "early-exit threshold is calibrated on dev for it (and --speedup, --latency-ms), and the result says whether it held on test")
     g.add_argument("--heads", type=int, help="attention heads kept per layer")
     g.add_argument("--ffn", type=int, help="FFN neurons kept per layer")
     g.add_argument("--embedding-rank", type=int, help="word-embedding rank after factorization (0: no factorization)")
@@ -499,10 +509,14 @@ def cmd_ablate(args) -> int:
 def cmd_calibrate(args) -> int:
     from costeff.inference.calibrate import calibrate_directory
 
-    if sum(x is not None for x in (args.max_drop, args.latency_ms, args.max_gflops)) > 1:
-        raise ValueError("give one of --max-drop, --latency-ms and --max-gflops")
-    default_drop = 1.5 if args.teacher else 0.5  # against the teacher: the pipeline's default
-    max_drop = default_drop if args.max_drop is None and args.latency_ms is None and args.max_gflops is None else args.max_drop
+    if args.teacher:  # the pipeline's target: points below the teacher (default 1.5), with --speedup and --latency-ms if given
+        if args.max_gflops is not None:
+            raise ValueError("calibrate --teacher: the target is --max-drop with --speedup and/or --latency-ms, not --max-gflops")
+        max_drop = 1.5 if args.max_drop is None else args.max_drop
+    else:
+        if sum(x is not None for x in (args.max_drop, args.latency_ms, args.max_gflops)) > 1:
+            raise ValueError("give one of --max-drop, --latency-ms and --max-gflops (with --teacher: --max-drop and --latency-ms together)")
+        max_drop = 0.5 if args.max_drop is None and args.latency_ms is None and args.max_gflops is None else args.max_drop
     data_args = _data_args(args, _run_dir_of_model(args.model))
     kw = {k: v for k, v in data_args.items() if k not in ("task", "data_dir")}
     res = calibrate_directory(args.model, data_args["task"], data_args.get("data_dir"), args.split_seed, args.split, max_drop, args.latency_ms,
@@ -512,11 +526,13 @@ def cmd_calibrate(args) -> int:
     if "target" in res:
         t = res["target"]
         print(f"threshold {res['threshold']:.4f} nats: dev {res['metric']} {res['dev_metric']:.2f} (teacher {res['teacher_dev_metric']:.2f}, "
-              f"full depth {res['full_depth_dev_metric']:.2f}), {t['speedup']:.2f}x fewer FLOPs than the teacher, average exit layer "
-              f"{res['avg_exit_layer']:.2f}; target {'met' if t['met'] else 'NOT met'}; written to {args.model}/config.json")
+              f"full depth {res['full_depth_dev_metric']:.2f}), {t['speedup']:.2f}x fewer FLOPs than the teacher"
+              + (f", {t['latency_ms']:.3f} ms/sample ({args.precision}, batch {args.latency_batch_size})" if t.get("latency_ms") is not None else "")
+              + f", average exit layer {res['avg_exit_layer']:.2f}; target {'met' if t['met'] else 'NOT met'}; written to {args.model}/config.json")
         for side, p in (res["closest"] or {}).items():
             print(f"  closest {side.replace('meets_', 'within ').replace('_', ' ')}: " + (
-                "none" if p is None else f"threshold {p['threshold']:.4f}, {-p['drop']:+.2f} points vs the teacher, {p['speedup']:.2f}x"))
+                "none" if p is None else f"threshold {p['threshold']:.4f}, {-p['drop']:+.2f} points vs the teacher, {p['speedup']:.2f}x"
+                + (f", {p['latency_ms']:.3f} ms" if p.get("latency_ms") is not None else "")))
         return 0
     lat = f", {res['latency_ms']:.3f} ms/sample at batch {res['batch_size']}" if res["latency_ms"] is not None else ""
     lat += f", {res['avg_gflops']:.4f} GFLOPs per example (full depth {res['full_depth_gflops']:.4f})"

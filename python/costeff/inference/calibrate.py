@@ -85,6 +85,17 @@ def candidate_thresholds(ents: torch.Tensor, limit: int = 4000) -> list[float]:
     return [0.0] + mids + [float(vals[-1]) * (1 + 1e-6) + 1e-6]
 
 
+def grid_by_exit_layer(items: list, layer_of: Callable, grid: int) -> list:
+    """Up to ``grid`` of ``items`` spread evenly over their distinct average exit layers: the thresholds
+    whose latency is measured (latency follows the layers run; timing every candidate would take long).
+    Of items at the same layer (to 0.01) the first is kept: threshold 0, full depth, is always in."""
+    first: dict = {}
+    for x in items:
+        first.setdefault(round(layer_of(x), 2), x)
+    by_layer = sorted(first.items())
+    return [by_layer[round(i * (len(by_layer) - 1) / max(1, grid - 1))][1] for i in range(min(grid, len(by_layer)))]
+
+
 def choose_threshold(ents, preds, labels, metric: str, exit_start: int, max_drop: Optional[float] = None,
                      latency_ms: Optional[float] = None, measure: Optional[Callable[[float], float]] = None,
                      latency_grid: int = 12, max_gflops: Optional[float] = None, gflops: Optional[torch.Tensor] = None) -> dict:
@@ -133,10 +144,8 @@ def choose_threshold(ents, preds, labels, metric: str, exit_start: int, max_drop
             raise ValueError(f"calibrate: latency_ms must be > 0, got {latency_ms}")
         if measure is None:
             raise ValueError("calibrate: the latency criterion needs a timer")
-        # a grid over the candidates by average exit layer (latency follows the layers run)
-        layers = sorted({round(score(t)[1], 2): t for t in cands}.items())
-        pick = [layers[round(i * (len(layers) - 1) / max(1, latency_grid - 1))] for i in range(min(latency_grid, len(layers)))]
-        measured = [{"threshold": t, "latency_ms": float(measure(t)), "metric": score(t)[0], "avg_exit_layer": layer} for layer, t in pick]
+        measured = [{"threshold": t, "latency_ms": float(measure(t)), "metric": score(t)[0], "avg_exit_layer": score(t)[1]}
+                    for t in grid_by_exit_layer(cands, lambda t: score(t)[1], latency_grid)]
         within = [m for m in measured if m["latency_ms"] <= latency_ms]
         if not within:
             fastest = min(measured, key=lambda m: m["latency_ms"])
@@ -163,68 +172,98 @@ def threshold_points(ents, preds, labels, metric: str, exit_start: int, gflops: 
     return points
 
 
-def target_verdict(point: dict, teacher_metric: float, teacher_gflops: float, max_drop: float, speedup: Optional[float]) -> dict:
+def target_verdict(point: dict, teacher_metric: float, teacher_gflops: float, max_drop: float, speedup: Optional[float],
+                   latency_ms: Optional[float] = None) -> dict:
     """One point of a curve against the target: its drop below the teacher (points), its speed-up in
-    analytic FLOPs, and which halves of the target it meets."""
+    analytic FLOPs, and which parts of the target it meets. With ``latency_ms``, a point meets the
+    latency part only when its latency was measured (``point["latency_ms"]``) and is within it."""
     drop = teacher_metric - point["metric"]
     x = teacher_gflops / point["avg_gflops"]
     meets_drop = drop <= max_drop + 1e-9
     meets_speedup = speedup is None or x >= speedup * (1 - 1e-9)
-    return {**point, "drop": drop, "speedup": x, "meets_max_drop": meets_drop, "meets_speedup": meets_speedup,
-            "met": meets_drop and meets_speedup}
+    measured = point.get("latency_ms")
+    meets_latency = latency_ms is None or (measured is not None and measured <= latency_ms)
+    return {**point, "latency_ms": measured, "drop": drop, "speedup": x, "meets_max_drop": meets_drop, "meets_speedup": meets_speedup,
+            "meets_latency": meets_latency, "met": meets_drop and meets_speedup and meets_latency}
 
 
-def closest_points(points: list[dict]) -> dict:
+def _cost(p: dict) -> tuple:
+    """Cheaper first: measured latency where there is one, then analytic GFLOPs."""
+    return (p["latency_ms"] if p.get("latency_ms") is not None else math.inf, p["avg_gflops"])
+
+
+def closest_points(points: list[dict], latency: bool = False) -> dict:
     """When no point meets the whole target: the cheapest that keeps the accuracy, the most accurate
-    that reaches the speed-up (None where no point does)."""
+    that reaches the speed-up (with a latency target: the speed-up and the latency; key
+    ``meets_latency``); None where no point does."""
     acc = [p for p in points if p["meets_max_drop"]]
-    fast = [p for p in points if p["meets_speedup"]]
-    return {"meets_max_drop": min(acc, key=lambda p: (p["avg_gflops"], -p["metric"])) if acc else None,
-            "meets_speedup": max(fast, key=lambda p: (p["metric"], -p["avg_gflops"])) if fast else None}
+    fast = [p for p in points if p["meets_speedup"] and p["meets_latency"]]
+    return {"meets_max_drop": min(acc, key=lambda p: (*_cost(p), -p["metric"])) if acc else None,
+            "meets_latency" if latency else "meets_speedup": max(fast, key=lambda p: (p["metric"], *(-c for c in _cost(p)))) if fast else None}
 
 
 def choose_for_target(ents, preds, labels, metric: str, exit_start: int, gflops: torch.Tensor, teacher_metric: float,
-                      teacher_gflops: float, max_drop: float, speedup: Optional[float] = None) -> dict:
+                      teacher_gflops: float, max_drop: float, speedup: Optional[float] = None, latency_ms: Optional[float] = None,
+                      measure: Optional[Callable[[float], float]] = None, latency_grid: int = 12) -> dict:
     """The pipeline's calibration. Among the thresholds within ``max_drop`` points of the teacher's dev
-    metric that reach ``speedup`` (teacher GFLOPs / the student's, when given): the most accurate when
-    a speed-up is asked (ties: the cheaper), else the cheapest (ties: the more accurate). When none
-    meets both, the closest point on each side is reported and the one that keeps the accuracy is
-    chosen (none does: the most accurate): a slower answer breaks no promise a wrong one would."""
+    metric that reach ``speedup`` (teacher GFLOPs / the student's, when given) and, with
+    ``latency_ms``, whose latency ``measure(threshold) -> ms per example`` is within it (measured on a
+    grid of thresholds by exit layer; only measured ones can meet it): the most accurate when a
+    speed-up or latency is asked (ties: the cheaper), else the cheapest (ties: the more accurate).
+    When none meets all, the closest point on each side is reported and the one that keeps the
+    accuracy is chosen (none does: the most accurate): a slower answer breaks no promise a wrong one would."""
     if not (max_drop >= 0):
         raise ValueError(f"calibrate: max_drop must be >= 0 points, got {max_drop}")
     if speedup is not None and not (speedup >= 1):
         raise ValueError(f"calibrate: speedup must be >= 1, got {speedup}")
+    if latency_ms is not None and not (0 < latency_ms < math.inf):
+        raise ValueError(f"calibrate: latency_ms must be a number of ms > 0, got {latency_ms}")
+    if latency_ms is not None and measure is None:
+        raise ValueError("calibrate: the latency criterion needs a timer")
     if len(labels) == 0:
         raise ValueError("calibrate: the dev split is empty")
-    points = [target_verdict(p, teacher_metric, teacher_gflops, max_drop, speedup)
-              for p in threshold_points(ents, preds, labels, metric, exit_start, gflops)]
+    raw = threshold_points(ents, preds, labels, metric, exit_start, gflops)
+    measured = []
+    if latency_ms is not None:
+        for p in grid_by_exit_layer(raw, lambda p: p["avg_exit_layer"], latency_grid):
+            p["latency_ms"] = float(measure(p["threshold"]))
+            measured.append({k: p[k] for k in ("threshold", "latency_ms", "metric", "avg_exit_layer")})
+    points = [target_verdict(p, teacher_metric, teacher_gflops, max_drop, speedup, latency_ms) for p in raw]
     met = [p for p in points if p["met"]]
     closest = None
     if met:
-        key = (lambda p: (p["metric"], -p["avg_gflops"])) if speedup is not None else (lambda p: (-p["avg_gflops"], p["metric"]))
+        key = (lambda p: (p["metric"], *(-c for c in _cost(p)))) if speedup is not None or latency_ms is not None \
+            else (lambda p: (-p["avg_gflops"], p["metric"]))
         chosen = max(met, key=key)
     else:
-        closest = closest_points(points)
-        chosen = closest["meets_max_drop"] or max(points, key=lambda p: (p["metric"], -p["avg_gflops"]))
+        closest = closest_points(points, latency=latency_ms is not None)
+        chosen = closest["meets_max_drop"] or max(points, key=lambda p: (p["metric"], *(-c for c in _cost(p))))
     full = points[0]  # threshold 0: every example at the last exit
+    criterion = {"max_drop": max_drop, "speedup": speedup, "against": "teacher"}
+    if latency_ms is not None:
+        criterion["latency_ms"] = latency_ms
     return {"threshold": chosen["threshold"], "metric": metric, "dev_metric": chosen["metric"], "full_depth_dev_metric": full["metric"],
-            "avg_exit_layer": chosen["avg_exit_layer"], "latency_ms": None, "avg_gflops": chosen["avg_gflops"],
-            "full_depth_gflops": full["avg_gflops"], "measured": [], "examples": len(labels),
-            "criterion": {"max_drop": max_drop, "speedup": speedup, "against": "teacher"},
+            "avg_exit_layer": chosen["avg_exit_layer"], "latency_ms": chosen["latency_ms"], "avg_gflops": chosen["avg_gflops"],
+            "full_depth_gflops": full["avg_gflops"], "measured": measured, "examples": len(labels), "criterion": criterion,
             "teacher_dev_metric": teacher_metric, "teacher_gflops": teacher_gflops,
-            "target": {k: chosen[k] for k in ("drop", "speedup", "meets_max_drop", "meets_speedup", "met")}, "closest": closest}
+            "target": {k: chosen[k] for k in ("drop", "speedup", "latency_ms", "meets_max_drop", "meets_speedup", "meets_latency", "met")},
+            "closest": closest}
 
 
-def target_report(model, loader, metric: str, teacher: dict, threshold: float, max_drop: float, speedup: Optional[float] = None) -> dict:
+def target_report(model, loader, metric: str, teacher: dict, threshold: float, max_drop: float, speedup: Optional[float] = None,
+                  latency_ms: Optional[float] = None, measured_latency: Optional[float] = None) -> dict:
     """A calibrated threshold on another split (test): its verdict against the target, measured against
     the teacher on that split (``teacher``: {"metric": points, "config": its converted config}), and,
-    when it misses, the closest point on each side of that split's curve."""
+    when it misses, the closest point on each side of that split's curve. With a latency target,
+    ``measured_latency`` is the threshold's latency measured on that split (ms per example)."""
     ents, preds, labels, lengths = exit_table(model, loader)
     teacher_gflops = float(exit_gflops_table(teacher["config"], lengths)[:, -1].mean())
     curve = threshold_points(ents, preds, labels, metric, model.config.exit_start, exit_gflops_table(model.config, lengths),
                              [threshold] + candidate_thresholds(ents))
-    at, *rest = [target_verdict(p, teacher["metric"], teacher_gflops, max_drop, speedup) for p in curve]
-    return {**at, "teacher_metric": teacher["metric"], "teacher_gflops": teacher_gflops, "closest": None if at["met"] else closest_points(rest)}
+    curve[0]["latency_ms"] = measured_latency
+    at, *rest = [target_verdict(p, teacher["metric"], teacher_gflops, max_drop, speedup, latency_ms) for p in curve]
+    return {**at, "teacher_metric": teacher["metric"], "teacher_gflops": teacher_gflops,
+            "closest": None if at["met"] else closest_points(rest, latency=latency_ms is not None)}
 
 
 def normalized_threshold(threshold: float, num_labels: int) -> Optional[float]:
@@ -274,8 +313,8 @@ def calibrate_directory(model_dir, task: str, data_dir: Optional[str] = None, se
         timed = list(make_loader(enc.select(range(min(128, len(enc)))), pred.tokenizer, batch_size, shuffle=False))
     reference = None
     if teacher_dir is not None:
-        if max_drop is None or latency_ms is not None or max_gflops is not None:
-            raise ValueError("calibrate: against a teacher the criterion is max_drop (and speedup)")
+        if max_drop is None or max_gflops is not None:
+            raise ValueError("calibrate: against a teacher the criterion is max_drop (and speedup, latency_ms)")
         reference = teacher_on_split(teacher_dir, type(dd)({split: ds}), metric, model_names, max_length or pred.max_length)
     elif speedup is not None:
         raise ValueError("calibrate: speedup is measured against a teacher: give its directory (--teacher)")
@@ -323,13 +362,6 @@ def calibrate_on_batches(model_dir, loader, metric: str, max_drop: Optional[floa
 
     model = CostEffForSequenceClassification.from_pretrained(model_dir).to(device).eval()
     ents, preds, labels, lengths = exit_table(model, loader)
-    if teacher is not None:
-        teacher_gflops = float(exit_gflops_table(teacher["config"], lengths)[:, -1].mean())
-        result = choose_for_target(ents, preds, labels, metric, model.config.exit_start, exit_gflops_table(model.config, lengths),
-                                   teacher["metric"], teacher_gflops, max_drop, speedup)
-        if write:
-            write_calibration(model_dir, result, model.config.num_labels)
-        return result
     measure = None
     if latency_ms is not None:
         if predictor is None or not timed_batches:
@@ -345,6 +377,13 @@ def calibrate_on_batches(model_dir, loader, metric: str, max_drop: Optional[floa
                     predictor._run(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
             return clock(run) * 1000 / n
 
+    if teacher is not None:
+        teacher_gflops = float(exit_gflops_table(teacher["config"], lengths)[:, -1].mean())
+        result = choose_for_target(ents, preds, labels, metric, model.config.exit_start, exit_gflops_table(model.config, lengths),
+                                   teacher["metric"], teacher_gflops, max_drop, speedup, latency_ms, measure)
+        if write:
+            write_calibration(model_dir, result, model.config.num_labels)
+        return result
     result = choose_threshold(ents, preds, labels, metric, model.config.exit_start, max_drop, latency_ms, measure,
                               max_gflops=max_gflops, gflops=exit_gflops_table(model.config, lengths))
     if write:

@@ -34,7 +34,7 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from costeff.models.flops import flops_per_sample
 
@@ -160,6 +160,42 @@ def fit_parameters(base, student, fraction: float, vocabulary_rows: Optional[int
                 return rank, prune, {"student": params, "teacher": teacher}
     raise ValueError(f"target: --params-fraction {fraction:g} is out of reach at these widths: the smallest student holds "
                      f"{min(tried):,} parameters, {min(tried) / teacher:.3f} of the teacher's {teacher:,}")
+
+
+def speedup_for_latency(base, train_ids: Sequence[Sequence[int]], latency_ms: float, precision: str, examples: int = 64,
+                        rounds: int = 3, timer: Optional[Callable] = None) -> tuple[float, str]:
+    """(speed-up, why): the FLOPs speed-up the widths are derived from for a latency target. The
+    teacher's shape runs here on the C++ engine at ``precision`` (random weights: latency does not
+    depend on them; its exit on the last layer only; batch 1 over ``examples`` training examples of
+    real length); the speed-up is its time over the target, at least 1. Latency falls less than FLOPs
+    (every call has fixed costs), so this only sizes the widths; the calibrated threshold is what meets
+    the latency, as measured on the student. ``timer(fn) -> seconds per example`` is injectable."""
+    import torch
+
+    from costeff.inference import InferenceEngine
+    from costeff.inference.timing import time_interleaved
+    from costeff.models import CostEffForSequenceClassification
+
+    if not (0 < latency_ms < math.inf):
+        raise ValueError(f"target: latency_ms must be a number of ms > 0, got {latency_ms!r}")
+    rows = [torch.tensor([list(r)], dtype=torch.long) for r in list(train_ids)[:examples]]
+    if not rows:
+        raise ValueError("target: the training split is empty")
+    torch.manual_seed(0)
+    engine = InferenceEngine.from_model(CostEffForSequenceClassification(replace_config(base, exit_start=base.num_hidden_layers)).eval(),
+                                        precision)
+
+    def block():
+        for r in rows:
+            engine(r)
+        return len(rows)
+
+    seconds = timer(block) if timer is not None else time_interleaved({"teacher": block}, rounds)["teacher"]["median"]
+    teacher_ms = 1000 * seconds
+    speedup = max(1.0, teacher_ms / latency_ms)
+    return speedup, (f"latency target {latency_ms:g} ms: the teacher's shape takes {teacher_ms:.3f} ms per example here (engine "
+                     f"{precision}, batch 1, {len(rows)} training examples), so {speedup:.2f}x fewer FLOPs sizes the widths; the "
+                     f"threshold is calibrated on measured latency")
 
 
 def derive_recipe(c, target: Target, base, train_lengths: Iterable[int], explicit: Sequence[str] = (),

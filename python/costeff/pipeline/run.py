@@ -20,7 +20,7 @@ from costeff._extension import extension_loaded
 from costeff.device import check_device_spec, check_precision
 from costeff.ops._checks import check_threshold
 from costeff.inference import InferenceEngine
-from costeff.inference.calibrate import calibrate_on_batches, target_report
+from costeff.inference.calibrate import calibrate_on_batches, target_report, write_calibration
 from costeff.models import (
     CostEffForSequenceClassification,
     converted_config,
@@ -108,6 +108,9 @@ class PipelineConfig:
     max_drop: Optional[float] = 1.5
     speedup: Optional[float] = None
     params_fraction: Optional[float] = None  # at most this share of the teacher's parameters
+    # at most latency_ms per example on this machine (C++ engine at latency_precision, batch 1), measured
+    latency_ms: Optional[float] = None
+    latency_precision: str = "int8"
     # training loop
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -157,6 +160,12 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig: speedup must be None or a number >= 1, got {self.speedup!r}")
         if self.params_fraction is not None and not 0 < self.params_fraction <= 1:
             raise ValueError(f"PipelineConfig: params_fraction must be None or a number in (0, 1], got {self.params_fraction!r}")
+        if self.latency_ms is not None and not 0 < self.latency_ms < math.inf:
+            raise ValueError(f"PipelineConfig: latency_ms must be None or a number of ms > 0, got {self.latency_ms!r}")
+        if self.latency_precision not in ("fp32", "bf16", "int8"):
+            raise ValueError(f"PipelineConfig: latency_precision must be fp32, bf16 or int8, got {self.latency_precision!r}")
+        if self.latency_ms is not None and self.max_drop is None:
+            raise ValueError("PipelineConfig: latency_ms needs max_drop (the threshold meeting both is calibrated against the teacher)")
         if self.speedup is not None and self.max_drop is None:
             raise ValueError("PipelineConfig: speedup needs max_drop (the threshold meeting both is calibrated against the teacher)")
 
@@ -279,8 +288,22 @@ def stage_distill(c: PipelineConfig, data, out: str, resume: bool = False) -> di
         summary["vocabulary"] = prune_student_vocabulary(os.path.join(out, "student", "model"), data, c.max_length)
     if is_main_process() and c.max_drop is not None:
         # the threshold a user gets by default: the target against the teacher on dev
-        cal = calibrate_on_batches(os.path.join(out, "student", "model"), data.dev, data.metric, max_drop=c.max_drop, write=True,
-                                   device=data.device, teacher=teacher_reference(out, data), speedup=c.speedup)
+        model_dir = os.path.join(out, "student", "model")
+        timed, predictor = None, None
+        if c.latency_ms is not None:  # measured here, as a user runs it: the engine at batch 1 on real dev examples
+            from costeff.data import make_loader
+            from costeff.inference.predict import Predictor
+
+            predictor = Predictor(model_dir, c.latency_precision, threshold=0.0)
+            dev = data.encoded["dev"]
+            timed = list(make_loader(dev.select(range(min(c.latency_examples, len(dev)))), data.tokenizer, 1, shuffle=False))
+        cal = calibrate_on_batches(model_dir, data.dev, data.metric, max_drop=c.max_drop, write=False, device=data.device,
+                                   teacher=teacher_reference(out, data), speedup=c.speedup, latency_ms=c.latency_ms,
+                                   timed_batches=timed, predictor=predictor)
+        if c.latency_ms is not None:
+            cal.update(precision=c.latency_precision, batch_size=1)
+            cal["criterion"]["precision"] = c.latency_precision
+        write_calibration(model_dir, cal, data.num_labels)
         log.info("calibrated threshold %.4f nats: dev %s %.2f (teacher %.2f, full depth %.2f), %.2fx fewer FLOPs, average exit layer "
                  "%.2f: %s", cal["threshold"], data.metric, cal["dev_metric"], cal["teacher_dev_metric"], cal["full_depth_dev_metric"],
                  cal["target"]["speedup"], cal["avg_exit_layer"], describe_target(c, cal["target"], cal["closest"]))
@@ -300,12 +323,18 @@ def teacher_reference(out: str, data, split: str = "dev") -> dict:
 def describe_target(c: PipelineConfig, verdict: dict, closest: Optional[dict]) -> str:
     """One line: the target, and whether this point meets it (else the closest point on each side)."""
     want = f"at most {c.max_drop:g} points below the teacher" + (f" at >= {c.speedup:g}x fewer FLOPs" if c.speedup else "")
+    if c.latency_ms is not None:
+        want += f" at <= {c.latency_ms:g} ms per example (engine {c.latency_precision}, batch 1)"
+
+    def ms(p):
+        return f", {p['latency_ms']:.3f} ms" if p.get("latency_ms") is not None else ""
+
     if verdict["met"]:
-        return f"target met ({want}): {-verdict['drop']:+.2f} points vs the teacher, {verdict['speedup']:.2f}x fewer FLOPs"
-    line = f"target NOT met ({want}): {-verdict['drop']:+.2f} points vs the teacher, {verdict['speedup']:.2f}x fewer FLOPs"
+        return f"target met ({want}): {-verdict['drop']:+.2f} points vs the teacher, {verdict['speedup']:.2f}x fewer FLOPs{ms(verdict)}"
+    line = f"target NOT met ({want}): {-verdict['drop']:+.2f} points vs the teacher, {verdict['speedup']:.2f}x fewer FLOPs{ms(verdict)}"
     for side, p in (closest or {}).items():
         line += f"; closest {side.replace('meets_', 'within ').replace('_', ' ')}: " + (
-            "none" if p is None else f"T={p['threshold']:.4f}, {-p['drop']:+.2f} points, {p['speedup']:.2f}x")
+            "none" if p is None else f"T={p['threshold']:.4f}, {-p['drop']:+.2f} points, {p['speedup']:.2f}x{ms(p)}")
     return line
 
 
@@ -391,9 +420,15 @@ def stage_evaluate(c: PipelineConfig, data, out: str, split: str = "test") -> di
         with open(cal_path) as f:
             cal = json.load(f)
         if cal.get("criterion", {}).get("against") == "teacher":  # the pipeline's target: how it holds on this split
-            target = replace(c, max_drop=cal["criterion"]["max_drop"], speedup=cal["criterion"]["speedup"])
+            crit = cal["criterion"]
+            target = replace(c, max_drop=crit["max_drop"], speedup=crit["speedup"], latency_ms=crit.get("latency_ms"),
+                             latency_precision=crit.get("precision", c.latency_precision))
+            measured = None
+            if target.latency_ms is not None:  # the calibrated engine row of this split, timed above at batch 1
+                row = next((r for r in rows if r["model"] == f"COST-EFF engine {target.latency_precision} (calibrated)"), None)
+                measured = None if row is None else row.get("latency_ms_b1")
             report = target_report(student.to(device), data.split(split), data.metric, teacher_reference(out, data, split), calibrated,
-                                   target.max_drop, target.speedup)
+                                   target.max_drop, target.speedup, target.latency_ms, measured)
             result["target"] = {"dev": {**cal["target"], "closest": cal["closest"], "line": describe_target(target, cal["target"], cal["closest"])},
                                 split: {**report, "line": describe_target(target, report, report["closest"])}}
             log.info("target on dev: %s", result["target"]["dev"]["line"])
