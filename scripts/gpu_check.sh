@@ -18,6 +18,8 @@
 # A shorter recheck on the same machine: COSTEFF_GPU_STEPS="build tests bench" runs only the steps
 # named (names as in summary.txt); COSTEFF_GPU_PYTEST_K=EXPR narrows both pytest steps (-k EXPR);
 # COSTEFF_GPU_XDIST=0 runs them in one process; COSTEFF_GPU_BENCH_ARGS adds bench_gpu.py flags.
+# Opt-in: COSTEFF_GPU_STEPS="demo-backbone train-target" COSTEFF_GPU_TARGET_SEEDS="0 1 2" trains
+# `costeff pipeline --speedup 15 --max-drop 1.5` on the carried MiniLM per seed (issue "compress to a target").
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -176,6 +178,17 @@ PY
     # the trained student and teacher are saved before the evaluate stage: benchmarked even when it ran out of time
     if [ $DRY = 0 ] && [ -f "$WORK/run_demo/student/model/model.safetensors" ]; then
         step bench-trained 150 bench.log "$PY" benchmarks/bench_gpu.py --run "$WORK/run_demo" --out "$OUT/bench_gpu_trained.json" ${COSTEFF_GPU_BENCH_ARGS:-}
+    fi
+    # 7. opt-in (named in COSTEFF_GPU_STEPS): the MiniLM target run of docs/pipeline.md on the GPU, one run per seed
+    # of COSTEFF_GPU_TARGET_SEEDS (default 0); each run's target lines and eval/summary.json land in $OUT
+    if [[ " ${COSTEFF_GPU_STEPS:-} " == *" train-target "* ]]; then
+        for seed in ${COSTEFF_GPU_TARGET_SEEDS:-0}; do
+            TARGET=(--preset demo --backbone "$WORK/minilm" --device "$DEVICE" --no-progress --speedup 15 --max-drop 1.5 --seed "$seed"
+                    --latency-examples 8 --output "$WORK/run_target_$seed")
+            [ $DRY = 1 ] && TARGET+=(--max-train-examples 64 --max-eval-examples 32 --max-steps-per-epoch 2 --prune-steps-per-event 1 --student-repr-epochs 1)
+            step train-target 420 train.log "$PY" -m costeff.cli pipeline "${TARGET[@]}"
+            cp "$WORK/run_target_$seed/eval/summary.json" "$OUT/target_summary_seed$seed.json" 2>/dev/null || true
+        done
     fi
 fi
 echo "total $(( $(date +%s) - START ))s of ${BUDGET}s; logs in $OUT" | tee -a "$OUT/summary.txt"
