@@ -38,7 +38,7 @@ from costeff.inference import InferenceEngine  # noqa: E402
 from costeff.models import flops_per_sample, from_bert  # noqa: E402
 from costeff.pipeline.context import prepare_data  # noqa: E402
 from costeff.pipeline.evaluate import add_latency  # noqa: E402
-from costeff.pipeline.run import load_costeff, load_teacher, read_run_data_args  # noqa: E402
+from costeff.pipeline.run import load_costeff, load_teacher, read_run_data_args, task_arguments  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -118,10 +118,9 @@ def main(argv=None) -> int:
         sys.exit(f"bench_anchors: {cfg_path} not found: train a run first (bash scripts/demo.sh) or pass --run DIR")
     run_cfg = json.loads(cfg_path.read_text())
     c = run_cfg["config"]
-    data_args = read_run_data_args(str(run_dir))  # the run's own task (BANKING77, a CSV, ...), not the default
-    columns = {k: v for k, v in data_args.items() if k not in ("task", "data_dir")}
-    data = prepare_data(data_args["task"], run_cfg["backbone"], max_length=c["max_length"], eval_batch_size=64, seed=c["seed"],
-                        split_seed=c.get("split_seed", c["seed"]), data_dir=data_args.get("data_dir"), **columns)  # runs before split_seed existed split by seed
+    task, data_dir, columns = task_arguments(read_run_data_args(str(run_dir)))  # the run's own task (BANKING77, a CSV, ...)
+    data = prepare_data(task, run_cfg["backbone"], max_length=c["max_length"], eval_batch_size=64, seed=c["seed"],
+                        split_seed=c.get("split_seed", c["seed"]), data_dir=data_dir, **columns)  # runs before split_seed existed split by seed
     thresholds = [float(t) for t in args.thresholds.split(",")]
     precisions = [p for p in args.precisions.split(",") if p]
     thread_counts = [int(t) for t in args.threads.split(",")]

@@ -215,11 +215,13 @@ def _data_for(args, c, data_args: dict):
     from costeff.device import resolve_device
     from costeff.pipeline.context import prepare_data
 
-    kw = {k: v for k, v in data_args.items() if k not in ("task", "data_dir")}
+    from costeff.pipeline.run import task_arguments
+
+    task, data_dir, kw = task_arguments(data_args)
     kw["device"] = resolve_device(c.device, "--device")
     # an imported teacher brings its own tokenizer and the order of its head's labels
-    return prepare_data(data_args["task"], c.teacher or backbone_of(args), teacher=c.teacher, max_length=c.max_length, batch_size=c.batch_size,
-                        eval_batch_size=c.eval_batch_size, seed=c.seed, split_seed=c.split_seed, data_dir=data_args.get("data_dir"),
+    return prepare_data(task, c.teacher or backbone_of(args), teacher=c.teacher, max_length=c.max_length, batch_size=c.batch_size,
+                        eval_batch_size=c.eval_batch_size, seed=c.seed, split_seed=c.split_seed, data_dir=data_dir,
                         max_train_examples=c.max_train_examples, max_eval_examples=c.max_eval_examples, bucket_by_length=c.bucket_by_length, **kw)
 
 
@@ -517,9 +519,10 @@ def cmd_calibrate(args) -> int:
         if sum(x is not None for x in (args.max_drop, args.latency_ms, args.max_gflops)) > 1:
             raise ValueError("give one of --max-drop, --latency-ms and --max-gflops (with --teacher: --max-drop and --latency-ms together)")
         max_drop = 0.5 if args.max_drop is None and args.latency_ms is None and args.max_gflops is None else args.max_drop
-    data_args = _data_args(args, _run_dir_of_model(args.model))
-    kw = {k: v for k, v in data_args.items() if k not in ("task", "data_dir")}
-    res = calibrate_directory(args.model, data_args["task"], data_args.get("data_dir"), args.split_seed, args.split, max_drop, args.latency_ms,
+    from costeff.pipeline.run import task_arguments
+
+    task, data_dir, kw = task_arguments(_data_args(args, _run_dir_of_model(args.model)))
+    res = calibrate_directory(args.model, task, data_dir, args.split_seed, args.split, max_drop, args.latency_ms,
                               args.latency_batch_size, args.precision, args.max_eval_examples or 0, tokenizer=args.tokenizer,
                               max_length=args.max_length, max_gflops=args.max_gflops, device=args.device, teacher_dir=args.teacher,
                               speedup=args.speedup, **kw)

@@ -20,6 +20,7 @@ from costeff._extension import extension_loaded
 from costeff.device import check_device_spec, check_precision
 from costeff.ops._checks import check_threshold
 from costeff.inference import InferenceEngine
+from costeff.inference.engine import PRECISIONS as ENGINE_PRECISIONS
 from costeff.inference.calibrate import calibrate_on_batches, target_report, write_calibration
 from costeff.models import (
     CostEffForSequenceClassification,
@@ -102,7 +103,7 @@ class PipelineConfig:
     threshold_fractions: tuple = DEFAULT_THRESHOLD_FRACTIONS
     latency_examples: int = 256
     latency_rounds: int = 5  # interleaved timing rounds (median)
-    engine_precisions: tuple = ("fp32", "bf16", "int8")  # C++ engine rows of the student in the sweep
+    engine_precisions: tuple = ENGINE_PRECISIONS  # C++ engine rows of the student in the sweep
     # the target: at most max_drop metric points below the teacher on dev (None: no calibration) and, when
     # given, speedup x fewer analytic FLOPs than the teacher (costeff.pipeline.recipe derives the rest)
     max_drop: Optional[float] = 1.5
@@ -162,8 +163,8 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig: params_fraction must be None or a number in (0, 1], got {self.params_fraction!r}")
         if self.latency_ms is not None and not 0 < self.latency_ms < math.inf:
             raise ValueError(f"PipelineConfig: latency_ms must be None or a number of ms > 0, got {self.latency_ms!r}")
-        if self.latency_precision not in ("fp32", "bf16", "int8"):
-            raise ValueError(f"PipelineConfig: latency_precision must be fp32, bf16 or int8, got {self.latency_precision!r}")
+        if self.latency_precision not in ENGINE_PRECISIONS:
+            raise ValueError(f"PipelineConfig: latency_precision must be one of {ENGINE_PRECISIONS}, got {self.latency_precision!r}")
         if self.latency_ms is not None and self.max_drop is None:
             raise ValueError("PipelineConfig: latency_ms needs max_drop (the threshold meeting both is calibrated against the teacher)")
         if self.speedup is not None and self.max_drop is None:
@@ -291,12 +292,10 @@ def stage_distill(c: PipelineConfig, data, out: str, resume: bool = False) -> di
         model_dir = os.path.join(out, "student", "model")
         timed, predictor = None, None
         if c.latency_ms is not None:  # measured here, as a user runs it: the engine at batch 1 on real dev examples
-            from costeff.data import make_loader
             from costeff.inference.predict import Predictor
 
             predictor = Predictor(model_dir, c.latency_precision, threshold=0.0)
-            dev = data.encoded["dev"]
-            timed = list(make_loader(dev.select(range(min(c.latency_examples, len(dev)))), data.tokenizer, 1, shuffle=False))
+            timed = latency_batches(data, "dev", c.latency_examples, batch_sizes=(1,))[1]
         cal = calibrate_on_batches(model_dir, data.dev, data.metric, max_drop=c.max_drop, write=False, device=data.device,
                                    teacher=teacher_reference(out, data), speedup=c.speedup, latency_ms=c.latency_ms,
                                    timed_batches=timed, predictor=predictor)
@@ -481,6 +480,11 @@ def write_run_config(out: str, c: PipelineConfig, backbone: str, recipe: Optiona
     if is_main_process():
         atomic_write_json(os.path.join(out, RUN_CONFIG), {"config": c.__dict__, "backbone": backbone, "recipe": recipe,
                                                          "data": data_args or {"task": DEFAULT_TASK}})
+
+
+def task_arguments(data_args: dict) -> tuple[str, Optional[str], dict]:
+    """(task, data_dir, the column options of --task csv) of recorded or given data arguments."""
+    return data_args["task"], data_args.get("data_dir"), {k: v for k, v in data_args.items() if k not in ("task", "data_dir")}
 
 
 def read_run_data_args(run_dir: str) -> Optional[dict]:
