@@ -68,15 +68,31 @@ def test_sentences(limit: int):
     return list(test["text"][:limit]), [str(names[y]) for y in test["label"][:limit]]  # label names, as the server answers
 
 
-def start_server(model: str, scheduler: str, precision: str, threads: int, extra: list[str]):
-    """A ``costeff serve`` process on a free port, once /ready answers 200; (process, base URL, seconds to ready)."""
+def parse_cpus(spec: Optional[str]) -> Optional[set]:
+    """"0", "0,1" or "0-3" as a set of CPU numbers (None: no pinning)."""
+    if not spec:
+        return None
+    cpus = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        raise SystemExit(f"bench_serve: CPUs {sorted(cpus - allowed)} are not available here (this process may use {sorted(allowed)})")
+    return cpus
+
+
+def start_server(model: str, scheduler: str, precision: str, threads: int, extra: list[str], cpus: Optional[set] = None):
+    """A ``costeff serve`` process on a free port, once /ready answers 200; (process, base URL, seconds to
+    ready). ``cpus``: the CPUs the server may use (its default --threads counts them)."""
     import httpx
 
     port = free_port()
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe nobody reads: a full pipe would block the server
     proc = subprocess.Popen([sys.executable, "-m", "costeff.cli", "serve", "--model", model, "--port", str(port), "--scheduler", scheduler,
                              "--precision", precision, "--threads", str(threads), *extra],
-                            stdout=subprocess.DEVNULL, stderr=log, text=True)
+                            stdout=subprocess.DEVNULL, stderr=log, text=True,
+                            preexec_fn=None if cpus is None else (lambda: os.sched_setaffinity(0, cpus)))
     base = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     while True:
@@ -290,8 +306,12 @@ def main(argv=None) -> int:
     ap.add_argument("--per-request", type=int, default=1, help="sentences per request (rates and throughputs count requests)")
     ap.add_argument("--search-steps", type=int, default=7, help="bisection runs for the sustainable throughput (p99 <= 20 ms)")
     ap.add_argument("--server-args", default="", help="extra `costeff serve` flags for every system (e.g. '--max-queue-ms 100')")
+    ap.add_argument("--server-cpus", default=None, help="pin each server to these CPUs (e.g. '0'); its default --threads counts them")
+    ap.add_argument("--client-cpus", default=None, help="pin the load client to these CPUs (e.g. '1'), so that it can offer more than the server takes")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "serve.json"))
     args = ap.parse_args(argv)
+    server_cpus, client_cpus = parse_cpus(args.server_cpus), parse_cpus(args.client_cpus)
+    all_cpus = os.sched_getaffinity(0)
     from _harness import cpu_model
 
     try:
@@ -303,6 +323,8 @@ def main(argv=None) -> int:
     from costeff.serve.config import ServeConfig
     from costeff.serve.server import engine_threads
 
+    if server_cpus is not None:
+        os.sched_setaffinity(0, server_cpus)  # the engine's own batch-1 time on the server's CPUs, with its threads
     threads = engine_threads(ServeConfig(model="", threads=args.threads))  # what each server runs with
     sentences, gold = test_sentences(args.sentences)
     k = args.per_request  # a request: one sentence (a string, as TEI's clients send) or a list of k
@@ -312,10 +334,12 @@ def main(argv=None) -> int:
     engine_ms = {p: engine_batch1_ms(models["student"], p, sentences[:300], threads)
                  for p in dict.fromkeys(s.split("/")[2] for s in args.systems.split(",") if s.startswith("student/"))}
     print(f"[bench_serve] engine batch 1 (no server): " + ", ".join(f"{p} {ms:.3f} ms" for p, ms in engine_ms.items()), flush=True)
+    if client_cpus is not None or server_cpus is not None:
+        os.sched_setaffinity(0, client_cpus or all_cpus)
     rows, summary = [], {}
     for system in args.systems.split(","):
         which, scheduler, precision = system.split("/")
-        proc, base, ready_s = start_server(models[which], scheduler, precision, args.threads, args.server_args.split())
+        proc, base, ready_s = start_server(models[which], scheduler, precision, args.threads, args.server_args.split(), server_cpus)
         try:
             c1 = asyncio.run(serial(base, texts, args.serial))
             capacity = asyncio.run(closed_loop(base, texts, args.concurrency, args.seconds))
@@ -336,7 +360,8 @@ def main(argv=None) -> int:
         finally:
             proc.terminate()
             proc.wait(60)
-    meta = {"cpu": cpu_model(), "run": args.run, "threads": threads, "sentences_per_request": k, "seconds_per_point": args.seconds, "date": time.strftime("%Y-%m-%d"),
+    meta = {"cpu": cpu_model(), "run": args.run, "threads": threads, "server_cpus": sorted(server_cpus) if server_cpus else None,
+            "client_cpus": sorted(client_cpus) if client_cpus else None, "sentences_per_request": k, "seconds_per_point": args.seconds, "date": time.strftime("%Y-%m-%d"),
             "command": "python benchmarks/bench_serve.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print_table(summary, rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -142,3 +142,135 @@ def test_drop_forgets_rows_and_bad_calls_change_nothing():
     assert sorted(_drain(session)) == [0, 2, 4]
     session.admit(ids[:1], mask[:1], tags=[0], thresholds=0.0)  # a finished tag can be used again
     assert session.rows == 1
+
+
+# -- SessionWorker: the session turned by a C++ thread of its own -------------------------------------
+
+
+def _rows(ids, mask):
+    return [ids[i, : int(mask[i].sum())].tolist() for i in range(ids.shape[0])]
+
+
+def _collect(worker, want, timeout=30.0):
+    """Takes from a threaded worker until ``want`` rows were delivered: {tag: (logits, layer, entropy, forced, queue_s, inference_s)}."""
+    import time
+
+    got, failed, errors = {}, [], []
+    end = time.monotonic() + timeout
+    while len(got) + len(failed) < want:
+        assert time.monotonic() < end, f"only {len(got)} of {want} rows came back"
+        d = worker.take(0.5)
+        for i, tag in enumerate(d.tags.tolist()):
+            got[tag] = (d.logits[i], int(d.exit_layer[i]), float(d.entropy[i]), bool(d.forced[i]), float(d.queue_s[i]), float(d.inference_s[i]))
+        failed += d.failed.tolist()
+        if d.error:
+            errors.append(d.error)
+    return got, failed, errors
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_worker_thread_answers_as_the_engine(precision):
+    from costeff.inference.session import SessionWorker
+
+    engine = InferenceEngine.from_model(_model(), precision)
+    ids, mask = _batch(40, 12, seed=6)
+    t = _threshold_between(engine, ids, mask)
+    thresholds = [0.0, t, math.inf, t] * 10
+    worker = SessionWorker(engine, max_batch_tokens=64)  # a few rows at a time: most wait in the queue
+    rows = _rows(ids, mask)
+    for k in range(0, 40, 8):  # five requests
+        worker.submit(rows[k:k + 8], None, tags=range(k, k + 8), thresholds=thresholds[k:k + 8])
+    got, failed, _ = _collect(worker, 40)
+    assert not failed and sorted(got) == list(range(40))
+    for i in range(40):
+        want = engine(ids[i:i + 1], mask[i:i + 1], threshold=thresholds[i])
+        logits, layer, entropy, forced, queue_s, inference_s = got[i]
+        assert layer == int(want.exit_layer[0]) and not forced
+        torch.testing.assert_close(logits, want.logits[0], atol=1e-5, rtol=1e-5)
+        assert entropy == pytest.approx(float(want.entropy[0]), abs=1e-5)
+        assert queue_s >= 0 and inference_s > 0
+    assert max(v[4] for v in got.values()) > 0  # with a 64-token budget some rows waited for others to leave
+    worker.stop()
+    assert worker.take(1.0).tags.numel() == 0 and worker.finished()
+
+
+def test_a_worker_turned_by_hand_admits_by_tokens_cancels_and_meets_deadlines():
+    from costeff.inference.session import SessionWorker
+
+    model = _model()
+    engine = InferenceEngine.from_model(model, "fp32")
+    ids, mask = _batch(6, 8, seed=7)
+    rows = [r for r in _rows(ids, mask)]
+    worker = SessionWorker(engine, max_batch_tokens=sum(map(len, rows[:2])), thread=False)
+    worker.submit(rows, None, tags=range(6), thresholds=[0.0] * 6, deadlines_s=[None, None, None, None, 0.0, None])
+    assert worker.queued_rows() == 6
+    worker.turn()  # the budget holds the first two rows
+    assert worker.queued_rows() == 4 and worker.rows_per_depth() == [0, 2, 0, 0, 0]
+    worker.cancel([1, 3, 77])  # one in flight, one queued, one unknown
+    turns = 0
+    while worker.turn():
+        turns += 1
+        assert turns < 100
+    d = worker.take()
+    tags = d.tags.tolist()
+    assert sorted(tags) == [0, 2, 4, 5] and worker.queued_rows() == 0 and worker.rows_per_depth() == [0] * 5
+    with torch.no_grad():
+        first_exit = model(ids, mask).exit_logits[0]
+    for i, tag in enumerate(tags):
+        if tag == 4:  # its deadline had passed when it was admitted: answered from the first exit
+            assert bool(d.forced[i]) and int(d.exit_layer[i]) == 1
+            torch.testing.assert_close(d.logits[i], first_exit[4], atol=1e-4, rtol=1e-4)
+        else:
+            assert not bool(d.forced[i]) and int(d.exit_layer[i]) == 5
+    worker.stop()
+    assert worker.finished()
+
+
+def test_a_worker_refuses_bad_calls_whole_and_fails_bad_rows_without_hanging():
+    from costeff.inference.session import SessionWorker
+
+    engine = InferenceEngine.from_model(_model(), "fp32")
+    worker = SessionWorker(engine, max_batch_tokens=100, thread=False)
+    with pytest.raises(RuntimeError, match="without a thread"):
+        SessionWorker(engine, max_batch_tokens=100).turn()
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        SessionWorker(engine, max_batch_tokens=0)
+    with pytest.raises(ValueError, match="tag 1 is already held"):
+        worker.submit([[1, 2], [3]], None, tags=[1, 1], thresholds=[0.0, 0.0])
+    with pytest.raises(ValueError, match="threshold"):
+        worker.submit([[1, 2]], None, tags=[2], thresholds=[-1.0])
+    with pytest.raises(ValueError, match="at least one token"):
+        worker.submit([[]], None, tags=[3], thresholds=[0.0])
+    with pytest.raises(ValueError, match="one entry per tag"):
+        worker._handle.submit([1, 2], [2], [], [4, 5], [0.0, 0.0], [-1.0, -1.0])
+    with pytest.raises(ValueError, match="types must be empty or as long as ids"):
+        worker.submit([[1, 2]], [[0]], tags=[6], thresholds=[0.0])
+    assert worker.queued_rows() == 0
+    worker.submit([[5, 6, 7], [5, 1000, 7]], None, tags=[8, 9], thresholds=[0.0, 0.0])  # 1000: outside the vocabulary
+    worker.turn()
+    d = worker.take()
+    assert sorted(d.failed.tolist()) == [8, 9] and "input_ids must be in" in d.error  # the admission fails whole, with the engine's reason
+    assert d.tags.numel() == 0 and worker.queued_rows() == 0 and worker.rows_per_depth() == [0] * 5
+    worker.submit([[4, 4]], None, tags=[8], thresholds=[0.0])  # a failed tag is free again
+    while worker.turn():
+        pass
+    d = worker.take()
+    assert d.tags.tolist() == [8] and d.failed.numel() == 0 and d.error == ""
+    worker.stop()
+    assert worker.finished()
+    with pytest.raises(ValueError, match="stopped"):
+        worker.submit([[1]], None, tags=[11], thresholds=[0.0])
+
+
+def test_a_stopped_worker_finishes_every_row_it_holds():
+    from costeff.inference.session import SessionWorker
+
+    engine = InferenceEngine.from_model(_model(), "int8")
+    ids, mask = _batch(64, 10, seed=8)
+    worker = SessionWorker(engine, max_batch_tokens=40)
+    worker.submit(_rows(ids, mask), None, tags=range(64), thresholds=[0.0] * 64)
+    worker.stop()
+    got, failed, _ = _collect(worker, 64)
+    assert sorted(got) == list(range(64)) and not failed and all(v[1] == 5 for v in got.values())
+    worker.take(1.0)
+    assert worker.finished()

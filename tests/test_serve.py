@@ -177,8 +177,8 @@ def test_deadline_answers_from_the_exit_reached(model_dir):
 
 def test_overload_is_a_429_with_retry_after(model_dir):
     with Served(model_dir, max_batch_tokens=16, max_queue_tokens=16) as s:
-        s.state.scheduler.stop(timeout=10)  # a stopped worker: what is queued stays queued
-        s.state.scheduler.stopping = False
+        s.state.scheduler.stop(timeout=10)
+        s.state.scheduler = LayerScheduler(s.state.scheduler.engine, max_batch_tokens=16, max_queue_tokens=16)  # never started: what is queued stays
         s.state.scheduler.submit([Row(list(range(101, 111)), None)])
         r = s.request("POST", "/predict", json={"inputs": "a rather long sentence for the budget that is left"})
         assert r.status_code == 429 and r.json()["error_type"] == "overloaded" and int(r.headers["Retry-After"]) >= 1

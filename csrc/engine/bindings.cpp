@@ -8,6 +8,7 @@
 
 #include "engine.h"
 #include "session.h"
+#include "session_worker.h"
 
 namespace costeff::engine {
 namespace {
@@ -124,6 +125,7 @@ void register_engine(torch::Library& m) {
       .def("num_labels", [](const c10::intrusive_ptr<InferenceEngine>& self) { return self->num_labels(); })
       .def("num_layers", [](const c10::intrusive_ptr<InferenceEngine>& self) { return self->num_layers(); });
   register_session(m);  // after InferenceEngine: a session is built on one
+  register_session_worker(m);
 }
 
 }  // namespace costeff::engine

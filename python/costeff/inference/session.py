@@ -73,3 +73,65 @@ class EngineSession:
     def rows_per_depth(self) -> list[int]:
         """Rows in flight by layers done ([0]: admitted, not yet run)."""
         return list(self._handle.rows_per_depth())
+
+
+class Delivered(NamedTuple):
+    """What :meth:`SessionWorker.take` hands over: the finished rows as in :class:`Finished`, the
+    seconds each waited before admission (``queue_s``) and ran (``inference_s``), and the tags of rows
+    that failed with the reason (``error``; empty when none did)."""
+
+    tags: torch.Tensor
+    logits: torch.Tensor
+    exit_layer: torch.Tensor
+    entropy: torch.Tensor
+    forced: torch.Tensor
+    queue_s: torch.Tensor
+    inference_s: torch.Tensor
+    failed: torch.Tensor
+    error: str
+
+
+class SessionWorker:
+    """An :class:`EngineSession` turned by a C++ thread of its own (csrc/engine/session_worker.h): rows
+    are queued with :meth:`submit` from any thread, admitted while the session holds fewer than
+    ``max_batch_tokens`` real tokens, stepped one layer per turn, answered at their deadline from the
+    exit reached, dropped on :meth:`cancel`; :meth:`take` hands over every finished row at once. The
+    engine never waits for the GIL between layers. ``thread=False``: no thread, :meth:`turn` by hand."""
+
+    def __init__(self, engine, max_batch_tokens: int, thread: bool = True):
+        from costeff.inference.engine import InferenceEngine
+
+        if not isinstance(engine, InferenceEngine):
+            raise TypeError(f"SessionWorker needs a costeff InferenceEngine, got {type(engine).__name__}")
+        self.engine, self.threaded = engine, thread
+        self._handle = torch.classes.costeff.SessionWorker(engine._handle, int(max_batch_tokens), bool(thread))
+
+    def submit(self, ids: Sequence[Sequence[int]], types: Optional[Sequence[Sequence[int]]], *, tags: Sequence[int],
+               thresholds: Sequence[float], deadlines_s: Optional[Sequence[Optional[float]]] = None) -> None:
+        """Queues rows (token ids per row, unpadded; token types likewise or None), all or none; a
+        deadline is seconds from now (None: none)."""
+        flat = [t for row in ids for t in row]
+        flat_types = [t for row in types for t in row] if types is not None else []
+        deadlines = [-1.0 if d is None else max(0.0, float(d)) for d in (deadlines_s or [None] * len(tags))]
+        self._handle.submit(flat, [len(r) for r in ids], flat_types, list(tags), [float(t) for t in thresholds], deadlines)
+
+    def cancel(self, tags: Sequence[int]) -> None:
+        self._handle.cancel(list(tags))
+
+    def take(self, timeout_s: float = 0.0) -> Delivered:
+        return Delivered(*self._handle.take(float(timeout_s)))
+
+    def turn(self) -> bool:
+        return bool(self._handle.turn())
+
+    def stop(self) -> None:
+        self._handle.stop()
+
+    def finished(self) -> bool:
+        return bool(self._handle.finished())
+
+    def rows_per_depth(self) -> list[int]:
+        return list(self._handle.rows_per_depth())
+
+    def queued_rows(self) -> int:
+        return int(self._handle.queued_rows())

@@ -1,9 +1,11 @@
 """The two schedulers of ``costeff serve``, each one worker thread in front of the engine.
 
 - :class:`LayerScheduler` (default): continuous batching at layer granularity over an
-  EngineSession. Each turn admits queued rows (up to ``max_batch_tokens`` in flight), answers rows
-  whose deadline has passed from the exit they reached, forgets rows whose client has gone, and runs
-  one step: every row in flight goes one layer deeper and the rows that exit are answered at once.
+  EngineSession, turned by a C++ thread (costeff.inference.session.SessionWorker). Each turn admits
+  queued rows (up to ``max_batch_tokens`` in flight), answers rows whose deadline has passed from the
+  exit they reached, forgets rows whose client has gone, and runs one step: every row in flight goes
+  one layer deeper and the rows that exit are answered at once. The Python thread only hands answers
+  over, a batch of finished rows at a time.
 - :class:`BatchScheduler` (``--scheduler batch``, the baseline of TEI / Triton / Ray Serve): waits
   up to ``max_wait_ms`` for rows, runs them as one engine call per threshold, answers all of them when
   the call (its deepest row) is done.
@@ -110,22 +112,26 @@ class Scheduler:
         requests wait before they get here (the event loop's lag), counted into the expected wait."""
         n = sum(r.tokens for r in rows)
         with self.cond:
-            if self.stopping:
-                raise Stopped("the server is shutting down")
-            held = self.queued_tokens + self.flight_tokens
-            if held + n > self.max_queue_tokens and held > 0:
-                raise Overloaded(self._retry_after(held + n - self.max_queue_tokens), held, self.max_queue_tokens)
-            rate = self.drain_rate()
-            wait = waited_s + ((held + n) / rate if held > 0 and rate > 0 else 0.0)
-            if self.max_queue_s > 0 and wait > self.max_queue_s:
-                raise Overloaded(wait - self.max_queue_s, held, int(rate * self.max_queue_s),
-                                 f"a new request would wait ~{wait * 1000:.0f} ms ({waited_s * 1000:.0f} ms before the queue, then the "
-                                 f"{held} tokens ahead of it; limit {self.max_queue_s * 1000:.0f} ms)")
+            self._admissible(n, waited_s)
             for r in rows:
                 r.enqueued = time.monotonic()
                 self.queue.append(r)
             self.queued_tokens += n
             self.cond.notify()
+
+    def _admissible(self, n: int, waited_s: float) -> None:
+        """Raises Stopped or Overloaded unless a request of ``n`` tokens may join; called holding cond."""
+        if self.stopping:
+            raise Stopped("the server is shutting down")
+        held = self.queued_tokens + self.flight_tokens
+        if held + n > self.max_queue_tokens and held > 0:
+            raise Overloaded(self._retry_after(held + n - self.max_queue_tokens), held, self.max_queue_tokens)
+        rate = self.drain_rate()
+        wait = waited_s + ((held + n) / rate if held > 0 and rate > 0 else 0.0)
+        if self.max_queue_s > 0 and wait > self.max_queue_s:
+            raise Overloaded(wait - self.max_queue_s, held, int(rate * self.max_queue_s),
+                             f"a new request would wait ~{wait * 1000:.0f} ms ({waited_s * 1000:.0f} ms before the queue, then the "
+                             f"{held} tokens ahead of it; limit {self.max_queue_s * 1000:.0f} ms)")
 
     def run_inline(self, rows: list[Row]) -> bool:
         """Runs a small request at once on the calling thread when the scheduler holds nothing (no row
@@ -222,10 +228,12 @@ class Scheduler:
             if r.threshold is None:
                 r.threshold = self.threshold
 
-    def _resolve(self, row: Row, logits, exit_layer: int, entropy: float, forced: bool) -> None:
+    def _resolve(self, row: Row, logits, exit_layer: int, entropy: float, forced: bool,
+                 queue_s: Optional[float] = None, inference_s: Optional[float] = None) -> None:
         done = time.monotonic()
-        result = Result(list(map(float, logits)), int(exit_layer), float(entropy), bool(forced), float(row.threshold),
-                        (row.started or done) - row.enqueued, done - (row.started or done))
+        if queue_s is None:
+            queue_s, inference_s = (row.started or done) - row.enqueued, done - (row.started or done)
+        result = Result(list(map(float, logits)), int(exit_layer), float(entropy), bool(forced), float(row.threshold), queue_s, inference_s)
         self.record_answered(row.tokens, done)
         if self.on_result is not None:
             self.on_result(row, result)
@@ -240,8 +248,9 @@ class Scheduler:
         except (ValueError, TypeError) as exc:  # the app checked the inputs; never leave a row hanging
             self._fail(rows, exc)
             return
+        logits, layers, entropy = out.logits.tolist(), out.exit_layer.tolist(), out.entropy.tolist()  # one call each, not one per row
         for i, r in enumerate(rows):
-            self._resolve(r, out.logits[i].tolist(), int(out.exit_layer[i]), float(out.entropy[i]), False)
+            self._resolve(r, logits[i], layers[i], entropy[i], False)
 
     def _fail(self, rows: list[Row], exc: BaseException) -> None:
         for r in rows:
@@ -268,63 +277,108 @@ class Scheduler:
 
 
 class LayerScheduler(Scheduler):
+    """Rows go straight to a :class:`~costeff.inference.session.SessionWorker`, whose C++ thread admits,
+    steps and answers them without the GIL; this class's thread only hands the answers over (one
+    ``take`` per batch of finished rows, not one Python turn per layer)."""
+
     name = "layer"
 
     def __init__(self, engine, *args, **kwargs):
         super().__init__(engine, *args, **kwargs)
-        self.session = engine.session()
+        self.worker = None  # made by start() (its own thread) or at the first submit (turned by hand: _turn)
         self.rows: dict[int, Row] = {}
         self._tag = 0
 
+    def _session_worker(self, thread: bool):
+        from costeff.inference.session import SessionWorker
+
+        if self.worker is None:
+            self.worker = SessionWorker(self.engine, self.max_batch_tokens, thread=thread)
+        elif self.worker.threaded != thread:
+            raise RuntimeError("LayerScheduler: start() it before the first submit, or never (turned by hand with _turn)")
+        return self.worker
+
+    def start(self) -> "Scheduler":
+        self._session_worker(thread=True)
+        return super().start()
+
     def stats(self) -> dict:
-        return {**super().stats(), "rows_per_depth": self.session.rows_per_depth()}
+        w = self.worker
+        return {**super().stats(), "queued_rows": w.queued_rows() if w else 0, "rows_per_depth": w.rows_per_depth() if w else []}
+
+    def submit(self, rows: list[Row], waited_s: float = 0.0) -> None:
+        n = sum(r.tokens for r in rows)
+        now = time.monotonic()
+        with self.cond:
+            self._admissible(n, waited_s)
+            worker = self.worker or self._session_worker(thread=False)  # never started: turned by hand
+            tags = list(range(self._tag, self._tag + len(rows)))
+            self._tag += len(rows)
+            for r in rows:
+                r.enqueued = now
+                if r.threshold is None:
+                    r.threshold = self.threshold  # the one in force when the request came (brownout)
+            worker.submit([r.ids for r in rows], [r.types for r in rows] if rows[0].types is not None else None, tags=tags,
+                          thresholds=[r.threshold for r in rows], deadlines_s=[None if r.deadline is None else r.deadline - now for r in rows])
+            self.rows.update(zip(tags, rows))
+            self.flight_tokens += n
+        for tag, r in zip(tags, rows):
+            r.future.add_done_callback(lambda f, tag=tag: self._cancelled(tag) if f.cancelled() else None)
+
+    def _cancelled(self, tag: int) -> None:
+        """A client went away: its row leaves the queue or the session before more compute."""
+        if self._forget([tag]):
+            self.worker.cancel([tag])
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self.worker is not None:
+            self.worker.stop()  # it finishes what it holds; this thread hands the answers over, then ends
+        if self.thread.is_alive():
+            self.thread.join(timeout)
 
     def _in_flight(self) -> list[Row]:
-        return list(self.rows.values())
-
-    def _turn(self) -> bool:
         with self.cond:
-            while self.inline or (not self.queue and not self.rows):
-                if self.stopping and not self.inline and not self.queue and not self.rows:
-                    return False
-                self.cond.wait(0.1)
-            budget = self.max_batch_tokens - self.flight_tokens
-            admit = self._take(budget, at_least_one=not self.rows)
-        if admit:
-            self._start_rows(admit)
-            tags = list(range(self._tag, self._tag + len(admit)))
-            self._tag += len(admit)
-            ids, mask, types = pad(admit)
-            try:
-                self.session.admit(ids, mask, types, tags=tags, thresholds=[r.threshold for r in admit])
-            except (ValueError, TypeError) as exc:  # the app checked the inputs; never leave a row hanging
-                self._fail(admit, exc)
-            else:
-                self.rows.update(zip(tags, admit))
-                with self.cond:
-                    self.flight_tokens += sum(r.tokens for r in admit)
-        gone = [t for t, r in self.rows.items() if r.future.cancelled()]
-        if gone:
-            self.session.drop(gone)
-            self._forget(gone)
-        now = time.monotonic()
-        due = [t for t, r in self.rows.items() if r.deadline is not None and now >= r.deadline]
-        if due:
-            self._answer(self.session.finish(due))
-        if self.rows:
-            self._answer(self.session.step())
-        return True
+            return list(self.rows.values())
 
     def _forget(self, tags) -> list[Row]:
-        rows = [self.rows.pop(t) for t in tags]
         with self.cond:
+            rows = [r for r in (self.rows.pop(t, None) for t in tags) if r is not None]
             self.flight_tokens -= sum(r.tokens for r in rows)
         return rows
 
-    def _answer(self, out) -> None:
+    def _turn(self) -> bool:
+        """Hands over what the worker finished (waiting up to 0.1 s for it); by hand (no thread of the
+        worker's own), first turns the worker once. False once the worker is done for good."""
+        worker = self.worker
+        if worker is None:
+            return not self.stopping
+        if not worker.threaded:
+            worker.turn()
+        out = worker.take(0.1 if worker.threaded else 0.0)
         tags = out.tags.tolist()
-        for i, row in enumerate(self._forget(tags)):
-            self._resolve(row, out.logits[i].tolist(), int(out.exit_layer[i]), float(out.entropy[i]), bool(out.forced[i]))
+        if tags:
+            logits, layers, entropy = out.logits.tolist(), out.exit_layer.tolist(), out.entropy.tolist()
+            forced, queue_s, inference_s = out.forced.tolist(), out.queue_s.tolist(), out.inference_s.tolist()
+            with self.cond:
+                found = [(i, self.rows.pop(t, None)) for i, t in enumerate(tags)]
+                found = [(i, r) for i, r in found if r is not None]
+                self.flight_tokens -= sum(r.tokens for _, r in found)
+            for i, row in found:
+                row.started = row.enqueued + queue_s[i]
+                self._adjust_threshold(queue_s[i])
+                self._resolve(row, logits[i], layers[i], entropy[i], forced[i], queue_s[i], inference_s[i])
+        failed = out.failed.tolist()
+        if failed:
+            exc = RuntimeError(out.error) if out.error.startswith("the engine failed") else ValueError(out.error)
+            if isinstance(exc, RuntimeError):
+                self.error = exc
+                with self.cond:
+                    self.stopping = True
+            self._fail(self._forget(failed), exc)
+        return not (worker.threaded and not tags and not failed and worker.finished())
 
 
 class BatchScheduler(Scheduler):
