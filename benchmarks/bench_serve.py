@@ -5,8 +5,10 @@ Systems, each a ``costeff serve`` process run alone on the machine, one after th
 ``student/batch/int8`` (the request-level dynamic batcher), and the teacher behind the same server
 code: ``teacher/batch/int8`` (ONNX Runtime int8, what a user would serve without costeff) and
 ``teacher/batch/fp32`` (PyTorch). For each: the time to ready, concurrency 1 (p50 of serial
-requests), the capacity (requests/s with ``--concurrency`` closed-loop clients), then offered loads
-from 10% to 200% of that capacity, each for ``--seconds`` (at most ``--max-requests``): achieved
+requests), the capacity (requests/s with ``--concurrency`` closed-loop clients); then, in a second
+server process, offered loads from 10% to 200% of the lowest capacity among the systems of the same
+model (student or teacher: its schedulers and precisions see the same traffic), each for
+``--seconds`` (at most ``--max-requests``): achieved
 throughput, p50/p90/p99/p99.9 latency, status counts, average exit layer, accuracy of the served
 answers, server CPU seconds and peak RSS. One sentence per request (Rotten Tomatoes test sentences).
 Also the engine's own batch-1 time on the same sentences (no server). Table + JSON
@@ -301,7 +303,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="per load point")
     ap.add_argument("--serial", type=int, default=500, help="requests of the concurrency-1 measurement")
     ap.add_argument("--max-requests", type=int, default=5000)
-    ap.add_argument("--loads", default=",".join(map(str, LOADS)), help="fractions of the measured capacity")
+    ap.add_argument("--loads", default=",".join(map(str, LOADS)),
+                    help="fractions of the capacity (the lowest among the systems of the same model, so that they get the same rates)")
     ap.add_argument("--sentences", type=int, default=1000)
     ap.add_argument("--per-request", type=int, default=1, help="sentences per request (rates and throughputs count requests)")
     ap.add_argument("--search-steps", type=int, default=7, help="bisection runs for the sustainable throughput (p99 <= 20 ms)")
@@ -336,20 +339,34 @@ def main(argv=None) -> int:
     print(f"[bench_serve] engine batch 1 (no server): " + ", ".join(f"{p} {ms:.3f} ms" for p, ms in engine_ms.items()), flush=True)
     if client_cpus is not None or server_cpus is not None:
         os.sched_setaffinity(0, client_cpus or all_cpus)
-    rows, summary = [], {}
-    for system in args.systems.split(","):
+    rows, summary, first = [], {}, {}
+    systems = args.systems.split(",")
+    for system in systems:  # first pass: ready, concurrency 1, capacity
         which, scheduler, precision = system.split("/")
         proc, base, ready_s = start_server(models[which], scheduler, precision, args.threads, args.server_args.split(), server_cpus)
         try:
             c1 = asyncio.run(serial(base, texts, args.serial))
             capacity = asyncio.run(closed_loop(base, texts, args.concurrency, args.seconds))
-            print(f"[bench_serve] {system}: ready in {ready_s:.1f} s, concurrency 1 p50 {c1['p50_ms']:.3f} ms, capacity {capacity:.0f} requests/s",
-                  flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        first[system] = (ready_s, c1, capacity)
+        print(f"[bench_serve] {system}: ready in {ready_s:.1f} s, concurrency 1 p50 {c1['p50_ms']:.3f} ms, capacity {capacity:.0f} requests/s", flush=True)
+    # the systems of one model get the same offered rates: fractions of the lowest capacity among them, so
+    # that the schedulers are compared under the same traffic
+    reference = {m: min(first[s][2] for s in systems if s.startswith(m + "/")) for m in {s.split("/")[0] for s in systems}}
+    for system in systems:
+        which, scheduler, precision = system.split("/")
+        ready_s, c1, capacity = first[system]
+        proc, base, _ = start_server(models[which], scheduler, precision, args.threads, args.server_args.split(), server_cpus)
+        try:
+            print(f"[bench_serve] {system}: loads as fractions of {reference[which]:.0f} requests/s", flush=True)
             for frac in (float(x) for x in args.loads.split(",")):
                 cpu0, _ = proc_usage(proc.pid)
-                point = asyncio.run(open_loop(base, texts, labels, frac * capacity, args.seconds, args.max_requests))
+                point = asyncio.run(open_loop(base, texts, labels, frac * reference[which], args.seconds, args.max_requests))
                 cpu1, rss = proc_usage(proc.pid)
-                point.update(system=system, load=frac, capacity_per_s=capacity, server_cpu_s=cpu1 - cpu0, server_rss_mib=rss, ready_s=ready_s)
+                point.update(system=system, load=frac, capacity_per_s=capacity, reference_per_s=reference[which], server_cpu_s=cpu1 - cpu0,
+                             server_rss_mib=rss, ready_s=ready_s)
                 rows.append(point)
                 print(f"  load {frac:>4.0%}: {point['achieved_per_s']:7.0f}/s  p50 {point['p50_ms']:7.2f}  p99 {point['p99_ms']:7.2f} ms  "
                       f"late {point['client_late_p50_ms']:.1f}/{point['client_late_max_ms']:.0f}  statuses {point['statuses']}  exit {point['avg_exit_layer']}  acc {point['accuracy']}  rss {rss:.0f} MiB", flush=True)
