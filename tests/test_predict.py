@@ -187,3 +187,19 @@ def test_hf_pipeline_labels_equal_early_exit(model_dir):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split()[0] == "CostEffForSequenceClassification"
+
+
+def test_predict_on_the_engine_does_not_import_transformers(model_dir):
+    """`costeff predict` of a model directory on the engine reads it without transformers (its import is
+    ~0.8 s of a one-line call); the answer is the in-process Predictor's."""
+    import subprocess
+    import sys
+
+    code = ("import sys, io; sys.stdin = io.StringIO('a gripping film\\n'); from costeff.cli import main; rc = main(['predict', '--model', "
+            f"{str(model_dir)!r}]); print('TRANSFORMERS', 'transformers' in sys.modules, file=sys.stderr); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "TRANSFORMERS False" in r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[0])
+    want = Predictor(model_dir)(["a gripping film"])[0]
+    assert got["label"] == want["label"] and got["exit_layer"] == want["exit_layer"] and got["score"] == pytest.approx(want["score"], abs=1e-6)

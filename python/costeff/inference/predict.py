@@ -115,7 +115,7 @@ class Predictor:
 
             self.engine = InferenceEngine.from_pretrained(path, precision or "fp32")
             self.backend = f"engine {self.engine.precision}"
-            self._run = lambda ids, mask, types: self.engine(ids, mask, types, threshold=self.threshold)
+            self._run = lambda ids, mask, types: self.engine.run(ids, mask, types, threshold=self.threshold)  # no transformers import
         else:
             from costeff.models import CostEffForSequenceClassification
 

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
+from costeff.inference.engine import InferenceEngine
 from costeff.inference.model_dir import pad_rows
 from costeff.ops._checks import check_threshold
 
@@ -244,7 +245,8 @@ class Scheduler:
         """One engine call for ``rows`` (all their layers) and their answers."""
         ids, mask, types = pad(rows)
         try:
-            out = self.engine(ids, mask, types, threshold=threshold)
+            # the C++ engine's plain tuple (no ModelOutput to build); the ONNX and classifier runners are called
+            out = (self.engine.run if isinstance(self.engine, InferenceEngine) else self.engine)(ids, mask, types, threshold=threshold)
         except (ValueError, TypeError) as exc:  # the app checked the inputs; never leave a row hanging
             self._fail(rows, exc)
             return
