@@ -416,3 +416,12 @@ def test_the_event_loop_lag_counts_into_the_expected_wait(model_dir):
     sch.submit([Row([1] * 10, None)], waited_s=0.05)  # nothing ahead, 50 ms behind: under the limit
     with pytest.raises(Overloaded, match="150 ms before the queue"):
         sch.submit([Row([1] * 10, None)], waited_s=0.15)
+
+
+def test_a_process_that_exits_without_stopping_the_scheduler_exits_cleanly(model_dir):
+    """The layer scheduler's hand-over thread waits in C++ without the GIL; an interpreter ending it there
+    at exit would abort the process (SIGABRT). An exit handler stops the scheduler first."""
+    code = ("from costeff.serve.config import ServeConfig; from costeff.serve.server import build_state; "
+            f"state = build_state(ServeConfig(model={str(model_dir)!r}, threads=1)); raise SystemExit(3)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr[-2000:]

@@ -16,9 +16,11 @@ flight, :meth:`Scheduler.submit` raises :class:`Overloaded` with an estimate of 
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -302,6 +304,9 @@ class LayerScheduler(Scheduler):
 
     def start(self) -> "Scheduler":
         self._session_worker(thread=True)
+        # At exit the interpreter ends daemon threads where they stand; ending this one inside take() (C++
+        # waiting without the GIL) aborts the process. Stopped first, it leaves take() and its loop.
+        atexit.register(_stop_at_exit, weakref.ref(self))
         return super().start()
 
     def stats(self) -> dict:
@@ -381,6 +386,12 @@ class LayerScheduler(Scheduler):
                     self.stopping = True
             self._fail(self._forget(failed), exc)
         return not (worker.threaded and not tags and not failed and worker.finished())
+
+
+def _stop_at_exit(ref) -> None:
+    scheduler = ref()
+    if scheduler is not None:
+        scheduler.stop(timeout=5.0)
 
 
 class BatchScheduler(Scheduler):
