@@ -334,7 +334,7 @@ class LayerScheduler(Scheduler):
 
     def _cancelled(self, tag: int) -> None:
         """A client went away: its row leaves the queue or the session before more compute."""
-        if self._forget([tag]):
+        if self._forget([tag])[0] is not None:
             self.worker.cancel([tag])
 
     def stop(self, timeout: Optional[float] = None) -> None:
@@ -350,10 +350,11 @@ class LayerScheduler(Scheduler):
         with self.cond:
             return list(self.rows.values())
 
-    def _forget(self, tags) -> list[Row]:
+    def _forget(self, tags) -> list[Optional[Row]]:
+        """The rows of ``tags`` (None where one was already answered or forgotten), no longer held."""
         with self.cond:
-            rows = [r for r in (self.rows.pop(t, None) for t in tags) if r is not None]
-            self.flight_tokens -= sum(r.tokens for r in rows)
+            rows = [self.rows.pop(t, None) for t in tags]
+            self.flight_tokens -= sum(r.tokens for r in rows if r is not None)
         return rows
 
     def _turn(self) -> bool:
@@ -369,11 +370,9 @@ class LayerScheduler(Scheduler):
         if tags:
             logits, layers, entropy = out.logits.tolist(), out.exit_layer.tolist(), out.entropy.tolist()
             forced, queue_s, inference_s = out.forced.tolist(), out.queue_s.tolist(), out.inference_s.tolist()
-            with self.cond:
-                found = [(i, self.rows.pop(t, None)) for i, t in enumerate(tags)]
-                found = [(i, r) for i, r in found if r is not None]
-                self.flight_tokens -= sum(r.tokens for _, r in found)
-            for i, row in found:
+            for i, row in enumerate(self._forget(tags)):
+                if row is None:  # its client went away meanwhile
+                    continue
                 row.started = row.enqueued + queue_s[i]
                 self._adjust_threshold(queue_s[i])
                 self._resolve(row, logits[i], layers[i], entropy[i], forced[i], queue_s[i], inference_s[i])
@@ -384,7 +383,7 @@ class LayerScheduler(Scheduler):
                 self.error = exc
                 with self.cond:
                     self.stopping = True
-            self._fail(self._forget(failed), exc)
+            self._fail([r for r in self._forget(failed) if r is not None], exc)
         return not (worker.threaded and not tags and not failed and worker.finished())
 
 
