@@ -109,35 +109,75 @@ def start_server(model: str, scheduler: str, precision: str, threads: int, extra
         time.sleep(0.05)
 
 
+def encode_post(path: str, payload) -> bytes:
+    """A keep-alive HTTP/1.1 POST of ``payload`` as JSON, whole (the clients encode their requests beforehand)."""
+    body = json.dumps(payload).encode()
+    return (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+
+def parse_head(head: bytes) -> tuple[int, int]:
+    """(status, content-length) of a response head."""
+    lines = head.split(b"\r\n")
+    status, length = int(lines[0].split(b" ", 2)[1]), 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return status, length
+
+
 class Connection:
     """One keep-alive HTTP/1.1 connection: the load client shares the two cores with the server, so it is
-    the cheapest that speaks the protocol (a POST with content-length, an answer with content-length)."""
+    the cheapest that speaks the protocol (a pre-encoded POST, an answer with content-length)."""
 
-    def __init__(self, reader, writer, host: str):
-        self.reader, self.writer, self.host = reader, writer, host
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
 
     @classmethod
     async def open(cls, base: str) -> "Connection":
         host, port = base.split("//", 1)[1].rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(reader, writer, host)
+        return cls(reader, writer)
 
-    async def post(self, path: str, payload) -> tuple[int, bytes]:
-        body = json.dumps(payload).encode()
-        self.writer.write(f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
-                          f"content-length: {len(body)}\r\n\r\n".encode() + body)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status, length = int(lines[0].split(" ", 2)[1]), 0
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
+    async def post(self, request: bytes) -> tuple[int, bytes]:
+        self.writer.write(request)
+        status, length = parse_head(await self.reader.readuntil(b"\r\n\r\n"))
         return status, await self.reader.readexactly(length)
 
     def close(self) -> None:
         self.writer.close()
+
+
+class BlockingConnection:
+    """A blocking keep-alive connection for concurrency 1: what it times is the server plus one send and
+    one receive on loopback, not an event loop or JSON encoding on the client side."""
+
+    def __init__(self, base: str):
+        host, port = base.split("//", 1)[1].rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def post(self, request: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(request)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            buf += chunk
+        head, _, body = buf.partition(b"\r\n\r\n")
+        status, length = parse_head(head)
+        while len(body) < length:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            body += chunk
+        return status, body
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Pool:
@@ -148,13 +188,13 @@ class Pool:
     def __init__(self, base: str, limit: int = 1024):
         self.base, self.idle, self.free = base, [], asyncio.Semaphore(limit)
 
-    async def post(self, path: str, payload, sent: Optional[list] = None) -> tuple[int, bytes]:
+    async def post(self, request: bytes, sent: Optional[list] = None) -> tuple[int, bytes]:
         async with self.free:
             conn = self.idle.pop() if self.idle else await Connection.open(self.base)
             if sent is not None:
                 sent.append(time.monotonic())  # when the request leaves (after any wait for a connection)
             try:
-                out = await conn.post(path, payload)
+                out = await conn.post(request)
             except BaseException:
                 conn.close()
                 raise
@@ -166,7 +206,7 @@ class Pool:
             c.close()
 
 
-async def closed_loop(base: str, texts: list[str], concurrency: int, seconds: float) -> float:
+async def closed_loop(base: str, requests: list[bytes], concurrency: int, seconds: float) -> float:
     done = 0
     stop = time.monotonic() + seconds
 
@@ -176,7 +216,7 @@ async def closed_loop(base: str, texts: list[str], concurrency: int, seconds: fl
         conn = await Connection.open(base)
         try:
             while time.monotonic() < stop:
-                status, _ = await conn.post("/predict", {"inputs": texts[i % len(texts)]})
+                status, _ = await conn.post(requests[i % len(requests)])
                 if status == 200:
                     done += 1
                 else:
@@ -190,22 +230,22 @@ async def closed_loop(base: str, texts: list[str], concurrency: int, seconds: fl
     return done / (time.monotonic() - t0)
 
 
-async def serial(base: str, texts: list[str], n: int) -> dict:
-    """Concurrency 1: one request after the other; the server's own times from its headers."""
-    conn = await Connection.open(base)
+def serial(base: str, requests: list[bytes]) -> list[float]:
+    """Concurrency 1: each request after the other on one blocking connection; ms per request."""
+    conn = BlockingConnection(base)
     lat = []
     try:
-        for i in range(n + n // 5):
+        for r in requests:
             t0 = time.perf_counter()
-            status, _ = await conn.post("/predict", {"inputs": texts[i % len(texts)]})
-            if i >= n // 5 and status == 200:  # the first fifth warms up
+            status, _ = conn.post(r)
+            if status == 200:
                 lat.append(1000 * (time.perf_counter() - t0))
     finally:
         conn.close()
-    return {"p50_ms": statistics.median(lat), "mean_ms": statistics.fmean(lat)}
+    return lat
 
 
-async def open_loop(base: str, texts, labels, rate: float, seconds: float, max_requests: int, seed: int = 0) -> dict:
+async def open_loop(base: str, requests: list[bytes], labels, rate: float, seconds: float, max_requests: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
     n = min(max_requests, max(1, int(rate * seconds)))
     lat, statuses, layers, correct = [], {}, [], 0
@@ -218,7 +258,8 @@ async def open_loop(base: str, texts, labels, rate: float, seconds: float, max_r
         t0 = due  # latency from the arrival time drawn, not from when the client got to send it
         sent = []
         try:
-            code, body = await asyncio.wait_for(pool.post("/predict", {"inputs": texts[i % len(texts)]}, sent), 30)
+            async with asyncio.timeout(30):  # no task of its own, unlike wait_for: the client offers more per core
+                code, body = await pool.post(requests[i % len(requests)], sent)
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
             code, body = type(exc).__name__, None
         if sent:
@@ -250,42 +291,68 @@ async def open_loop(base: str, texts, labels, rate: float, seconds: float, max_r
             "statuses": statuses, "avg_exit_layer": statistics.fmean(layers) if layers else None, "accuracy": correct / len(layers) if layers else None}
 
 
-def engine_batch1_ms(model: str, precision: str, texts: list[str], threads: int) -> float:
-    """Median per-sentence time of the engine itself at batch 1 (tokenized beforehand), no server."""
-    import torch
+class EngineBatch1:
+    """The engine itself at batch 1 on the server's sentences (tokenized beforehand), no server: the time
+    the served concurrency-1 latency is compared with, measured in blocks interleaved with it."""
 
-    from costeff.inference import InferenceEngine
-    from costeff.inference.model_dir import DirTokenizer, pad_rows, read_engine_config
+    def __init__(self, model: str, precision: str, texts: list[str]):
+        from costeff.inference import InferenceEngine
+        from costeff.inference.model_dir import DirTokenizer, pad_rows, read_engine_config
 
-    torch.set_num_threads(threads)
-    tok = DirTokenizer(model)  # what the server tokenizes with
-    engine = InferenceEngine.from_pretrained(model, precision)
-    threshold = float(read_engine_config(model).inference_threshold or 0.0)
-    batches = []
-    for t in texts:
-        ids, types = tok.encode([t], max_length=tok.model_max_length)
-        batches.append(dict(zip(("input_ids", "attention_mask", "token_type_ids"), pad_rows(ids, types, tok.pad_token_id))))
-    times = []
-    for round_ in range(3):
-        for b in batches:
+        tok = DirTokenizer(model)  # what the server tokenizes with
+        self.engine = InferenceEngine.from_pretrained(model, precision)
+        self.threshold = float(read_engine_config(model).inference_threshold or 0.0)
+        self.batches = []
+        for t in texts:
+            ids, types = tok.encode([t], max_length=tok.model_max_length)
+            self.batches.append(pad_rows(ids, types, tok.pad_token_id))
+        self.block()  # warm
+
+    def block(self) -> list[float]:
+        """ms per sentence, one call each (the engine as a user calls it)."""
+        times = []
+        for ids, mask, types in self.batches:
             t0 = time.perf_counter()
-            engine(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), threshold=threshold)
-            if round_:
-                times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+            self.engine(ids, mask, types, threshold=self.threshold)
+            times.append(1000 * (time.perf_counter() - t0))
+        return times
+
+
+def concurrency1(base: str, requests: list[bytes], rounds: int, engine: Optional[EngineBatch1], server_cpus, client_cpus) -> dict:
+    """Served latency at concurrency 1 and, for a student, the engine's own batch-1 time, in ``rounds``
+    interleaved blocks over the same sentences (engine block on the server's CPUs, then a served block
+    from the client's); medians over all blocks but the first of each (warm-up)."""
+    served, own = [], []
+    for round_ in range(rounds + 1):
+        if engine is not None:
+            pin(server_cpus)
+            t = engine.block()
+            own += t if round_ else []
+        pin(client_cpus)
+        t = serial(base, requests)
+        served += t if round_ else []
+    out = {"p50_ms": statistics.median(served), "mean_ms": statistics.fmean(served), "rounds": rounds}
+    if engine is not None:
+        out["engine_b1_ms"] = statistics.median(own)
+        out["gap_ms"] = out["p50_ms"] - out["engine_b1_ms"]
+    return out
+
+
+def pin(cpus: set) -> None:
+    os.sched_setaffinity(0, cpus)
 
 
 def meets_target(point: dict) -> bool:
     return point["p99_ms"] <= P99_TARGET_MS and set(point["statuses"]) == {"200"}
 
 
-def find_sustainable(base: str, texts, labels, capacity: float, seconds: float, max_requests: int, steps: int) -> tuple[float, list]:
+def find_sustainable(base: str, requests: list[bytes], labels, capacity: float, seconds: float, max_requests: int, steps: int) -> tuple[float, list]:
     """The highest offered rate whose p99 is <= 20 ms with nothing but 200s, by bisection between 0 and
     the capacity (``steps`` open-loop runs); (its achieved throughput, the runs)."""
     lo, hi, best, runs = 0.0, capacity, 0.0, []
     for _ in range(steps):
         rate = (lo + hi) / 2
-        point = asyncio.run(open_loop(base, texts, labels, rate, seconds, max_requests))
+        point = asyncio.run(open_loop(base, requests, labels, rate, seconds, max_requests))
         runs.append({k: point[k] for k in ("offered_per_s", "achieved_per_s", "p50_ms", "p99_ms", "statuses")})
         if meets_target(point):
             lo, best = rate, max(best, point["achieved_per_s"])
@@ -301,7 +368,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="the server's --threads (0: its default, the cores less one)")
     ap.add_argument("--concurrency", type=int, default=16, help="closed-loop clients of the capacity measurement")
     ap.add_argument("--seconds", type=float, default=5.0, help="per load point")
-    ap.add_argument("--serial", type=int, default=500, help="requests of the concurrency-1 measurement")
+    ap.add_argument("--serial", type=int, default=300, help="sentences of a concurrency-1 block (served, and the engine's own)")
+    ap.add_argument("--serial-rounds", type=int, default=5, help="interleaved blocks of the concurrency-1 measurement (after one to warm up)")
     ap.add_argument("--max-requests", type=int, default=5000)
     ap.add_argument("--loads", default=",".join(map(str, LOADS)),
                     help="fractions of the capacity (the lowest among the systems of the same model, so that they get the same rates)")
@@ -326,32 +394,36 @@ def main(argv=None) -> int:
     from costeff.serve.config import ServeConfig
     from costeff.serve.server import engine_threads
 
-    if server_cpus is not None:
-        os.sched_setaffinity(0, server_cpus)  # the engine's own batch-1 time on the server's CPUs, with its threads
-    threads = engine_threads(ServeConfig(model="", threads=args.threads))  # what each server runs with
+    server_side, client_side = server_cpus or all_cpus, client_cpus or all_cpus
+    pin(server_side)
+    threads = engine_threads(ServeConfig(model="", threads=args.threads))  # what each server runs with: it counts the CPUs
     sentences, gold = test_sentences(args.sentences)
     k = args.per_request  # a request: one sentence (a string, as TEI's clients send) or a list of k
     texts = sentences if k == 1 else [sentences[i:i + k] for i in range(0, len(sentences) - k + 1, k)]
+    requests = [encode_post("/predict", {"inputs": t}) for t in texts]
     labels = [[g] for g in gold] if k == 1 else [gold[i:i + k] for i in range(0, len(gold) - k + 1, k)]
     models = {"student": os.path.join(args.run, "student", "model"), "teacher": os.path.join(args.run, "teacher", "model")}
-    engine_ms = {p: engine_batch1_ms(models["student"], p, sentences[:300], threads)
-                 for p in dict.fromkeys(s.split("/")[2] for s in args.systems.split(",") if s.startswith("student/"))}
-    print(f"[bench_serve] engine batch 1 (no server): " + ", ".join(f"{p} {ms:.3f} ms" for p, ms in engine_ms.items()), flush=True)
-    if client_cpus is not None or server_cpus is not None:
-        os.sched_setaffinity(0, client_cpus or all_cpus)
+    import torch
+
+    torch.set_num_threads(threads)  # the engine's own batch-1 time with the server's threads, on its CPUs
+    engines = {p: EngineBatch1(models["student"], p, sentences[:args.serial])
+               for p in dict.fromkeys(s.split("/")[2] for s in args.systems.split(",") if s.startswith("student/"))} if k == 1 else {}
+    pin(client_side)
     rows, summary, first = [], {}, {}
     systems = args.systems.split(",")
-    for system in systems:  # first pass: ready, concurrency 1, capacity
+    for system in systems:  # first pass: ready, concurrency 1 (with the engine's own time, interleaved), capacity
         which, scheduler, precision = system.split("/")
         proc, base, ready_s = start_server(models[which], scheduler, precision, args.threads, args.server_args.split(), server_cpus)
         try:
-            c1 = asyncio.run(serial(base, texts, args.serial))
-            capacity = asyncio.run(closed_loop(base, texts, args.concurrency, args.seconds))
+            c1 = concurrency1(base, requests[:args.serial], args.serial_rounds, engines.get(precision) if which == "student" else None,
+                              server_side, client_side)
+            capacity = asyncio.run(closed_loop(base, requests, args.concurrency, args.seconds))
         finally:
             proc.terminate()
             proc.wait(60)
         first[system] = (ready_s, c1, capacity)
-        print(f"[bench_serve] {system}: ready in {ready_s:.1f} s, concurrency 1 p50 {c1['p50_ms']:.3f} ms, capacity {capacity:.0f} requests/s", flush=True)
+        own = f" (engine batch 1 {c1['engine_b1_ms']:.3f} ms, gap {c1['gap_ms']:.3f})" if "engine_b1_ms" in c1 else ""
+        print(f"[bench_serve] {system}: ready in {ready_s:.1f} s, concurrency 1 p50 {c1['p50_ms']:.3f} ms{own}, capacity {capacity:.0f} requests/s", flush=True)
     # the systems of one model get the same offered rates: fractions of the lowest capacity among them, so
     # that the schedulers are compared under the same traffic
     reference = {m: min(first[s][2] for s in systems if s.startswith(m + "/")) for m in {s.split("/")[0] for s in systems}}
@@ -363,17 +435,17 @@ def main(argv=None) -> int:
             print(f"[bench_serve] {system}: loads as fractions of {reference[which]:.0f} requests/s", flush=True)
             for frac in (float(x) for x in args.loads.split(",")):
                 cpu0, _ = proc_usage(proc.pid)
-                point = asyncio.run(open_loop(base, texts, labels, frac * reference[which], args.seconds, args.max_requests))
+                point = asyncio.run(open_loop(base, requests, labels, frac * reference[which], args.seconds, args.max_requests))
                 cpu1, rss = proc_usage(proc.pid)
                 point.update(system=system, load=frac, capacity_per_s=capacity, reference_per_s=reference[which], server_cpu_s=cpu1 - cpu0,
                              server_rss_mib=rss, ready_s=ready_s)
                 rows.append(point)
                 print(f"  load {frac:>4.0%}: {point['achieved_per_s']:7.0f}/s  p50 {point['p50_ms']:7.2f}  p99 {point['p99_ms']:7.2f} ms  "
                       f"late {point['client_late_p50_ms']:.1f}/{point['client_late_max_ms']:.0f}  statuses {point['statuses']}  exit {point['avg_exit_layer']}  acc {point['accuracy']}  rss {rss:.0f} MiB", flush=True)
-            best, runs = find_sustainable(base, texts, labels, capacity, args.seconds, args.max_requests, args.search_steps)
+            best, runs = find_sustainable(base, requests, labels, capacity, args.seconds, args.max_requests, args.search_steps)
             print(f"  sustainable (p99 <= {P99_TARGET_MS:.0f} ms, only 200s): {best:.0f}/s", flush=True)
             summary[system] = {"ready_s": ready_s, "c1_p50_ms": c1["p50_ms"], "capacity_per_s": capacity, "sustainable_per_s": best,
-                               "search": runs, "engine_batch1_ms": engine_ms.get(precision) if which == "student" else None}
+                               "search": runs, "engine_batch1_ms": c1.get("engine_b1_ms"), "c1": c1}
         finally:
             proc.terminate()
             proc.wait(60)

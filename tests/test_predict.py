@@ -203,3 +203,19 @@ def test_predict_on_the_engine_does_not_import_transformers(model_dir):
     got = json.loads(r.stdout.strip().splitlines()[0])
     want = Predictor(model_dir)(["a gripping film"])[0]
     assert got["label"] == want["label"] and got["exit_layer"] == want["exit_layer"] and got["score"] == pytest.approx(want["score"], abs=1e-6)
+
+
+def test_pad_rows_equals_pad_sequence():
+    from torch.nn.utils.rnn import pad_sequence
+
+    from costeff.inference.model_dir import pad_rows
+
+    ids, types = [[5, 6, 7], [8], [9, 10]], [[0, 1, 1], [0], [0, 0]]
+    t_ids, mask, t_types = pad_rows(ids, types, pad_id=3)
+    as_t = [torch.tensor(x) for x in ids]
+    assert torch.equal(t_ids, pad_sequence(as_t, batch_first=True, padding_value=3))
+    assert torch.equal(mask, pad_sequence([torch.ones_like(x) for x in as_t], batch_first=True))
+    assert torch.equal(t_types, pad_sequence([torch.tensor(t) for t in types], batch_first=True))
+    assert t_ids.dtype == mask.dtype == torch.long and t_ids.is_contiguous()
+    one = pad_rows([[1, 2]], None)
+    assert torch.equal(one[0], torch.tensor([[1, 2]])) and torch.equal(one[1], torch.ones(1, 2, dtype=torch.long)) and one[2] is None

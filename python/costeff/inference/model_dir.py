@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -160,11 +161,21 @@ class DirTokenizer:
 
 def pad_rows(ids: list, types: Optional[list], pad_id: int = 0):
     """input_ids, attention_mask and token_type_ids (None without ``types``) as [rows, longest] int64
-    tensors, right-padded; one tensor call each (for a sentence, tensor calls cost more than the engine)."""
+    tensors, right-padded. Built in int64 arrays and wrapped with ``torch.frombuffer`` (the tensor keeps
+    its array alive): for a sentence, ``torch.tensor`` on nested lists costs more than the engine's layer."""
     import torch
 
     s = max(len(x) for x in ids)
-    t_ids = torch.tensor([x + [pad_id] * (s - len(x)) for x in ids], dtype=torch.long)
-    mask = torch.tensor([[1] * len(x) + [0] * (s - len(x)) for x in ids], dtype=torch.long)
-    t_types = torch.tensor([list(t) + [0] * (s - len(t)) for t in types], dtype=torch.long) if types is not None else None
-    return t_ids, mask, t_types
+
+    def padded(rows, fill):
+        if s == 0:  # frombuffer refuses an empty buffer; the engine names the empty rows
+            return torch.zeros((len(rows), 0), dtype=torch.long)
+        flat = array("q")
+        for x in rows:
+            flat.extend(x)
+            if len(x) < s:
+                flat.extend([fill] * (s - len(x)))
+        return torch.frombuffer(flat, dtype=torch.long).view(len(rows), s)
+
+    mask = padded([[1] * len(x) for x in ids], 0)
+    return padded(ids, pad_id), mask, padded(types, 0) if types is not None else None
