@@ -4,15 +4,15 @@ Systems, each a ``costeff serve`` process run alone on the machine, one after th
 ``student/layer/int8`` (the demo student, layer scheduler, engine int8), ``student/layer/fp32``,
 ``student/batch/int8`` (the request-level dynamic batcher), and the teacher behind the same server
 code: ``teacher/batch/int8`` (ONNX Runtime int8, what a user would serve without costeff) and
-``teacher/batch/fp32`` (PyTorch). For each: the time to ready, concurrency 1 (p50 of serial
-requests), the capacity (requests/s with ``--concurrency`` closed-loop clients); then, in a second
-server process, offered loads from 10% to 200% of the lowest capacity among the systems of the same
-model (student or teacher: its schedulers and precisions see the same traffic), each for
-``--seconds`` (at most ``--max-requests``): achieved
-throughput, p50/p90/p99/p99.9 latency, status counts, average exit layer, accuracy of the served
-answers, server CPU seconds and peak RSS. One sentence per request (Rotten Tomatoes test sentences).
-Also the engine's own batch-1 time on the same sentences (no server). Table + JSON
-(benchmarks/results/serve.json) + a latency-vs-throughput plot.
+``teacher/batch/fp32`` (PyTorch). For each: the time to ready; concurrency 1 (p50 of serial requests
+on one blocking connection; for the student in blocks interleaved with the engine's own batch-1 time
+and with a direct tokenize-and-call loop, no HTTP); the capacity (requests/s with ``--concurrency``
+closed-loop clients); then, in a second server process, offered loads from 10% to 200% of the lowest
+capacity among the systems of the same model (student or teacher: its schedulers and precisions see
+the same traffic), each for ``--seconds`` (at most ``--max-requests``): achieved throughput,
+p50/p90/p99/p99.9 latency, status counts, average exit layer, accuracy of the served answers, server
+CPU seconds and peak RSS. One sentence per request (Rotten Tomatoes test sentences), encoded before any
+clock starts. Table + JSON (benchmarks/results/serve.json) + a latency-vs-throughput plot.
 
   python benchmarks/bench_serve.py [--run runs/demo] [--systems student/layer/int8,teacher/batch/int8]
 """
@@ -292,24 +292,27 @@ async def open_loop(base: str, requests: list[bytes], labels, rate: float, secon
 
 
 class EngineBatch1:
-    """The engine itself at batch 1 on the server's sentences (tokenized beforehand), no server: the time
-    the served concurrency-1 latency is compared with, measured in blocks interleaved with it."""
+    """The engine itself at batch 1 on the server's sentences, no server, in blocks interleaved with the
+    served concurrency-1 latency: ``block`` times the engine call on sentences tokenized beforehand (the
+    engine's own batch-1 time), ``direct_block`` a user's own loop (tokenize, pad, call: no HTTP)."""
 
     def __init__(self, model: str, precision: str, texts: list[str]):
         from costeff.inference import InferenceEngine
         from costeff.inference.model_dir import DirTokenizer, pad_rows, read_engine_config
 
-        tok = DirTokenizer(model)  # what the server tokenizes with
+        self.tok, self.pad_rows, self.texts = DirTokenizer(model), pad_rows, texts  # what the server tokenizes with
+        self.max_length = self.tok.max_length(read_engine_config(model).max_positions)
         self.engine = InferenceEngine.from_pretrained(model, precision)
         self.threshold = float(read_engine_config(model).inference_threshold or 0.0)
-        self.batches = []
-        for t in texts:
-            ids, types = tok.encode([t], max_length=tok.model_max_length)
-            self.batches.append(pad_rows(ids, types, tok.pad_token_id))
+        self.batches = [self._tensors(t) for t in texts]
         self.block()  # warm
 
+    def _tensors(self, text: str):
+        ids, types = self.tok.encode([text], max_length=self.max_length)
+        return self.pad_rows(ids, types, self.tok.pad_token_id)
+
     def block(self) -> list[float]:
-        """ms per sentence, one call each (the engine as a user calls it)."""
+        """ms per sentence, one engine call each (as a user calls it)."""
         times = []
         for ids, mask, types in self.batches:
             t0 = time.perf_counter()
@@ -317,23 +320,34 @@ class EngineBatch1:
             times.append(1000 * (time.perf_counter() - t0))
         return times
 
+    def direct_block(self) -> list[float]:
+        """ms per sentence from its text: tokenize, pad, call."""
+        times = []
+        for text in self.texts:
+            t0 = time.perf_counter()
+            self.engine(*self._tensors(text), threshold=self.threshold)
+            times.append(1000 * (time.perf_counter() - t0))
+        return times
 
-def concurrency1(base: str, requests: list[bytes], rounds: int, engine: Optional[EngineBatch1], server_cpus, client_cpus) -> dict:
-    """Served latency at concurrency 1 and, for a student, the engine's own batch-1 time, in ``rounds``
-    interleaved blocks over the same sentences (engine block on the server's CPUs, then a served block
-    from the client's); medians over all blocks but the first of each (warm-up)."""
-    served, own = [], []
+
+def concurrency1(base: str, requests: list[bytes], rounds: int, engine: Optional[EngineBatch1], server_cpus: set, client_cpus: set) -> dict:
+    """Served latency at concurrency 1 and, for a student, the engine's own batch-1 time and a direct call
+    from the text, in ``rounds`` interleaved blocks over the same sentences (engine blocks on the server's
+    CPUs, then a served block from the client's); medians over all blocks but the first round's (warm-up)."""
+    served, own, direct = [], [], []
     for round_ in range(rounds + 1):
         if engine is not None:
             pin(server_cpus)
-            t = engine.block()
-            own += t if round_ else []
+            t, d = engine.block(), engine.direct_block()
+            if round_:
+                own += t
+                direct += d
         pin(client_cpus)
         t = serial(base, requests)
         served += t if round_ else []
     out = {"p50_ms": statistics.median(served), "mean_ms": statistics.fmean(served), "rounds": rounds}
     if engine is not None:
-        out["engine_b1_ms"] = statistics.median(own)
+        out.update(engine_b1_ms=statistics.median(own), direct_ms=statistics.median(direct))
         out["gap_ms"] = out["p50_ms"] - out["engine_b1_ms"]
     return out
 
@@ -422,7 +436,8 @@ def main(argv=None) -> int:
             proc.terminate()
             proc.wait(60)
         first[system] = (ready_s, c1, capacity)
-        own = f" (engine batch 1 {c1['engine_b1_ms']:.3f} ms, gap {c1['gap_ms']:.3f})" if "engine_b1_ms" in c1 else ""
+        own = (f" (engine batch 1 {c1['engine_b1_ms']:.3f} ms, gap {c1['gap_ms']:.3f}; tokenize + engine {c1['direct_ms']:.3f} ms)"
+               if "engine_b1_ms" in c1 else "")
         print(f"[bench_serve] {system}: ready in {ready_s:.1f} s, concurrency 1 p50 {c1['p50_ms']:.3f} ms{own}, capacity {capacity:.0f} requests/s", flush=True)
     # the systems of one model get the same offered rates: fractions of the lowest capacity among them, so
     # that the schedulers are compared under the same traffic
@@ -465,15 +480,17 @@ def main(argv=None) -> int:
 
 def print_table(summary: dict, rows: list[dict]) -> None:
     base = summary.get("teacher/batch/int8", {}).get("sustainable_per_s") or None
-    print(f"\n| system | ready s | c1 p50 ms | engine b1 ms | capacity /s | sustainable /s (p99 <= {P99_TARGET_MS:.0f} ms) | x ORT int8 teacher | "
-          "mean ms at 80% | statuses at 200% |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| system | ready s | c1 p50 ms | engine b1 ms | c1 - engine ms | tokenize + engine ms | capacity /s | "
+          f"sustainable /s (p99 <= {P99_TARGET_MS:.0f} ms) | x ORT int8 teacher | mean ms at 80% | statuses at 200% |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for system, s in summary.items():
         at = {r["load"]: r for r in rows if r["system"] == system}
-        eng = f"{s['engine_batch1_ms']:.3f}" if s["engine_batch1_ms"] else "-"
+        c1 = s["c1"]
+        own = (f"{c1['engine_b1_ms']:.3f} | {c1['gap_ms']:.3f} | {c1['direct_ms']:.3f}" if "engine_b1_ms" in c1 else "- | - | -")
         ratio = f"{s['sustainable_per_s'] / base:.1f}x" if base else "-"
-        print(f"| {system} | {s['ready_s']:.1f} | {s['c1_p50_ms']:.3f} | {eng} | {s['capacity_per_s']:.0f} | {s['sustainable_per_s']:.0f} | {ratio} | "
-              f"{at[0.8]['mean_ms']:.1f} | {at[2.0]['statuses'] if 2.0 in at else '-'} |" if 0.8 in at else f"| {system} | ... |")
+        mean80 = f"{at[0.8]['mean_ms']:.1f}" if 0.8 in at else "-"
+        print(f"| {system} | {s['ready_s']:.1f} | {s['c1_p50_ms']:.3f} | {own} | {s['capacity_per_s']:.0f} | {s['sustainable_per_s']:.0f} | {ratio} | "
+              f"{mean80} | {at[2.0]['statuses'] if 2.0 in at else '-'} |")
 
 
 def plot(rows, path: str) -> None:
