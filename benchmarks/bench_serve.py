@@ -163,18 +163,18 @@ class BlockingConnection:
         self.sock.sendall(request)
         buf = b""
         while b"\r\n\r\n" not in buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("the server closed the connection")
-            buf += chunk
+            buf += self._recv()
         head, _, body = buf.partition(b"\r\n\r\n")
         status, length = parse_head(head)
         while len(body) < length:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("the server closed the connection")
-            body += chunk
+            body += self._recv()
         return status, body
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        return chunk
 
     def close(self) -> None:
         self.sock.close()
