@@ -7,9 +7,8 @@ code: ``teacher/batch/int8`` (ONNX Runtime int8, what a user would serve without
 ``teacher/batch/fp32`` (PyTorch). For each: the time to ready; concurrency 1 (p50 of serial requests
 on one blocking connection; for the student in blocks interleaved with the engine's own batch-1 time
 and with a direct tokenize-and-call loop, no HTTP); the capacity (requests/s with ``--concurrency``
-closed-loop clients); then, in a second server process, offered loads from 10% to 200% of the lowest
-capacity among the systems of the same model (student or teacher: its schedulers and precisions see
-the same traffic), each for ``--seconds`` (at most ``--max-requests``): achieved throughput,
+closed-loop clients); then, in a second server process, offered loads from 10% to 200% of the lower
+capacity among the systems of the same model and precision (the two schedulers see the same traffic), each for ``--seconds`` (at most ``--max-requests``): achieved throughput,
 p50/p90/p99/p99.9 latency, status counts, average exit layer, accuracy of the served answers, server
 CPU seconds and peak RSS. One sentence per request (Rotten Tomatoes test sentences), encoded before any
 clock starts. Table + JSON (benchmarks/results/serve.json) + a latency-vs-throughput plot.
@@ -386,7 +385,7 @@ def main(argv=None) -> int:
     ap.add_argument("--serial-rounds", type=int, default=5, help="interleaved blocks of the concurrency-1 measurement (after one to warm up)")
     ap.add_argument("--max-requests", type=int, default=5000)
     ap.add_argument("--loads", default=",".join(map(str, LOADS)),
-                    help="fractions of the capacity (the lowest among the systems of the same model, so that they get the same rates)")
+                    help="fractions of the capacity (the lower of the systems of the same model and precision, so that they get the same rates)")
     ap.add_argument("--sentences", type=int, default=1000)
     ap.add_argument("--per-request", type=int, default=1, help="sentences per request (rates and throughputs count requests)")
     ap.add_argument("--search-steps", type=int, default=7, help="bisection runs for the sustainable throughput (p99 <= 20 ms)")
@@ -439,20 +438,25 @@ def main(argv=None) -> int:
         own = (f" (engine batch 1 {c1['engine_b1_ms']:.3f} ms, gap {c1['gap_ms']:.3f}; tokenize + engine {c1['direct_ms']:.3f} ms)"
                if "engine_b1_ms" in c1 else "")
         print(f"[bench_serve] {system}: ready in {ready_s:.1f} s, concurrency 1 p50 {c1['p50_ms']:.3f} ms{own}, capacity {capacity:.0f} requests/s", flush=True)
-    # the systems of one model get the same offered rates: fractions of the lowest capacity among them, so
-    # that the schedulers are compared under the same traffic
-    reference = {m: min(first[s][2] for s in systems if s.startswith(m + "/")) for m in {s.split("/")[0] for s in systems}}
+    # the systems of one model and precision (its two schedulers) get the same offered rates: fractions of
+    # the lower of their capacities, so that the schedulers are compared under the same traffic
+    def group(system: str) -> str:
+        which, _, precision = system.split("/")
+        return f"{which}/{precision}"
+
+    reference = {g: min(first[s][2] for s in systems if group(s) == g) for g in map(group, systems)}
     for system in systems:
         which, scheduler, precision = system.split("/")
         ready_s, c1, capacity = first[system]
         proc, base, _ = start_server(models[which], scheduler, precision, args.threads, args.server_args.split(), server_cpus)
+        ref = reference[group(system)]
         try:
-            print(f"[bench_serve] {system}: loads as fractions of {reference[which]:.0f} requests/s", flush=True)
+            print(f"[bench_serve] {system}: loads as fractions of {ref:.0f} requests/s", flush=True)
             for frac in (float(x) for x in args.loads.split(",")):
                 cpu0, _ = proc_usage(proc.pid)
-                point = asyncio.run(open_loop(base, requests, labels, frac * reference[which], args.seconds, args.max_requests))
+                point = asyncio.run(open_loop(base, requests, labels, frac * ref, args.seconds, args.max_requests))
                 cpu1, rss = proc_usage(proc.pid)
-                point.update(system=system, load=frac, capacity_per_s=capacity, reference_per_s=reference[which], server_cpu_s=cpu1 - cpu0,
+                point.update(system=system, load=frac, capacity_per_s=capacity, reference_per_s=ref, server_cpu_s=cpu1 - cpu0,
                              server_rss_mib=rss, ready_s=ready_s)
                 rows.append(point)
                 print(f"  load {frac:>4.0%}: {point['achieved_per_s']:7.0f}/s  p50 {point['p50_ms']:7.2f}  p99 {point['p99_ms']:7.2f} ms  "
