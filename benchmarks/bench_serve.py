@@ -8,10 +8,11 @@ code: ``teacher/batch/int8`` (ONNX Runtime int8, what a user would serve without
 on one blocking connection; for the student in blocks interleaved with the engine's own batch-1 time
 and with a direct tokenize-and-call loop, no HTTP); the capacity (requests/s with ``--concurrency``
 closed-loop clients); then, in a second server process, offered loads from 10% to 200% of the lower
-capacity among the systems of the same model and precision (the two schedulers see the same traffic), each for ``--seconds`` (at most ``--max-requests``): achieved throughput,
-p50/p90/p99/p99.9 latency, status counts, average exit layer, accuracy of the served answers, server
-CPU seconds and peak RSS. One sentence per request (Rotten Tomatoes test sentences), encoded before any
-clock starts. Table + JSON (benchmarks/results/serve.json) + a latency-vs-throughput plot.
+capacity among the systems of the same model and precision (the two schedulers see the same traffic),
+each for ``--seconds`` (at most ``--max-requests``): achieved throughput, p50/p90/p99/p99.9 latency,
+status counts, average exit layer, accuracy of the served answers, server CPU seconds and peak RSS. One
+sentence per request (Rotten Tomatoes test sentences), encoded before any clock starts. Table + JSON
+(benchmarks/results/serve.json) + a latency-vs-throughput plot.
 
   python benchmarks/bench_serve.py [--run runs/demo] [--systems student/layer/int8,teacher/batch/int8]
 """
