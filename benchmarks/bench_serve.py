@@ -10,8 +10,9 @@ and with a direct tokenize-and-call loop, no HTTP); the capacity (requests/s wit
 closed-loop clients); then, in a second server process, offered loads from 10% to 200% of the lower
 capacity among the systems of the same model and precision (the two schedulers see the same traffic),
 each for ``--seconds`` (at most ``--max-requests``): achieved throughput, p50/p90/p99/p99.9 latency,
-status counts, average exit layer, accuracy of the served answers, server CPU seconds and peak RSS. One
-sentence per request (Rotten Tomatoes test sentences), encoded before any clock starts. Table + JSON
+status counts, average exit layer, accuracy of the served answers, server CPU seconds and peak RSS; the
+sustainable throughput: the best achieved rate with p99 <= 20 ms and only 200s over those runs and a
+bisection (``--search-steps``). One sentence per request (Rotten Tomatoes test sentences), encoded before any clock starts. Table + JSON
 (benchmarks/results/serve.json) + a latency-vs-throughput plot.
 
   python benchmarks/bench_serve.py [--run runs/demo] [--systems student/layer/int8,teacher/batch/int8]
@@ -462,9 +463,14 @@ def main(argv=None) -> int:
                 rows.append(point)
                 print(f"  load {frac:>4.0%}: {point['achieved_per_s']:7.0f}/s  p50 {point['p50_ms']:7.2f}  p99 {point['p99_ms']:7.2f} ms  "
                       f"late {point['client_late_p50_ms']:.1f}/{point['client_late_max_ms']:.0f}  statuses {point['statuses']}  exit {point['avg_exit_layer']}  acc {point['accuracy']}  rss {rss:.0f} MiB", flush=True)
-            best, runs = find_sustainable(base, requests, labels, capacity, args.seconds, args.max_requests, args.search_steps)
-            print(f"  sustainable (p99 <= {P99_TARGET_MS:.0f} ms, only 200s): {best:.0f}/s", flush=True)
+            searched, runs = find_sustainable(base, requests, labels, capacity, args.seconds, args.max_requests, args.search_steps)
+            # a bisection run that stalls once rules out every higher rate, even one the load sweep held: the
+            # figure is the best run of either that met the bound
+            swept = max((r["achieved_per_s"] for r in rows if r["system"] == system and meets_target(r)), default=0.0)
+            best = max(searched, swept)
+            print(f"  sustainable (p99 <= {P99_TARGET_MS:.0f} ms, only 200s): {best:.0f}/s (bisection {searched:.0f}/s, load sweep {swept:.0f}/s)", flush=True)
             summary[system] = {"ready_s": ready_s, "c1_p50_ms": c1["p50_ms"], "capacity_per_s": capacity, "sustainable_per_s": best,
+                               "sustainable_bisection_per_s": searched, "sustainable_sweep_per_s": swept,
                                "search": runs, "engine_batch1_ms": c1.get("engine_b1_ms"), "c1": c1}
         finally:
             proc.terminate()
