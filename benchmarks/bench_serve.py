@@ -302,9 +302,10 @@ class EngineBatch1:
         from costeff.inference.model_dir import DirTokenizer, pad_rows, read_engine_config
 
         self.tok, self.pad_rows, self.texts = DirTokenizer(model), pad_rows, texts  # what the server tokenizes with
-        self.max_length = self.tok.max_length(read_engine_config(model).max_positions)
+        config = read_engine_config(model)
+        self.max_length = self.tok.max_length(config.max_positions)
         self.engine = InferenceEngine.from_pretrained(model, precision)
-        self.threshold = float(read_engine_config(model).inference_threshold or 0.0)
+        self.threshold = float(config.inference_threshold or 0.0)
         self.batches = [self._tensors(t) for t in texts]
         self.block()  # warm
 

@@ -83,6 +83,8 @@ class Scheduler:
                  target_queue_ms: Optional[float] = None, max_threshold: Optional[float] = None, threshold_step: float = 0.05,
                  on_result: Optional[Callable[[Row, Result], None]] = None, max_queue_ms: float = 0.0, inline_max_tokens: int = 0):
         self.engine = engine
+        # the C++ engine's plain tuple (no ModelOutput to build); the ONNX and classifier runners are called
+        self._run = engine.run if isinstance(engine, InferenceEngine) else engine
         self.max_batch_tokens, self.max_queue_tokens = max_batch_tokens, max_queue_tokens
         self.base_threshold = check_threshold("serve", base_threshold)
         self.threshold = self.base_threshold  # in force now (brownout raises it)
@@ -247,8 +249,7 @@ class Scheduler:
         """One engine call for ``rows`` (all their layers) and their answers."""
         ids, mask, types = pad(rows)
         try:
-            # the C++ engine's plain tuple (no ModelOutput to build); the ONNX and classifier runners are called
-            out = (self.engine.run if isinstance(self.engine, InferenceEngine) else self.engine)(ids, mask, types, threshold=threshold)
+            out = self._run(ids, mask, types, threshold=threshold)
         except (ValueError, TypeError) as exc:  # the app checked the inputs; never leave a row hanging
             self._fail(rows, exc)
             return
