@@ -54,9 +54,11 @@ def test_the_rules_reproduce_the_hand_found_recipes(minilm):
     c, recipe = derive_recipe(preset("demo"), Target(8, 1.5), twelve, [27] * 10182, memory_bytes=24 * 2**30)
     assert (c.heads, c.prune_allocation, c.prune_steps_per_event, c.student_repr_epochs, c.cache_teacher_outputs) == (2, "global", 48, 16, True)
     assert 184 <= c.ffn <= 200 and c.embedding_rank == 64 and recipe["static_compression"]["value"] == pytest.approx(7.0, rel=0.01)
+    # a deep teacher's assistant gets a second epoch; a shallow one keeps the preset's
+    assert c.ta_pred_epochs == 2 and recipe["ta_pred_epochs"]["value"] == 2
     # a speed-up past the static limit is left to early exit; no memory for the cache: none
     c15, _ = derive_recipe(preset("demo"), Target(15, 1.5), base, LENGTHS * 100, memory_bytes=2**20)
-    assert (c15.heads, c15.prune_allocation, c15.cache_teacher_outputs) == (2, "uniform", False)
+    assert (c15.heads, c15.prune_allocation, c15.cache_teacher_outputs, c15.ta_pred_epochs) == (2, "uniform", False, preset("demo").ta_pred_epochs)
     c3, _ = derive_recipe(preset("demo"), Target(3, 1.5), base, LENGTHS * 100, memory_bytes=2**20)
     assert c3.heads > c15.heads and c3.ffn > c15.ffn and c3.student_repr_epochs < c15.student_repr_epochs
 

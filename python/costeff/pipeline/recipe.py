@@ -12,8 +12,14 @@ runs it cites.
   that the student's analytic FLOPs at full depth, over the training split's real lengths, are the
   teacher's / S.
 - embedding rank: hidden / 6, in multiples of 8 (64 for hidden 384, the measured default).
-- allocation: "global" (heads and neurons ranked across layers) from 8 layers up: on 12 layers it was
-  better at the same totals (+0.3 points on dev, +2.4 on test); on 6 layers "uniform" is what was measured.
+- allocation: "global" (heads and neurons ranked across layers) from DEEP_FROM_LAYERS (8) layers up: on
+  12 layers it was better at the same totals (+0.3 points on dev, +2.4 on test); on 6 layers "uniform"
+  is what was measured.
+- teacher assistant: DEEP_TA_EPOCHS (2) epochs from DEEP_FROM_LAYERS layers up, at least the preset's.
+  The student learns every exit from the TA, so the TA's last exit is its ceiling; with 12 exits
+  pulling on the shared layers, one TA epoch left that exit 1.0-1.5 points below the teacher on dev
+  (6 layers: -0.8 to +0.5), and the student's full depth sat 0.3 below the TA's. The best epoch by the
+  last exit's dev score is kept, so a second epoch cannot make it worse on dev.
 - healing steps: HEALING_EPOCHS epochs of training steps spread over the pruning events (the
   12-layer runs gained 1.2 points from 24 to 48 steps per event, 1.5 epochs in all, nothing more at
   96).
@@ -43,7 +49,8 @@ log = logging.getLogger("costeff")
 STATIC_LIMIT = 7.0
 HEALING_EPOCHS = 1.5
 CACHE_MEMORY_SHARE = 0.3
-GLOBAL_FROM_LAYERS = 8
+DEEP_FROM_LAYERS = 8
+DEEP_TA_EPOCHS = 2
 
 @dataclass(frozen=True)
 class Target:
@@ -225,9 +232,13 @@ def derive_recipe(c, target: Target, base, train_lengths: Iterable[int], explici
         heads, ffn = c.heads, c.ffn
         achieved = teacher_gflops / mean_gflops(_student_config(base, heads, ffn, rank), lengths)
         static = achieved
-    allocation = "global" if layers >= GLOBAL_FROM_LAYERS else "uniform"
+    deep = layers >= DEEP_FROM_LAYERS
+    allocation = "global" if deep else "uniform"
     derived["prune_allocation"] = allocation
-    why["prune_allocation"] = f"{layers} layers: {'ranked across layers' if allocation == 'global' else 'per layer'} (global from {GLOBAL_FROM_LAYERS})"
+    why["prune_allocation"] = f"{layers} layers: {'ranked across layers' if allocation == 'global' else 'per layer'} (global from {DEEP_FROM_LAYERS})"
+    derived["ta_pred_epochs"] = max(c.ta_pred_epochs, DEEP_TA_EPOCHS) if deep else c.ta_pred_epochs
+    why["ta_pred_epochs"] = (f"{layers} layers: the TA's last exit is the student's ceiling ({DEEP_TA_EPOCHS} epochs from "
+                             f"{DEEP_FROM_LAYERS} layers up), at least the preset's {c.ta_pred_epochs}")
     events = max(max(base.num_attention_heads) - heads, 1)
     steps_per_epoch = math.ceil(examples / c.batch_size)
     steps = min(160, max(16, round(HEALING_EPOCHS * steps_per_epoch / events)))
