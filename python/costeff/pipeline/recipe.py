@@ -18,8 +18,8 @@ runs it cites.
 - teacher assistant: DEEP_TA_EPOCHS (2) epochs from DEEP_FROM_LAYERS layers up, at least the preset's.
   The student learns every exit from the TA, so the TA's last exit is its ceiling; with 12 exits
   pulling on the shared layers, one TA epoch left that exit 1.0-1.5 points below the teacher on dev
-  (6 layers: -0.8 to +0.5), and the student's full depth sat 0.3 below the TA's. The best epoch by the
-  last exit's dev score is kept, so a second epoch cannot make it worse on dev.
+  (6 layers: -0.8 to +0.5), and the student's full depth sat 0.3 below the TA's. The epoch with the
+  best last-exit dev score is kept.
 - healing steps: HEALING_EPOCHS epochs of training steps spread over the pruning events (the
   12-layer runs gained 1.2 points from 24 to 48 steps per event, 1.5 epochs in all, nothing more at
   96).
