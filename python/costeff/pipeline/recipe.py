@@ -16,10 +16,9 @@ runs it cites.
   12 layers it was better at the same totals (+0.3 points on dev, +2.4 on test); on 6 layers "uniform"
   is what was measured.
 - teacher assistant: DEEP_TA_EPOCHS (2) epochs from DEEP_FROM_LAYERS layers up, at least the preset's.
-  The student learns every exit from the TA, so the TA's last exit is its ceiling; with 12 exits
-  pulling on the shared layers, one TA epoch left that exit 1.0-1.5 points below the teacher on dev
-  (6 layers: -0.8 to +0.5), and the student's full depth sat 0.3 below the TA's. The epoch with the
-  best last-exit dev score is kept.
+  The student learns every exit from the TA; with 12 exits pulling on the shared layers, one TA epoch
+  left the last exit 1.0-1.5 points below the teacher on dev, two epochs 0.4-0.5 (6 layers, one epoch:
+  -0.8 to +0.5). The epoch with the best last-exit dev score is kept.
 - healing steps: HEALING_EPOCHS epochs of training steps spread over the pruning events (the
   12-layer runs gained 1.2 points from 24 to 48 steps per event, 1.5 epochs in all, nothing more at
   96).
@@ -237,8 +236,8 @@ def derive_recipe(c, target: Target, base, train_lengths: Iterable[int], explici
     derived["prune_allocation"] = allocation
     why["prune_allocation"] = f"{layers} layers: {'ranked across layers' if allocation == 'global' else 'per layer'} (global from {DEEP_FROM_LAYERS})"
     derived["ta_pred_epochs"] = max(c.ta_pred_epochs, DEEP_TA_EPOCHS) if deep else c.ta_pred_epochs
-    why["ta_pred_epochs"] = (f"{layers} layers: the TA's last exit is the student's ceiling ({DEEP_TA_EPOCHS} epochs from "
-                             f"{DEEP_FROM_LAYERS} layers up), at least the preset's {c.ta_pred_epochs}")
+    why["ta_pred_epochs"] = (f"{layers} layers: {DEEP_TA_EPOCHS} epochs from {DEEP_FROM_LAYERS} layers up (the student learns every "
+                             f"exit from the TA), at least the preset's {c.ta_pred_epochs}")
     events = max(max(base.num_attention_heads) - heads, 1)
     steps_per_epoch = math.ceil(examples / c.batch_size)
     steps = min(160, max(16, round(HEALING_EPOCHS * steps_per_epoch / events)))
