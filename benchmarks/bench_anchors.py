@@ -26,7 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# torch's OpenMP threads (HF, torch int8, early_exit and the engine all run on that pool) bound one per
+# core, set before torch loads OpenMP; a caller's own setting wins. Unbound, the main thread and the
+# OpenMP worker were seen sharing one core for whole phases of a process on these 2-core VMs (2 threads
+# slower than 1; docs/engine.md, Threads). ONNX Runtime has its own pool, made while the process may
+# use every CPU it was given (ort_sessions).
+PROCESS_CPUS = os.sched_getaffinity(0)
+os.environ.setdefault("OMP_PROC_BIND", "true")
+os.environ.setdefault("OMP_PLACES", "cores")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 for p in (ROOT / "python", ROOT):
@@ -77,8 +86,13 @@ def ort_sessions(teacher, tmp: str, threads: int, hidden: int, heads: int):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return (ort.InferenceSession(os.path.join(tmp, "teacher_opt.onnx"), so, providers=["CPUExecutionProvider"]),
-            ort.InferenceSession(os.path.join(tmp, "teacher_int8.onnx"), so, providers=["CPUExecutionProvider"]))
+    bound = os.sched_getaffinity(0)  # this thread's OpenMP place; ORT's workers inherit the mask they are made with
+    os.sched_setaffinity(0, PROCESS_CPUS)
+    try:
+        return (ort.InferenceSession(os.path.join(tmp, "teacher_opt.onnx"), so, providers=["CPUExecutionProvider"]),
+                ort.InferenceSession(os.path.join(tmp, "teacher_int8.onnx"), so, providers=["CPUExecutionProvider"]))
+    finally:
+        os.sched_setaffinity(0, bound)
 
 
 def ort_runner(session):
@@ -191,7 +205,7 @@ def main(argv=None) -> int:
             "rounds": args.rounds, "torch": torch.__version__, "processor": cpu_model(), "machine": platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "loadavg_at_end": os.getloadavg(), "engine_isas": sorted({e.isa for e in engines.values()}),
             "timer": "costeff.inference.timing.time_interleaved (systems interleaved round by round, median), inference_mode",
-            "settle_s": args.settle}
+            "settle_s": args.settle, "omp": {k: os.environ.get(k) for k in ("OMP_PROC_BIND", "OMP_PLACES")}}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": list(rows.values()), "table": table}, f, indent=1)
