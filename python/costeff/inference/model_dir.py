@@ -159,10 +159,11 @@ class DirTokenizer:
         return [e.ids for e in out], [e.type_ids for e in out]
 
 
-def pad_rows(ids: list, types: Optional[list], pad_id: int = 0):
+def pad_rows(ids: list, types: Optional[list], pad_id: int = 0, need_mask: bool = True):
     """input_ids, attention_mask and token_type_ids (None without ``types``) as [rows, longest] int64
-    tensors, right-padded. Built in int64 arrays and wrapped with ``torch.frombuffer`` (the tensor keeps
-    its array alive): for a sentence, ``torch.tensor`` on nested lists costs more than the engine's layer."""
+    tensors, right-padded; ``need_mask=False``: the rows are of one length and the mask is None. Built in
+    int64 arrays and wrapped with ``torch.frombuffer`` (the tensor keeps its array alive): for a sentence,
+    ``torch.tensor`` on nested lists costs more than the engine's layer."""
     import torch
 
     s = max(len(x) for x in ids)
@@ -177,5 +178,5 @@ def pad_rows(ids: list, types: Optional[list], pad_id: int = 0):
                 flat.extend([fill] * (s - len(x)))
         return torch.frombuffer(flat, dtype=torch.long).view(len(rows), s)
 
-    mask = padded([[1] * len(x) for x in ids], 0)
+    mask = padded([[1] * len(x) for x in ids], 0) if need_mask else None
     return padded(ids, pad_id), mask, padded(types, 0) if types is not None else None

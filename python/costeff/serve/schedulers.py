@@ -23,7 +23,7 @@ import time
 import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -69,9 +69,15 @@ class Result:
     inference_s: float
 
 
-def pad(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """input_ids, attention_mask (and token_type_ids when the rows have them), right-padded."""
-    return pad_rows([r.ids for r in rows], [r.types for r in rows] if rows[0].types is not None else None)
+def pad(rows: list[Row]) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """input_ids, attention_mask and token_type_ids, right-padded; the mask is None where no row is padded
+    and the types None where all are 0, as every runner reads None (all real, type 0): for one sentence,
+    one tensor to make and to check instead of three."""
+    ids = [r.ids for r in rows]
+    types = [r.types for r in rows] if rows[0].types is not None else None
+    if types is not None and not any(map(any, types)):
+        types = None
+    return pad_rows(ids, types, need_mask=len({len(x) for x in ids}) > 1)
 
 
 class Scheduler:
@@ -81,7 +87,7 @@ class Scheduler:
 
     def __init__(self, engine, max_batch_tokens: int, max_queue_tokens: int, base_threshold: float = 0.0,
                  target_queue_ms: Optional[float] = None, max_threshold: Optional[float] = None, threshold_step: float = 0.05,
-                 on_result: Optional[Callable[[Row, Result], None]] = None, max_queue_ms: float = 0.0, inline_max_tokens: int = 0):
+                 max_queue_ms: float = 0.0, inline_max_tokens: int = 0):
         self.engine = engine
         # the C++ engine's plain tuple (no ModelOutput to build); the ONNX and classifier runners are called
         self._run = engine.run if isinstance(engine, InferenceEngine) else engine
@@ -90,7 +96,6 @@ class Scheduler:
         self.threshold = self.base_threshold  # in force now (brownout raises it)
         self.target_queue_s = None if target_queue_ms is None else target_queue_ms / 1000
         self.max_threshold, self.threshold_step = max_threshold, threshold_step
-        self.on_result = on_result
         self.max_queue_s = max_queue_ms / 1000  # 0: no limit on the expected wait
         self.finished: collections.deque = collections.deque()  # (time, tokens) of rows answered lately: the drain rate
         self.finished_tokens = 0  # their sum, kept so that admission costs O(1) at any load
@@ -240,8 +245,6 @@ class Scheduler:
             queue_s, inference_s = (row.started or done) - row.enqueued, done - (row.started or done)
         result = Result(list(map(float, logits)), int(exit_layer), float(entropy), bool(forced), float(row.threshold), queue_s, inference_s)
         self.record_answered(row.tokens, done)
-        if self.on_result is not None:
-            self.on_result(row, result)
         if not row.future.done():
             row.future.set_result(result)
 

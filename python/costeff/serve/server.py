@@ -95,7 +95,7 @@ def build_state(config: ServeConfig, warm: bool = True) -> ServerState:
     state.scheduler = make_scheduler(scheduler, spec.runner, max_batch_tokens=config.max_batch_tokens, max_queue_tokens=config.max_queue_tokens,
                                      base_threshold=threshold, target_queue_ms=config.target_queue_ms, max_threshold=config.max_threshold,
                                      threshold_step=config.threshold_step, max_wait_ms=config.max_wait_ms, max_queue_ms=config.max_queue_ms,
-                                     inline_max_tokens=config.inline_max_tokens, on_result=metrics.observe).start()
+                                     inline_max_tokens=config.inline_max_tokens).start()
     metrics.threshold.set(threshold)
     if warm:
         warm_up(state)
@@ -136,7 +136,7 @@ def serve(config: ServeConfig) -> int:
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
 
-    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False,
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False, proxy_headers=False,
                                            timeout_graceful_shutdown=config.graceful_timeout, lifespan="off"))
     print(f"costeff serve: {config.model} ({state.info['runtime']} {state.info['precision']}, scheduler {state.info['scheduler']}, threshold "
           f"{state.info['threshold']:.4g}) ready in {time.monotonic() - t0:.2f} s on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
