@@ -100,7 +100,7 @@ setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.13", "safetensors", "tqdm", "transformers", "datasets", "matplotlib"],
+    install_requires=["torch>=2.13", "numpy", "safetensors", "tqdm", "transformers", "datasets", "matplotlib"],
     extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis", "expecttest"], "onnx": _requirements("onnx.txt"),
                     "serve": _requirements("serve.txt")},
     entry_points={"console_scripts": ["costeff=costeff.cli:main"]},

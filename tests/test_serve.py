@@ -398,6 +398,24 @@ def test_over_the_concurrency_limit_is_a_429(model_dir):
         assert s.request("POST", "/predict", json={"inputs": "fine"}).status_code == 200
 
 
+def test_busy_poll_keeps_the_loop_awake_for_its_window_only(model_dir):
+    with pytest.raises(ValueError, match="busy-poll-us"):
+        ServeConfig(model=str(model_dir), busy_poll_us=-1)
+    with Served(model_dir, busy_poll_us=20_000) as s:
+        async def go():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=s.app), base_url="http://t") as c:
+                r = await c.post("/predict", json={"inputs": "fine"})
+                task = s.state.busy_poll.task
+                polling = not task.done()
+                await asyncio.sleep(0.1)  # 5x the window: the poller has stopped
+                return r, polling, task.done()
+
+        r, polling, stopped = asyncio.run(go())
+        assert r.status_code == 200 and polling and stopped
+    with Served(model_dir) as s:  # off by default
+        assert s.request("POST", "/predict", json={"inputs": "fine"}).status_code == 200 and s.state.busy_poll is None
+
+
 def test_the_event_loop_lag_counts_into_the_expected_wait(model_dir):
     from costeff.inference import InferenceEngine
     from costeff.serve.app import LoopLag

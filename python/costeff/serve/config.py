@@ -25,6 +25,7 @@ class ServeConfig:
     max_queue_ms: float = 1000.0  # 429 when a new request would wait longer than this for what is ahead (0: no limit)
     max_wait_ms: float = 2.0  # batch scheduler: how long a batch waits to fill
     inline_max_tokens: int = 256  # an idle server runs a request up to this many tokens at once on the event loop (0: never)
+    busy_poll_us: int = 0  # the event loop polls instead of sleeping for this long after each response (0: off)
     max_inputs: int = 256  # inputs per request
     max_concurrent_requests: int = 512  # requests in the server at once; over it 429 at once (TEI's flag of the same name)
     payload_limit: int = 2 * 1024 * 1024  # request body bytes
@@ -45,6 +46,7 @@ class ServeConfig:
         positive_int("threads", 0)
         positive_int("max_queue_tokens", 0)
         positive_int("inline_max_tokens", 0)
+        positive_int("busy_poll_us", 0)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"serve: port must be in [0, 65535], got {self.port}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
