@@ -15,6 +15,7 @@ achieved rate, mean / p50 / p90 / p99 latency and the average exit layer. Table 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -144,6 +145,8 @@ def main(argv=None) -> int:
         return lambda: make_scheduler(kind, engine, max_batch_tokens=args.max_batch_tokens, max_queue_tokens=1 << 40, base_threshold=threshold,
                                       max_wait_ms=args.max_wait_ms, max_queue_ms=0, inline_max_tokens=256).start()
 
+    gc.collect()
+    gc.freeze()  # as costeff serve does after start-up: no full collection over torch's objects mid-run
     kinds = ("layer", "batch")
     results = []
     for k in (int(x) for x in args.per_request.split(",")):
