@@ -434,6 +434,14 @@ def test_the_event_loop_lag_counts_into_the_expected_wait(model_dir):
     sch.submit([Row([1] * 10, None)], waited_s=0.05)  # nothing ahead, 50 ms behind: under the limit
     with pytest.raises(Overloaded, match="150 ms before the queue"):
         sch.submit([Row([1] * 10, None)], waited_s=0.15)
+    # an idle scheduler running requests inline refuses by the same rule (at 2x load the inline path once shed nothing)
+    idle = LayerScheduler(InferenceEngine.from_pretrained(model_dir), max_batch_tokens=64, max_queue_tokens=100_000, max_queue_ms=100,
+                          inline_max_tokens=256)
+    with pytest.raises(Overloaded, match="150 ms before the queue"):
+        idle.admissible(0, waited_s=0.15)
+    with pytest.raises(Overloaded, match="150 ms before the queue"):
+        idle.run_inline([Row([1] * 10, None)], waited_s=0.15)
+    assert idle.run_inline([Row([1] * 10, None)], waited_s=0.05) and idle.inline_runs == 1
 
 
 def test_a_process_that_exits_without_stopping_the_scheduler_exits_cleanly(model_dir):

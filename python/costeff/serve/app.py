@@ -268,6 +268,7 @@ def create_app(state: ServerState):
         state.loop_lag.start()
         if state.draining or not state.ready or state.scheduler is None:
             raise BadRequest(503, "the server is shutting down" if state.draining else "the server is warming up", "unavailable")
+        state.scheduler.admissible(0, state.loop_lag.lag_s)  # refused before the body is parsed and tokenized
         req = parse_request(await read_body(request), state)
         t0 = time.monotonic()
         if sum(map(len, req["texts"])) + sum(map(len, req["pairs"] or ())) <= INLINE_TOKENIZE_CHARS:
@@ -275,7 +276,7 @@ def create_app(state: ServerState):
         else:
             rows = await anyio.to_thread.run_sync(tokenize, state, req)  # off the event loop
         done.tokenize_s = time.monotonic() - t0
-        if not state.scheduler.run_inline(rows):  # idle: at once, on this thread
+        if not state.scheduler.run_inline(rows, waited_s=state.loop_lag.lag_s):  # idle: at once, on this thread
             state.scheduler.submit(rows, waited_s=state.loop_lag.lag_s)
         return req, rows
 

@@ -129,6 +129,12 @@ class Scheduler:
             self.queued_tokens += n
             self.cond.notify()
 
+    def admissible(self, n: int, waited_s: float = 0.0) -> None:
+        """Raises Stopped or Overloaded unless a request of ``n`` tokens may join now (0: any request, so
+        that a refusal can come before the body is parsed and tokenized)."""
+        with self.cond:
+            self._admissible(n, waited_s)
+
     def _admissible(self, n: int, waited_s: float) -> None:
         """Raises Stopped or Overloaded unless a request of ``n`` tokens may join; called holding cond."""
         if self.stopping:
@@ -143,18 +149,21 @@ class Scheduler:
                              f"a new request would wait ~{wait * 1000:.0f} ms ({waited_s * 1000:.0f} ms before the queue, then the "
                              f"{held} tokens ahead of it; limit {self.max_queue_s * 1000:.0f} ms)")
 
-    def run_inline(self, rows: list[Row]) -> bool:
+    def run_inline(self, rows: list[Row], waited_s: float = 0.0) -> bool:
         """Runs a small request at once on the calling thread when the scheduler holds nothing (no row
         queued or in flight): there is nothing to batch it with, and the engine call (~0.1 ms for a
         sentence) costs less than the hand-off to the worker thread and back. Its rows' futures are
         resolved on return; False (nothing done) when the scheduler is busy, the request is larger than
-        ``inline_max_tokens`` (0: never) or has a deadline: then :meth:`submit` it."""
+        ``inline_max_tokens`` (0: never) or has a deadline: then :meth:`submit` it. Admission is
+        :meth:`submit`'s: an overloaded event loop (``waited_s``) refuses here too, else a server running
+        every request inline never sheds load."""
         n = sum(r.tokens for r in rows)
         if n > self.inline_max_tokens or any(r.deadline is not None for r in rows):
             return False
         with self.cond:
             if self.stopping or self.inline or self.queue or self.flight_tokens:
                 return False
+            self._admissible(n, waited_s)
             self.inline = True
             self.inline_runs += 1
             self.flight_tokens += n
