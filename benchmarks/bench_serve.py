@@ -1,7 +1,9 @@
 """Load benchmark of ``costeff serve``: open-loop Poisson clients over keep-alive HTTP on loopback.
 
 Systems, each a ``costeff serve`` process run alone on the machine, one after the other:
-``student/layer/int8`` (the demo student, layer scheduler, engine int8), ``student/layer/fp32``,
+``student/floor/int8`` (not costeff serve: the bare ASGI server of serve_floor.py, JSON, tokenizer and
+engine only, the floor of the concurrency-1 latency of a Python server), ``student/layer/int8`` (the
+demo student, layer scheduler, engine int8), ``student/layer/fp32``,
 ``student/batch/int8`` (the request-level dynamic batcher), and the teacher behind the same server
 code: ``teacher/batch/int8`` (ONNX Runtime int8, what a user would serve without costeff) and
 ``teacher/batch/fp32`` (PyTorch). For each: the time to ready; concurrency 1 (p50 of serial requests
@@ -40,7 +42,7 @@ for p in (os.path.join(ROOT, "python"), ROOT):
         sys.path.insert(0, p)
 
 LOADS = (0.1, 0.5, 0.8, 1.0, 1.5, 2.0)
-SYSTEMS = "student/layer/int8,student/layer/fp32,student/batch/int8,teacher/batch/int8,teacher/batch/fp32"
+SYSTEMS = "student/floor/int8,student/layer/int8,student/layer/fp32,student/batch/int8,teacher/batch/int8,teacher/batch/fp32"
 P99_TARGET_MS = 20.0
 
 
@@ -93,8 +95,13 @@ def start_server(model: str, scheduler: str, precision: str, threads: int, extra
 
     port = free_port()
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe nobody reads: a full pipe would block the server
-    proc = subprocess.Popen([sys.executable, "-m", "costeff.cli", "serve", "--model", model, "--port", str(port), "--scheduler", scheduler,
-                             "--precision", precision, "--threads", str(threads), *extra],
+    if scheduler == "floor":  # the bare ASGI server of serve_floor.py, not costeff serve
+        cmd = [sys.executable, os.path.join(HERE, "serve_floor.py"), "--model", model, "--port", str(port), "--precision", precision,
+               "--threads", str(threads or 1)]
+    else:
+        cmd = [sys.executable, "-m", "costeff.cli", "serve", "--model", model, "--port", str(port), "--scheduler", scheduler,
+               "--precision", precision, "--threads", str(threads), *extra]
+    proc = subprocess.Popen(cmd,
                             stdout=subprocess.DEVNULL, stderr=log, text=True,
                             preexec_fn=None if cpus is None else (lambda: os.sched_setaffinity(0, cpus)))
     base = f"http://127.0.0.1:{port}"
@@ -451,8 +458,8 @@ def main(argv=None) -> int:
     # the systems of one model and precision (its two schedulers) get the same offered rates: fractions of
     # the lower of their capacities, so that the schedulers are compared under the same traffic
     def group(system: str) -> str:
-        which, _, precision = system.split("/")
-        return f"{which}/{precision}"
+        which, scheduler, precision = system.split("/")
+        return system if scheduler == "floor" else f"{which}/{precision}"  # the floor sets no one's rates
 
     reference = {g: min(first[s][2] for s in systems if group(s) == g) for g in map(group, systems)}
     for system in systems:
