@@ -1,4 +1,5 @@
-"""The Starlette application of ``costeff serve``: endpoints, request rules, errors, metrics.
+"""The ASGI application of ``costeff serve``: endpoints, request rules, errors, metrics. The two POST
+endpoints run straight from ASGI; Starlette routes the others.
 
 Every error is JSON ``{"error": ..., "error_type": ...}`` with its status: 400 empty input or
 undecodable bytes, 401 missing/wrong API key, 404/405 unknown route or method, 413 body over
@@ -287,8 +288,8 @@ def create_app(state: ServerState):
 
     async def guarded(route: str, scope, receive, send, handler) -> None:
         """Runs a /predict handler straight from ASGI (no routing or middleware: a served sentence takes
-        ~0.1 ms of engine time, and every layer counts), sends its response or its error, then records
-        the metrics, after the client has its answer."""
+        ~0.1 ms of engine time, so every step around it counts), sends its response or its error, then
+        records the metrics, after the client has its answer."""
         t0 = time.monotonic()
         request, done = Request(scope, receive, send), Handled()
         try:
@@ -315,7 +316,8 @@ def create_app(state: ServerState):
             await response(scope, receive, send)
         except OSError:  # the client left while its answer was being sent
             pass
-        metrics.record(route, response.status_code, time.monotonic() - t0, done)
+        finally:  # counted also when a stream breaks off (the error goes on to uvicorn, which logs it)
+            metrics.record(route, response.status_code, time.monotonic() - t0, done)
 
     async def wait_all(request: Request, rows: list[Row]) -> Optional[list[Result]]:
         if all(r.future.done() for r in rows):  # run inline: no hop through the loop's thread-safe callbacks
