@@ -401,6 +401,8 @@ def test_over_the_concurrency_limit_is_a_429(model_dir):
 def test_busy_poll_keeps_the_loop_awake_for_its_window_only(model_dir):
     with pytest.raises(ValueError, match="busy-poll-us"):
         ServeConfig(model=str(model_dir), busy_poll_us=-1)
+    with pytest.raises(ValueError, match="loop must be one of"):
+        ServeConfig(model=str(model_dir), loop="trio")
     with Served(model_dir, busy_poll_us=20_000) as s:
         async def go():
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=s.app), base_url="http://t") as c:

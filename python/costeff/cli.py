@@ -448,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--busy-poll-us", type=int, default=0,
                    help="after each response the event loop polls its sockets for this long instead of sleeping: a request that comes "
                    "within it skips the core's wake-up (CPU for latency, as the kernel's busy_poll; 0: off)")
+    p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                   help="the event loop: asyncio (default) accepts waiting connections at once, so that overload reaches admission "
+                   "(429); uvloop accepted them slowly under load, and requests waited unseen in the kernel's accept queue")
     p.add_argument("--max-concurrent-requests", type=int, default=512, help="requests in the server at once; over it 429 at once")
     p.add_argument("--payload-limit", type=int, default=2 * 1024 * 1024, help="request body bytes")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY (all routes but /health and /ready)")

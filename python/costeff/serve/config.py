@@ -8,6 +8,7 @@ from typing import Optional
 from costeff.ops._checks import check_threshold
 
 SCHEDULERS = ("layer", "batch")
+LOOPS = ("asyncio", "uvloop")
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
@@ -26,6 +27,7 @@ class ServeConfig:
     max_wait_ms: float = 2.0  # batch scheduler: how long a batch waits to fill
     inline_max_tokens: int = 256  # an idle server runs a request up to this many tokens at once on the event loop (0: never)
     busy_poll_us: int = 0  # the event loop polls instead of sleeping for this long after each response (0: off)
+    loop: str = "asyncio"  # the event loop under uvicorn: asyncio accepts waiting connections at once, uvloop lets them queue in the kernel
     max_inputs: int = 256  # inputs per request
     max_concurrent_requests: int = 512  # requests in the server at once; over it 429 at once (TEI's flag of the same name)
     payload_limit: int = 2 * 1024 * 1024  # request body bytes
@@ -51,6 +53,8 @@ class ServeConfig:
             raise ValueError(f"serve: port must be in [0, 65535], got {self.port}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"serve: scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if self.loop not in LOOPS:
+            raise ValueError(f"serve: loop must be one of {LOOPS}, got {self.loop!r}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"serve: precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("max_wait_ms", "max_queue_ms", "graceful_timeout", "threshold_step"):

@@ -88,7 +88,7 @@ def build_state(config: ServeConfig, warm: bool = True) -> ServerState:
             "precision": spec.precision, "isa": spec.isa, "scheduler": scheduler, "max_length": max_length,
             "limits": {"max_batch_tokens": config.max_batch_tokens, "max_queue_tokens": config.max_queue_tokens, "max_inputs": config.max_inputs,
                        "payload_limit": config.payload_limit, "max_wait_ms": config.max_wait_ms,
-                       "max_queue_ms": config.max_queue_ms, "inline_max_tokens": config.inline_max_tokens, "busy_poll_us": config.busy_poll_us, "max_concurrent_requests": config.max_concurrent_requests},
+                       "max_queue_ms": config.max_queue_ms, "inline_max_tokens": config.inline_max_tokens, "busy_poll_us": config.busy_poll_us, "loop": config.loop, "max_concurrent_requests": config.max_concurrent_requests},
             "brownout": None if config.max_threshold is None else {"target_queue_ms": config.target_queue_ms, "max_threshold": config.max_threshold,
                                                                    "step": config.threshold_step}}
     metrics = Metrics(cfg.num_hidden_layers)
@@ -141,7 +141,7 @@ def serve(config: ServeConfig) -> int:
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
 
-    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False, proxy_headers=False,
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, loop=config.loop, log_level="warning", access_log=False, proxy_headers=False,
                                            timeout_graceful_shutdown=config.graceful_timeout, lifespan="off"))
     print(f"costeff serve: {config.model} ({state.info['runtime']} {state.info['precision']}, scheduler {state.info['scheduler']}, threshold "
           f"{state.info['threshold']:.4g}) ready in {time.monotonic() - t0:.2f} s on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
