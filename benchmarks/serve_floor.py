@@ -1,5 +1,5 @@
 """The floor of a Python HTTP server for one sentence, which ``bench_serve.py`` measures as the system
-``student/floor/<precision>``: uvicorn (uvloop, httptools, as ``costeff serve``) and a bare ASGI
+``student/floor/<precision>``: uvicorn (uvloop and httptools) and a bare ASGI
 callable that parses the JSON body, tokenizes with the model directory's tokenizer, calls the engine
 and answers the label and exit layer. No validation, errors, metrics, scheduler or batching: the
 concurrency-1 latency of ``costeff serve`` less this one is what its request path costs.
