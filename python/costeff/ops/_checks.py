@@ -17,11 +17,8 @@ def check_threshold(where: str, threshold, name: str = "threshold") -> float:
     """The one threshold rule of every entry point (ops, early_exit, the engine, the ONNX runner,
     predict, the HF pipeline, configs); csrc/op_checks.cpp's check_threshold is its C++ twin.
     ``name``: the argument or field as the caller knows it."""
-    if type(threshold) is float:  # the common case, without numbers.Real's ABC check (a served request calls this)
-        if not threshold >= 0:
-            raise ValueError(f"{where}: {name} must be {THRESHOLD_RULE}, got {threshold!r}")
-        return threshold
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+    # a float skips numbers.Real's ABC check (a served request calls this)
+    if type(threshold) is not float and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)):
         raise TypeError(f"{where}: {name} must be {THRESHOLD_RULE}, got {threshold!r}")
     t = float(threshold)
     if not t >= 0:  # NaN fails too
