@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         if scope["path"] == "/predict":
             body = (await receive())["body"]
             ids, _ = tokenizer.encode([json.loads(body)["inputs"]])
-            logits, layer, _ = engine.run(pad_rows(ids, None, need_mask=False)[0], threshold=threshold)
+            logits, layer, _ = engine.run(pad_rows(ids, None, always_mask=False)[0], threshold=threshold)
             row = logits[0].tolist()
             out = json.dumps({"label": labels[row.index(max(row))], "exit_layer": int(layer[0])}).encode()
         else:  # /ready
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         await send({"type": "http.response.start", "status": 200, "headers": head + [(b"content-length", str(len(out)).encode())]})
         await send({"type": "http.response.body", "body": out})
 
-    engine.run(pad_rows([[tokenizer.pad_token_id]], None, need_mask=False)[0])  # warm
+    engine.run(pad_rows([[tokenizer.pad_token_id]], None, always_mask=False)[0])  # warm
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, lifespan="off", proxy_headers=False)
     return 0
 

@@ -219,3 +219,6 @@ def test_pad_rows_equals_pad_sequence():
     assert t_ids.dtype == mask.dtype == torch.long and t_ids.is_contiguous()
     one = pad_rows([[1, 2]], None)
     assert torch.equal(one[0], torch.tensor([[1, 2]])) and torch.equal(one[1], torch.ones(1, 2, dtype=torch.long)) and one[2] is None
+    # without always_mask the mask is left out only where no row is padded
+    assert torch.equal(pad_rows(ids, types, pad_id=3, always_mask=False)[1], mask)
+    assert pad_rows([[1, 2], [3, 4]], None, always_mask=False)[1] is None

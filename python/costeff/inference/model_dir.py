@@ -158,9 +158,9 @@ class DirTokenizer:
         return [e.ids for e in out], [e.type_ids for e in out]
 
 
-def pad_rows(ids: list, types: Optional[list], pad_id: int = 0, need_mask: bool = True):
+def pad_rows(ids: list, types: Optional[list], pad_id: int = 0, always_mask: bool = True):
     """input_ids, attention_mask and token_type_ids (None without ``types``) as [rows, longest] int64
-    tensors, right-padded; ``need_mask=False``: the rows are of one length and the mask is None. Built
+    tensors, right-padded; ``always_mask=False``: the mask is None where no row is padded. Built
     in numpy and shared with ``torch.from_numpy``: for a served sentence ``torch.tensor`` on nested lists
     (or a tensor op such as ``view``) costs several microseconds, a sizeable part of the engine's call."""
     import numpy as np
@@ -178,5 +178,5 @@ def pad_rows(ids: list, types: Optional[list], pad_id: int = 0, need_mask: bool 
             out[i, :len(x)] = x
         return torch.from_numpy(out)
 
-    mask = torch.from_numpy((np.arange(s) < np.array(lengths)[:, None]).astype(np.int64)) if need_mask else None
+    mask = torch.from_numpy((np.arange(s) < np.array(lengths)[:, None]).astype(np.int64)) if ragged or always_mask else None
     return padded(ids, pad_id), mask, padded(types, 0) if types is not None else None

@@ -77,7 +77,7 @@ def pad(rows: list[Row]) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional
     types = [r.types for r in rows] if rows[0].types is not None else None
     if types is not None and not any(map(any, types)):
         types = None
-    return pad_rows(ids, types, need_mask=len({len(x) for x in ids}) > 1)
+    return pad_rows(ids, types, always_mask=False)
 
 
 class Scheduler:
