@@ -88,16 +88,18 @@ def parse_cpus(spec: Optional[str]) -> Optional[set]:
     return cpus
 
 
-def start_server(model: str, scheduler: str, precision: str, threads: int, extra: list[str], cpus: Optional[set] = None):
+def start_server(model: str, scheduler: str, precision: str, threads: int, extra: list[str], cpus: Optional[set] = None,
+                 floor_stage: str = "engine"):
     """A ``costeff serve`` process on a free port, once /ready answers 200; (process, base URL, seconds to
-    ready). ``cpus``: the CPUs the server may use (its default --threads counts them)."""
+    ready). ``cpus``: the CPUs the server may use (its default --threads counts them). Scheduler "floor":
+    serve_floor.py up to ``floor_stage`` instead."""
     import httpx
 
     port = free_port()
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe nobody reads: a full pipe would block the server
     if scheduler == "floor":  # the bare ASGI server of serve_floor.py, not costeff serve
         cmd = [sys.executable, os.path.join(HERE, "serve_floor.py"), "--model", model, "--port", str(port), "--precision", precision,
-               "--threads", str(threads or 1)]
+               "--threads", str(threads or 1), "--stage", floor_stage]
     else:
         cmd = [sys.executable, "-m", "costeff.cli", "serve", "--model", model, "--port", str(port), "--scheduler", scheduler,
                "--precision", precision, "--threads", str(threads), *extra]
