@@ -64,7 +64,8 @@ def build_revision(rev: str, cache: str) -> str:
     tree = os.path.join(cache, sha)
     if not os.path.exists(os.path.join(tree, ".built")):
         print(f"[revisions] building {sha[:12]} in {tree} (minutes; once)", flush=True)
-        tmp = tempfile.mkdtemp(prefix=f"{sha[:12]}.", dir=os.makedirs(cache, exist_ok=True) or cache)
+        os.makedirs(cache, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f"{sha[:12]}.", dir=cache)  # renamed to ``tree`` once built
         archive = subprocess.run(["git", "-C", ROOT, "archive", sha], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
         log = os.path.join(tmp, "build.log")
