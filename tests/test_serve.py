@@ -432,6 +432,17 @@ def test_the_event_loop_lag_counts_into_the_expected_wait(model_dir):
         return lag.lag_s
 
     assert 0.05 <= asyncio.run(blocked()) < 1.0
+
+    async def inside_one_pass():
+        lag = LoopLag(period_s=0.002)
+        lag.start()
+        await asyncio.sleep(0.01)
+        before = lag.now()
+        time.sleep(0.08)  # still the same pass of the loop: the probe has not run, now() sees it overdue
+        return before, lag.now(), lag.lag_s
+
+    before, during, reported = asyncio.run(inside_one_pass())
+    assert before < 0.05 and 0.07 <= during < 1.0 and reported < 0.05
     sch = LayerScheduler(InferenceEngine.from_pretrained(model_dir), max_batch_tokens=64, max_queue_tokens=100_000, max_queue_ms=100)
     sch.submit([Row([1] * 10, None)], waited_s=0.05)  # nothing ahead, 50 ms behind: under the limit
     with pytest.raises(Overloaded, match="150 ms before the queue"):
