@@ -99,12 +99,14 @@ def main(argv=None) -> int:
     p50 = {name: statistics.median(t for block in v for t in block) for name, v in ms.items()}
     # the spread between rounds: each round's median over the engine's median in the same round
     over = {name: [statistics.median(b) - statistics.median(e) for b, e in zip(v, ms["engine b1"])] for name, v in ms.items()}
-    rows, previous = [], None
+    # the rung each step adds to: the floor's stages one on the other, every costeff serve on the whole floor
+    below = {"tokenize+engine": "engine b1", **{f"floor: {b}": f"floor: {a}" for a, b in zip(FLOORS, FLOORS[1:])},
+             **{name: f"floor: {FLOORS[-1]}" for name in servers if not name.startswith("floor: ")}}
+    rows = []
     for name, v in p50.items():
         rows.append({"step": name, "p50_ms": v, "over_engine_ms": v - p50["engine b1"],
                      "over_engine_rounds_ms": [min(over[name]), max(over[name])],
-                     "added_ms": None if previous is None or name == "floor: socket" else v - (p50["floor: engine"] if name.startswith("costeff serve") else previous), "n": sum(map(len, ms[name]))})
-        previous = v
+                     "added_ms": v - p50[below[name]] if name in below else None, "n": sum(map(len, ms[name]))})
     cpu = cpu_model()
     print(f"\nconcurrency 1, {args.precision}, p50 over {args.rounds} rounds x {args.sentences} sentences; {cpu}; "
           f"server CPUs {sorted(server_cpus)}, client {sorted(client_cpus)}")
